@@ -1,0 +1,197 @@
+//! Username -> password lookup: static users for development, and time-limited credentials in
+//! the TURN REST API scheme (username `expiry:user`, password
+//! base64(HMAC-SHA1(secret, username))) that front-ends mint without talking to the relay.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+
+/// Why a username has no usable password. All of them answer 401 on the wire: a client must
+/// not learn whether a user exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("unknown user")]
+    UnknownUser,
+    #[error("REST API username is not `expiry:user`")]
+    MalformedRestUsername,
+    #[error("REST API credential expired at {expiry} (now {now})")]
+    Expired { expiry: u64, now: u64 },
+    #[error("REST API credential expires at {expiry}, beyond the accepted maximum lifetime")]
+    LifetimeTooLong { expiry: u64 },
+}
+
+/// The shared secrets of the REST API scheme: the current one and, during a rotation, the
+/// previous one, so credentials minted just before the switch keep working.
+#[derive(Clone)]
+pub struct RestSecrets {
+    secrets: Vec<Vec<u8>>,
+    max_lifetime_secs: u64,
+}
+
+impl std::fmt::Debug for RestSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestSecrets")
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
+            .finish()
+    }
+}
+
+impl RestSecrets {
+    /// At most two secrets are meaningful (current and previous); configuration validation
+    /// enforces it.
+    pub fn new(secrets: Vec<Vec<u8>>, max_lifetime_secs: u64) -> Self {
+        RestSecrets {
+            secrets,
+            max_lifetime_secs,
+        }
+    }
+
+    /// The password a front-end hands out for `username` under the first (current) secret.
+    pub fn password_for(&self, username: &str) -> Option<String> {
+        self.secrets.first().map(|s| rest_password(s, username))
+    }
+}
+
+/// base64(HMAC-SHA1(secret, username)), the TURN REST API password.
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let mut mac = Hmac::<Sha1>::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// A user that passed the credential lookup; `quota_key` is what allocation quotas count
+/// (the user part of a REST username, so minting many usernames does not escape the quota).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidates {
+    pub quota_key: String,
+    pub passwords: Vec<String>,
+}
+
+/// Everyone the relay accepts.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    static_users: HashMap<String, String>,
+    rest: Option<RestSecrets>,
+}
+
+impl Credentials {
+    pub fn new(static_users: HashMap<String, String>, rest: Option<RestSecrets>) -> Self {
+        Credentials { static_users, rest }
+    }
+
+    /// The passwords that may have produced a request from `username` at unix time `now`:
+    /// one for a static user, one per secret for a REST username.
+    pub fn candidates(&self, username: &str, now_unix: u64) -> Result<Candidates, CredentialError> {
+        if let Some(password) = self.static_users.get(username) {
+            return Ok(Candidates {
+                quota_key: username.to_owned(),
+                passwords: vec![password.clone()],
+            });
+        }
+        let Some(rest) = &self.rest else {
+            return Err(CredentialError::UnknownUser);
+        };
+        let (expiry, user) = username
+            .split_once(':')
+            .ok_or(CredentialError::MalformedRestUsername)?;
+        let expiry: u64 = expiry
+            .parse()
+            .map_err(|_| CredentialError::MalformedRestUsername)?;
+        if user.is_empty() {
+            return Err(CredentialError::MalformedRestUsername);
+        }
+        if expiry <= now_unix {
+            return Err(CredentialError::Expired {
+                expiry,
+                now: now_unix,
+            });
+        }
+        if expiry - now_unix > rest.max_lifetime_secs {
+            return Err(CredentialError::LifetimeTooLong { expiry });
+        }
+        Ok(Candidates {
+            quota_key: user.to_owned(),
+            passwords: rest
+                .secrets
+                .iter()
+                .map(|s| rest_password(s, username))
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> Credentials {
+        Credentials::new(
+            HashMap::from([("alice".to_owned(), "wonderland".to_owned())]),
+            Some(RestSecrets::new(
+                vec![b"new-secret".to_vec(), b"old-secret".to_vec()],
+                86_400,
+            )),
+        )
+    }
+
+    #[test]
+    fn static_user_has_its_password() {
+        let c = creds().candidates("alice", 0).unwrap();
+        assert_eq!(c.passwords, vec!["wonderland"]);
+        assert_eq!(c.quota_key, "alice");
+    }
+
+    #[test]
+    fn rest_username_accepts_both_secrets_and_quota_is_the_user_part() {
+        let c = creds().candidates("1000:bob", 500).unwrap();
+        assert_eq!(c.quota_key, "bob");
+        assert_eq!(
+            c.passwords,
+            vec![
+                rest_password(b"new-secret", "1000:bob"),
+                rest_password(b"old-secret", "1000:bob")
+            ]
+        );
+    }
+
+    #[test]
+    fn rest_password_matches_the_published_scheme() {
+        // echo -n "1700000000:alice" | openssl dgst -sha1 -hmac secret -binary | base64
+        assert_eq!(
+            rest_password(b"secret", "1700000000:alice"),
+            "d8soP47RbdIKLDUOpnJPVQyq5Ts="
+        );
+    }
+
+    #[test]
+    fn expired_or_too_long_rest_credentials_are_refused() {
+        let c = creds();
+        assert!(matches!(
+            c.candidates("1000:bob", 1000),
+            Err(CredentialError::Expired { .. })
+        ));
+        assert!(matches!(
+            c.candidates("1000000:bob", 0),
+            Err(CredentialError::LifetimeTooLong { .. })
+        ));
+        assert_eq!(
+            c.candidates("bob", 0),
+            Err(CredentialError::MalformedRestUsername)
+        );
+        let static_only = Credentials::new(HashMap::new(), None);
+        assert_eq!(
+            static_only.candidates("1000:bob", 0),
+            Err(CredentialError::UnknownUser)
+        );
+        assert_eq!(
+            c.candidates("soon:bob", 0),
+            Err(CredentialError::MalformedRestUsername)
+        );
+    }
+}

@@ -1,0 +1,724 @@
+//! The agent's configuration: one TOML file, parsed with serde (unknown keys rejected) and
+//! validated once into typed values. A bad value is refused at start-up with the key and the
+//! fix, because a silently accepted misconfiguration breaks one feature while the others keep
+//! working, which is the hardest kind of fault to trace at an edge.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::auth::{Credentials, RestSecrets};
+use crate::turn::peer_policy::PeerPolicy;
+use crate::turn::rate_limit::RateLimit;
+use crate::turn::{RelayAddress, ServerConfig, Transport};
+
+/// The configuration `rampart` runs with when given no `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+
+/// REST API secrets shorter than this are guessable offline from one captured credential.
+const MIN_SECRET_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(#[from] toml::de::Error),
+    #[error("`{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    realm: String,
+    software: Option<String>,
+    #[serde(default)]
+    listen: Vec<RawListener>,
+    tls: Option<RawTls>,
+    relay: RawRelay,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    transport: RawTransport,
+    address: SocketAddr,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: PathBuf,
+    private_key: PathBuf,
+    fqdn: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+    public_ipv4: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    behind_nat: bool,
+    #[serde(default = "default_port_min")]
+    port_min: u16,
+    #[serde(default = "default_port_max")]
+    port_max: u16,
+    #[serde(default = "default_lifetime")]
+    default_lifetime: u64,
+    #[serde(default = "max_lifetime")]
+    max_lifetime: u64,
+    #[serde(default)]
+    allowed_peer_networks: Vec<IpNet>,
+    #[serde(default)]
+    denied_peer_networks: Vec<IpNet>,
+}
+
+fn default_port_min() -> u16 {
+    50000
+}
+fn default_port_max() -> u16 {
+    59999
+}
+fn default_lifetime() -> u64 {
+    600
+}
+fn max_lifetime() -> u64 {
+    3600
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    users: BTreeMap<String, String>,
+    #[serde(default)]
+    rest_secrets: Vec<String>,
+    #[serde(default = "rest_max_lifetime")]
+    rest_max_lifetime: u64,
+    #[serde(default = "nonce_lifetime")]
+    nonce_lifetime: u64,
+}
+
+fn rest_max_lifetime() -> u64 {
+    86_400
+}
+fn nonce_lifetime() -> u64 {
+    600
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "allocations_per_user")]
+    allocations_per_user: usize,
+    #[serde(default = "allocations_total")]
+    allocations_total: usize,
+    #[serde(default = "unauthenticated_per_second")]
+    unauthenticated_per_second: f64,
+    #[serde(default = "unauthenticated_burst")]
+    unauthenticated_burst: f64,
+    #[serde(default = "connections_total")]
+    connections_total: usize,
+    #[serde(default = "connections_per_source")]
+    connections_per_source: usize,
+    #[serde(default = "tls_handshake_timeout")]
+    tls_handshake_timeout: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            allocations_per_user: allocations_per_user(),
+            allocations_total: allocations_total(),
+            unauthenticated_per_second: unauthenticated_per_second(),
+            unauthenticated_burst: unauthenticated_burst(),
+            connections_total: connections_total(),
+            connections_per_source: connections_per_source(),
+            tls_handshake_timeout: tls_handshake_timeout(),
+        }
+    }
+}
+
+fn allocations_per_user() -> usize {
+    10
+}
+fn allocations_total() -> usize {
+    10_000
+}
+fn unauthenticated_per_second() -> f64 {
+    20.0
+}
+fn unauthenticated_burst() -> f64 {
+    40.0
+}
+fn connections_total() -> usize {
+    10_000
+}
+fn connections_per_source() -> usize {
+    64
+}
+fn tls_handshake_timeout() -> u64 {
+    10
+}
+
+/// A client listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub transport: Transport,
+    pub address: SocketAddr,
+}
+
+/// Limits on client stream connections (TCP and TLS).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub total: usize,
+    pub per_source: usize,
+    pub tls_handshake_timeout: Duration,
+}
+
+/// The validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub turn: ServerConfig,
+    pub connections: ConnectionLimits,
+    /// Static usernames, for the start-up summary (never their passwords).
+    pub static_users: Vec<String>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listeners", &self.listeners)
+            .field("tls", &self.tls.is_some())
+            .field("realm", &self.turn.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Read and validate a file; relative certificate paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base)
+    }
+
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::parse(EMBEDDED_DEFAULT, Path::new("."))
+    }
+
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        raw.validate(base_dir)
+    }
+}
+
+impl RawConfig {
+    fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        if self.realm.trim().is_empty() || self.realm.len() > 127 {
+            return Err(invalid(
+                "realm",
+                "must be a non-empty string under 128 characters (e.g. your SIP domain)",
+            ));
+        }
+        let listeners = validate_listeners(&self.listen)?;
+        let wants_tls = listeners.iter().any(|l| l.transport == Transport::Tls);
+        let tls = match (&self.tls, wants_tls) {
+            (Some(tls), true) => Some(tls.load(base_dir)?),
+            (None, true) => {
+                return Err(invalid(
+                    "tls",
+                    "a `tls` listener is configured but there is no [tls] section with certificate, private_key and fqdn",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "tls",
+                    "[tls] is set but no listener has transport = \"tls\"; add one or remove [tls]",
+                ));
+            }
+            (None, false) => None,
+        };
+        let relay = &self.relay;
+        let relay_v4 = relay_address(
+            "relay.ipv4",
+            relay.ipv4.map(IpAddr::V4),
+            relay.public_ipv4.map(IpAddr::V4),
+            relay.behind_nat,
+        )?;
+        let relay_v6 = relay_address(
+            "relay.ipv6",
+            relay.ipv6.map(IpAddr::V6),
+            relay.public_ipv6.map(IpAddr::V6),
+            relay.behind_nat,
+        )?;
+        if relay_v4.is_none() && relay_v6.is_none() {
+            return Err(invalid(
+                "relay",
+                "neither `ipv4` nor `ipv6` is set: the relay needs an address to allocate on",
+            ));
+        }
+        if relay.port_min == 0 || relay.port_min > relay.port_max {
+            return Err(invalid(
+                "relay.port_min",
+                format!(
+                    "the relay port range {}-{} is empty; set port_min <= port_max (default 50000-59999)",
+                    relay.port_min, relay.port_max
+                ),
+            ));
+        }
+        if relay.default_lifetime == 0 || relay.default_lifetime > relay.max_lifetime {
+            return Err(invalid(
+                "relay.default_lifetime",
+                "must be at least 1 s and at most relay.max_lifetime (RFC 8656 default: 600)",
+            ));
+        }
+        let auth = &self.auth;
+        for (user, password) in &auth.users {
+            if user.is_empty() || user.contains(':') {
+                return Err(invalid(
+                    format!("auth.users.{user}"),
+                    "static usernames must be non-empty and contain no ':' (that form is the REST API's)",
+                ));
+            }
+            if password.is_empty() {
+                return Err(invalid(format!("auth.users.{user}"), "empty password"));
+            }
+        }
+        if auth.rest_secrets.len() > 2 {
+            return Err(invalid(
+                "auth.rest_secrets",
+                "at most two secrets: the current one, and the previous one during a rotation",
+            ));
+        }
+        if let Some(short) = auth.rest_secrets.iter().find(|s| s.len() < MIN_SECRET_LEN) {
+            return Err(invalid(
+                "auth.rest_secrets",
+                format!(
+                    "a secret of {} characters is too short; use at least {MIN_SECRET_LEN} random characters",
+                    short.len()
+                ),
+            ));
+        }
+        if auth.users.is_empty() && auth.rest_secrets.is_empty() {
+            return Err(invalid(
+                "auth",
+                "no static users and no rest_secrets: nobody could authenticate",
+            ));
+        }
+        if auth.rest_max_lifetime == 0 || auth.nonce_lifetime == 0 {
+            return Err(invalid(
+                "auth",
+                "rest_max_lifetime and nonce_lifetime must be positive numbers of seconds",
+            ));
+        }
+        let limits = &self.limits;
+        if limits.allocations_per_user == 0
+            || limits.allocations_total == 0
+            || limits.connections_total == 0
+            || limits.connections_per_source == 0
+            || limits.tls_handshake_timeout == 0
+        {
+            return Err(invalid("limits", "limits must be positive"));
+        }
+        if !(limits.unauthenticated_per_second > 0.0 && limits.unauthenticated_burst >= 1.0) {
+            return Err(invalid(
+                "limits.unauthenticated_per_second",
+                "must be > 0, and unauthenticated_burst >= 1",
+            ));
+        }
+        let own_addresses: Vec<IpAddr> = [relay_v4, relay_v6]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| [r.bind, r.advertised])
+            .chain(listeners.iter().map(|l| l.address.ip()))
+            .collect();
+        let peer_policy = PeerPolicy::new(
+            relay.allowed_peer_networks.clone(),
+            relay.denied_peer_networks.clone(),
+            own_addresses,
+            listeners.iter().map(|l| l.address).collect(),
+            Some((relay.port_min, relay.port_max)),
+        );
+        let rest = (!auth.rest_secrets.is_empty()).then(|| {
+            RestSecrets::new(
+                auth.rest_secrets
+                    .iter()
+                    .map(|s| s.as_bytes().to_vec())
+                    .collect(),
+                auth.rest_max_lifetime,
+            )
+        });
+        let users: HashMap<String, String> = auth.users.clone().into_iter().collect();
+        Ok(Config {
+            listeners,
+            tls,
+            turn: ServerConfig {
+                realm: self.realm.clone(),
+                software: self.software.clone().filter(|s| !s.is_empty()),
+                relay_v4,
+                relay_v6,
+                port_range: (relay.port_min, relay.port_max),
+                default_lifetime: Duration::from_secs(relay.default_lifetime),
+                max_lifetime: Duration::from_secs(relay.max_lifetime),
+                nonce_lifetime: Duration::from_secs(auth.nonce_lifetime),
+                allocations_per_user: limits.allocations_per_user,
+                allocations_total: limits.allocations_total,
+                unauthenticated_limit: RateLimit {
+                    per_second: limits.unauthenticated_per_second,
+                    burst: limits.unauthenticated_burst,
+                },
+                credentials: Credentials::new(users, rest),
+                peer_policy,
+            },
+            connections: ConnectionLimits {
+                total: limits.connections_total,
+                per_source: limits.connections_per_source,
+                tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout),
+            },
+            static_users: auth.users.keys().cloned().collect(),
+        })
+    }
+}
+
+fn validate_listeners(raw: &[RawListener]) -> Result<Vec<Listener>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "listen",
+            "no listener; add e.g. [[listen]] transport = \"udp\" address = \"0.0.0.0:3478\"",
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut listeners = Vec::new();
+    for l in raw {
+        let transport = match l.transport {
+            RawTransport::Udp => Transport::Udp,
+            RawTransport::Tcp => Transport::Tcp,
+            RawTransport::Tls => Transport::Tls,
+        };
+        // TCP and TLS share the port space; UDP has its own.
+        let socket_kind = transport == Transport::Udp;
+        if !seen.insert((socket_kind, l.address)) {
+            return Err(invalid(
+                "listen",
+                format!("{} is configured twice for the same socket type", l.address),
+            ));
+        }
+        if l.address.port() == 0 {
+            return Err(invalid(
+                "listen.address",
+                format!("{}: a listener needs a fixed port", l.address),
+            ));
+        }
+        listeners.push(Listener {
+            transport,
+            address: l.address,
+        });
+    }
+    Ok(listeners)
+}
+
+/// One relay family: the bind address and what clients are told.
+fn relay_address(
+    key: &str,
+    bind: Option<IpAddr>,
+    public: Option<IpAddr>,
+    behind_nat: bool,
+) -> Result<Option<RelayAddress>, ConfigError> {
+    let Some(bind) = bind else {
+        return Ok(None);
+    };
+    let public_key = key.replace("relay.", "relay.public_");
+    if behind_nat {
+        let Some(public) = public else {
+            return Err(invalid(
+                public_key,
+                format!(
+                    "behind_nat = true but no public address for {key} ({bind}); set the NAT's public address, or clients are told an address they cannot reach"
+                ),
+            ));
+        };
+        if PeerPolicy::new(vec![], vec![], vec![], vec![], None)
+            .check(public)
+            .is_err()
+        {
+            return Err(invalid(
+                public_key,
+                format!(
+                    "{public} is not a public address; behind a 1:1 NAT the advertised address must be the NAT's public one"
+                ),
+            ));
+        }
+        return Ok(Some(RelayAddress {
+            bind,
+            advertised: public,
+        }));
+    }
+    if public.is_some() {
+        return Err(invalid(
+            public_key,
+            "a public address is set but behind_nat = false; set behind_nat = true to advertise it",
+        ));
+    }
+    if bind.is_unspecified() {
+        return Err(invalid(
+            key,
+            format!(
+                "{bind} is not an address clients can be told; bind a concrete address (or set behind_nat with a public address)"
+            ),
+        ));
+    }
+    Ok(Some(RelayAddress {
+        bind,
+        advertised: bind,
+    }))
+}
+
+impl RawTls {
+    fn load(&self, base_dir: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let read = |key: &str, path: &Path| {
+            let path = base_dir.join(path);
+            std::fs::read(&path).map_err(|e| {
+                invalid(
+                    format!("tls.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        let cert_pem = read("certificate", &self.certificate)?;
+        let key_pem = read("private_key", &self.private_key)?;
+        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                invalid(
+                    "tls.certificate",
+                    format!("not a PEM certificate chain: {e}"),
+                )
+            })?;
+        let Some(leaf) = certs.first() else {
+            return Err(invalid(
+                "tls.certificate",
+                "the file holds no PEM certificate",
+            ));
+        };
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| invalid("tls.private_key", format!("not a PEM private key: {e}")))?
+            .ok_or_else(|| invalid("tls.private_key", "the file holds no PEM private key"))?;
+        if self.fqdn.trim().is_empty() {
+            return Err(invalid(
+                "tls.fqdn",
+                "empty; set the name clients connect to (it must be in the certificate)",
+            ));
+        }
+        let name = ServerName::try_from(self.fqdn.as_str())
+            .map_err(|_| invalid("tls.fqdn", format!("{:?} is not a DNS name", self.fqdn)))?;
+        let end_entity = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| invalid("tls.certificate", format!("unparsable certificate: {e}")))?;
+        end_entity
+            .verify_is_valid_for_subject_name(&name)
+            .map_err(|_| {
+                invalid(
+                    "tls.fqdn",
+                    format!(
+                        "the certificate does not name {:?}; clients would refuse it. Use a certificate for this name or fix fqdn",
+                        self.fqdn
+                    ),
+                )
+            })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("tls", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                invalid(
+                    "tls.private_key",
+                    format!("does not fit the certificate: {e}"),
+                )
+            })?;
+        Ok(Arc::new(config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+realm = "example.org"
+[[listen]]
+transport = "udp"
+address = "127.0.0.1:3478"
+[relay]
+ipv4 = "127.0.0.1"
+[auth]
+users = { alice = "pw" }
+"#;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, Path::new(".")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::embedded_default().unwrap();
+        assert_eq!(config.listeners.len(), 4);
+        assert!(config.turn.software.is_none());
+        assert_eq!(config.turn.port_range, (50000, 59999));
+    }
+
+    #[test]
+    fn minimal_config_gets_rfc_defaults() {
+        let config = Config::parse(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(config.turn.default_lifetime, Duration::from_secs(600));
+        assert_eq!(config.turn.relay_v6, None);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = error_of(&MINIMAL.replace("[relay]", "[relay]\nport_minimum = 3"));
+        assert!(e.contains("port_minimum"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "127.0.0.1\"\n[auth]",
+                    "127.0.0.1\"\nport_min = 6000\nport_max = 5000\n[auth]",
+                ),
+                "relay.port_min",
+            ),
+            (
+                MINIMAL.replace(
+                    "ipv4 = \"127.0.0.1\"",
+                    "ipv4 = \"127.0.0.1\"\nbehind_nat = true",
+                ),
+                "relay.public_ipv4",
+            ),
+            (
+                MINIMAL.replace(
+                    "ipv4 = \"127.0.0.1\"",
+                    "ipv4 = \"10.0.0.5\"\nbehind_nat = true\npublic_ipv4 = \"10.0.0.6\"",
+                ),
+                "not a public address",
+            ),
+            (
+                MINIMAL.replace("ipv4 = \"127.0.0.1\"", "ipv4 = \"0.0.0.0\""),
+                "relay.ipv4",
+            ),
+            (MINIMAL.replace("ipv4 = \"127.0.0.1\"", ""), "neither"),
+            (
+                MINIMAL.replace("users = { alice = \"pw\" }", ""),
+                "nobody could authenticate",
+            ),
+            (
+                MINIMAL.replace("users = { alice = \"pw\" }", "rest_secrets = [\"short\"]"),
+                "too short",
+            ),
+            (MINIMAL.replace("\"udp\"", "\"tls\""), "[tls]"),
+            (
+                MINIMAL.replace("\"127.0.0.1:3478\"", "\"127.0.0.1:99999\""),
+                "address",
+            ),
+            (MINIMAL.replace("\"udp\"", "\"sctp\""), "sctp"),
+            (
+                MINIMAL.replace("realm = \"example.org\"", "realm = \"\""),
+                "realm",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = error_of(&text);
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn nat_public_address_is_advertised() {
+        let text = MINIMAL.replace(
+            "ipv4 = \"127.0.0.1\"",
+            "ipv4 = \"10.0.0.5\"\nbehind_nat = true\npublic_ipv4 = \"198.51.100.20\"",
+        );
+        // 198.51.100.0/24 is documentation space: refused as not public.
+        assert!(error_of(&text).contains("not a public address"));
+        let text = text.replace("198.51.100.20", "8.8.8.8");
+        let config = Config::parse(&text, Path::new(".")).unwrap();
+        let relay = config.turn.relay_v4.unwrap();
+        assert_eq!(relay.advertised, "8.8.8.8".parse::<IpAddr>().unwrap());
+        assert_eq!(relay.bind, "10.0.0.5".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn tls_certificate_must_exist_and_name_the_fqdn() {
+        let dir = std::env::temp_dir().join(format!("rampart-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["turn.example.org".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+        let tls = |fqdn: &str, cert_file: &str| {
+            format!(
+                "{}\n[tls]\ncertificate = \"{cert_file}\"\nprivate_key = \"key.pem\"\nfqdn = \"{fqdn}\"\n",
+                MINIMAL.replace("\"udp\"", "\"tls\"")
+            )
+        };
+        assert!(Config::parse(&tls("turn.example.org", "cert.pem"), &dir).is_ok());
+        let e = Config::parse(&tls("edge.example.org", "cert.pem"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.fqdn") && e.contains("does not name"), "{e}");
+        let e = Config::parse(&tls("turn.example.org", "missing.pem"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.certificate") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let other = rcgen::generate_simple_self_signed(vec!["turn.example.org".into()]).unwrap();
+        std::fs::write(dir.join("other.pem"), other.cert.pem()).unwrap();
+        let e = Config::parse(&tls("turn.example.org", "other.pem"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.private_key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

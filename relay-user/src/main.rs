@@ -1,0 +1,118 @@
+//! `rampart`: the edge agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use rampart::config::{Config, EMBEDDED_DEFAULT};
+use rampart::server::Edge;
+use rampart::turn::Transport;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Rampart edge agent: STUN/TURN relay for an enterprise communications perimeter.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Configuration file (TOML). Without it, the embedded all-in-one loopback default is used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the configuration, report what is wrong, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the embedded default configuration (a commented starting point) and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Log filter when RUST_LOG is unset (e.g. `info`, `debug`, `rampart=debug`).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if cli.print_default_config {
+        print!("{EMBEDDED_DEFAULT}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match &cli.config {
+        Some(path) => {
+            Config::load(path).with_context(|| format!("configuration {}", path.display()))
+        }
+        None => Config::embedded_default().context("embedded default configuration"),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, cli.config.is_none())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
+    let realm = config.turn.realm.clone();
+    let users = config.static_users.clone();
+    let edge = Edge::start(config).await?;
+    println!("Rampart edge is up (realm {realm}). Reach it at:");
+    for (transport, address) in edge.local_addresses() {
+        let scheme = if *transport == Transport::Tls {
+            "turns"
+        } else {
+            "turn"
+        };
+        let proto = if *transport == Transport::Udp {
+            "udp"
+        } else {
+            "tcp"
+        };
+        println!("  {scheme}:{address}?transport={proto}");
+    }
+    if embedded {
+        println!(
+            "Test credential (embedded default configuration): user `demo`, password `rampart-demo`"
+        );
+        println!("  e.g.  turnutils_uclient -u demo -w rampart-demo -y 127.0.0.1");
+    } else if !users.is_empty() {
+        println!("Static users: {}", users.join(", "));
+    }
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        info!("signal received");
+        on_signal.cancel();
+    });
+    edge.run(shutdown).await;
+    Ok(())
+}

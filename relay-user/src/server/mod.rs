@@ -1,0 +1,428 @@
+//! The tokio shell around [`crate::turn::Server`]: sockets in, bytes to the state machine,
+//! bytes out. No protocol decision is made here.
+//!
+//! One lock guards the state machine, the relay sockets and the stream connections; it is
+//! held only for the synchronous call into the state machine, never across an `.await`.
+
+mod relay_socket;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ConnectionLimits};
+use crate::turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
+use crate::turn::{FiveTuple, Server, Stats, Transmit, Transport};
+
+use relay_socket::SocketBinder;
+
+/// Frames queued towards one stream client before further ones are dropped: a client that
+/// does not read its media must not hold memory without bound.
+const STREAM_QUEUE: usize = 256;
+/// How often expiries are swept (the state machine's timers are exact to this).
+const TICK: Duration = Duration::from_secs(1);
+/// How often counters are logged.
+const STATS_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {transport:?} {address}")]
+    Listen {
+        transport: Transport,
+        address: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// Counters of the shell itself (what the state machine never saw).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShellStats {
+    pub connections_refused: u64,
+    pub tls_handshake_failures: u64,
+    pub stream_frames_dropped: u64,
+    pub send_failures: u64,
+}
+
+struct State {
+    core: Server,
+    relays: HashMap<SocketAddr, relay_socket::RelaySocket>,
+    streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    connections_per_source: HashMap<IpAddr, usize>,
+    connections: usize,
+    shell: ShellStats,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
+    limits: ConnectionLimits,
+    idle_timeout: Duration,
+}
+
+/// Where a transmit goes, resolved under the lock and sent after it.
+enum Route {
+    Datagram(Arc<UdpSocket>, SocketAddr, Vec<u8>),
+    Stream(mpsc::Sender<Vec<u8>>, Vec<u8>),
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the whole relay down with a poisoned lock.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run one state-machine step and resolve where its output goes.
+    fn step(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Server, &mut SocketBinder<'_>) -> Option<Transmit>,
+    ) -> Option<Route> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut binder = SocketBinder::new(&mut state.relays, self);
+        let transmit = f(&mut state.core, &mut binder)?;
+        match transmit {
+            Transmit::ToClient {
+                five_tuple,
+                payload,
+            } => match five_tuple.transport {
+                Transport::Udp => self
+                    .udp_listeners
+                    .get(&five_tuple.server)
+                    .map(|s| Route::Datagram(s.clone(), five_tuple.client, payload)),
+                Transport::Tcp | Transport::Tls => state
+                    .streams
+                    .get(&five_tuple)
+                    .map(|tx| Route::Stream(tx.clone(), payload)),
+            },
+            Transmit::ToPeer {
+                relay,
+                peer,
+                payload,
+            } => state
+                .relays
+                .get(&relay)
+                .map(|r| Route::Datagram(r.socket.clone(), peer, payload)),
+        }
+    }
+
+    fn send(&self, route: Option<Route>) {
+        let failed = match route {
+            None => false,
+            // UDP is best effort: a full socket buffer drops, like the network would.
+            Some(Route::Datagram(socket, to, payload)) => socket.try_send_to(&payload, to).is_err(),
+            Some(Route::Stream(tx, payload)) => tx.try_send(payload).is_err(),
+        };
+        if failed {
+            self.lock().shell.send_failures += 1;
+        }
+    }
+
+    fn admit(&self, source: IpAddr) -> bool {
+        let mut state = self.lock();
+        let per_source = state
+            .connections_per_source
+            .get(&source)
+            .copied()
+            .unwrap_or(0);
+        if state.connections >= self.limits.total || per_source >= self.limits.per_source {
+            state.shell.connections_refused += 1;
+            return false;
+        }
+        state.connections += 1;
+        *state.connections_per_source.entry(source).or_default() += 1;
+        true
+    }
+
+    fn release_connection(&self, source: IpAddr) {
+        let mut state = self.lock();
+        state.connections -= 1;
+        if let Some(n) = state.connections_per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                state.connections_per_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// A running edge: listeners bound, tasks spawned.
+pub struct Edge {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    local_addresses: Vec<(Transport, SocketAddr)>,
+}
+
+impl Edge {
+    /// Bind every listener (failing on the first that cannot be bound) and start serving.
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        for listener in &config.listeners {
+            let error = |source| ServerError::Listen {
+                transport: listener.transport,
+                address: listener.address,
+                source,
+            };
+            match listener.transport {
+                Transport::Udp => {
+                    let socket = UdpSocket::bind(listener.address).await.map_err(error)?;
+                    udp.push(Arc::new(socket));
+                }
+                Transport::Tcp | Transport::Tls => {
+                    let socket = TcpListener::bind(listener.address).await.map_err(error)?;
+                    tcp.push((listener.transport, socket));
+                }
+            }
+        }
+        let now = Instant::now();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let idle_timeout = config.turn.max_lifetime + Duration::from_secs(60);
+        let core = Server::new(config.turn, StdRng::from_entropy(), now, unix_now);
+        let mut local_addresses = Vec::new();
+        let udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>> = udp
+            .iter()
+            .filter_map(|s| s.local_addr().ok().map(|a| (a, s.clone())))
+            .collect();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                relays: HashMap::new(),
+                streams: HashMap::new(),
+                connections_per_source: HashMap::new(),
+                connections: 0,
+                shell: ShellStats::default(),
+            }),
+            udp_listeners,
+            limits: config.connections,
+            idle_timeout,
+        });
+        let mut tasks = JoinSet::new();
+        for (address, socket) in &shared.udp_listeners {
+            local_addresses.push((Transport::Udp, *address));
+            tasks.spawn(udp_listener(shared.clone(), *address, socket.clone()));
+        }
+        let acceptor = config.tls.map(tokio_rustls::TlsAcceptor::from);
+        for (transport, listener) in tcp {
+            if let Ok(address) = listener.local_addr() {
+                local_addresses.push((transport, address));
+            }
+            let acceptor = if transport == Transport::Tls {
+                acceptor.clone()
+            } else {
+                None
+            };
+            tasks.spawn(stream_listener(
+                shared.clone(),
+                listener,
+                transport,
+                acceptor,
+            ));
+        }
+        tasks.spawn(timers(shared.clone()));
+        for (transport, address) in &local_addresses {
+            info!(?transport, %address, "listening for TURN clients");
+        }
+        Ok(Edge {
+            shared,
+            tasks,
+            local_addresses,
+        })
+    }
+
+    pub fn local_addresses(&self) -> &[(Transport, SocketAddr)] {
+        &self.local_addresses
+    }
+
+    pub fn stats(&self) -> (Stats, ShellStats) {
+        let state = self.shared.lock();
+        (state.core.stats().clone(), state.shell)
+    }
+
+    /// Serve until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        let allocations = self.shared.lock().core.allocation_count();
+        info!(allocations, "shutting down");
+        self.tasks.shutdown().await;
+    }
+}
+
+async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (len, client) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                debug!(%local, %error, "UDP receive error");
+                continue;
+            }
+        };
+        let five_tuple = FiveTuple {
+            transport: Transport::Udp,
+            client,
+            server: local,
+        };
+        let route = shared.step(|core, binder| {
+            core.handle_client_input(five_tuple, &buf[..len], Instant::now(), binder)
+        });
+        shared.send(route);
+    }
+}
+
+async fn stream_listener(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    transport: Transport,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !shared.admit(client.ip()) {
+            debug!(%client, "connection refused: connection limit");
+            continue;
+        }
+        let Ok(server) = stream.local_addr() else {
+            shared.release_connection(client.ip());
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let five_tuple = FiveTuple {
+            transport,
+            client,
+            server,
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_stream(&shared, five_tuple, stream).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        shared.limits.tls_handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(stream)) => serve_stream(&shared, five_tuple, stream).await,
+                        Ok(Err(error)) => {
+                            shared.lock().shell.tls_handshake_failures += 1;
+                            debug!(%client, %error, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            shared.lock().shell.tls_handshake_failures += 1;
+                            debug!(%client, "TLS handshake timed out");
+                        }
+                    }
+                }
+            }
+            shared.release_connection(client.ip());
+        });
+    }
+}
+
+/// One TCP or TLS client: frames in (RFC 8656 §12.5 framing), queued frames out.
+async fn serve_stream<S>(shared: &Arc<Shared>, five_tuple: FiveTuple, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    shared.lock().streams.insert(five_tuple, tx);
+    debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
+    let write = async {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    };
+    let read = async {
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let read = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)).await;
+            let n = match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return "closed",
+                Err(_) => return "idle timeout",
+                Ok(Ok(n)) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            loop {
+                match next_stream_frame(&buf) {
+                    Ok(Some(len)) => {
+                        let route = shared.step(|core, binder| {
+                            core.handle_client_input(
+                                five_tuple,
+                                &buf[..len],
+                                Instant::now(),
+                                binder,
+                            )
+                        });
+                        shared.send(route);
+                        buf.drain(..len);
+                    }
+                    Ok(None) if buf.len() <= MAX_STREAM_FRAME => break,
+                    Ok(None) | Err(_) => return "not STUN or ChannelData framing",
+                }
+            }
+        }
+    };
+    let reason = tokio::select! {
+        reason = read => reason,
+        () = write => "write failed",
+    };
+    debug!(client = %five_tuple.client, reason, "client disconnected");
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    state.streams.remove(&five_tuple);
+    let mut binder = SocketBinder::new(&mut state.relays, shared);
+    state.core.client_closed(five_tuple, &mut binder);
+}
+
+async fn timers(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TICK);
+    let mut last_stats = Instant::now();
+    let mut logged = (Stats::default(), ShellStats::default());
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut guard = shared.lock();
+        let state = &mut *guard;
+        let mut binder = SocketBinder::new(&mut state.relays, &shared);
+        state.core.handle_timeout(now, &mut binder);
+        if now.duration_since(last_stats) >= STATS_EVERY {
+            last_stats = now;
+            let current = (state.core.stats().clone(), state.shell);
+            if current != logged {
+                info!(
+                    allocations = state.core.allocation_count(),
+                    stats = ?current.0,
+                    shell = ?current.1,
+                    "counters"
+                );
+                logged = current;
+            }
+        }
+    }
+}

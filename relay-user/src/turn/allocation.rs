@@ -1,0 +1,289 @@
+//! One allocation (RFC 8656 §2.2): its relayed transport addresses, permissions and channel
+//! bindings, each with its own expiry. Pure state: the server decides what is allowed, this
+//! keeps the bookkeeping and the RFC's binding rules.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::stun::TransactionId;
+
+use super::FiveTuple;
+
+/// RFC 8656 §9: permissions last 300 s unless refreshed.
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// RFC 8656 §12: channel bindings last 600 s unless refreshed.
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// RFC 8656 §12: after a binding expires, neither its number nor its peer may be bound to
+/// something else for 5 more minutes, so late packets are not misdelivered.
+pub const CHANNEL_COOL_DOWN: Duration = Duration::from_secs(300);
+
+/// One relayed transport address of an allocation (one per address family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relay {
+    /// Where the relay socket is bound.
+    pub bound: SocketAddr,
+    /// What clients are told (XOR-RELAYED-ADDRESS): the public address behind a 1:1 NAT.
+    pub advertised: SocketAddr,
+    pub expires: Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Channel {
+    pub peer: SocketAddr,
+    pub expires: Instant,
+}
+
+/// Why a ChannelBind is refused with 400 (RFC 8656 §11.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelConflict {
+    /// The number is bound (or cooling down) for another peer.
+    NumberInUse,
+    /// The peer is bound (or cooling down) to another number.
+    PeerInUse,
+}
+
+/// What an expiry sweep removed, for the events the shell and the XDP map driver act on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub relays: Vec<SocketAddr>,
+    pub channels: Vec<(u16, SocketAddr)>,
+    pub permissions: Vec<IpAddr>,
+}
+
+#[derive(Debug)]
+pub struct Allocation {
+    pub five_tuple: FiveTuple,
+    pub username: String,
+    pub quota_key: String,
+    pub relays: Vec<Relay>,
+    pub permissions: HashMap<IpAddr, Instant>,
+    channels: HashMap<u16, Channel>,
+    channel_of_peer: HashMap<SocketAddr, u16>,
+    /// Expired bindings still holding their number and peer (RFC 8656 §12).
+    cooling: Vec<(u16, SocketAddr, Instant)>,
+    /// The Allocate transaction that created it, with the response sent: a retransmitted
+    /// Allocate over UDP gets the same answer, not 437 (RFC 8656 §7.2).
+    pub allocate_transaction: TransactionId,
+    pub allocate_response: Vec<u8>,
+}
+
+impl Allocation {
+    pub fn new(
+        five_tuple: FiveTuple,
+        username: String,
+        quota_key: String,
+        relays: Vec<Relay>,
+        allocate_transaction: TransactionId,
+    ) -> Self {
+        Allocation {
+            five_tuple,
+            username,
+            quota_key,
+            relays,
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            channel_of_peer: HashMap::new(),
+            cooling: Vec::new(),
+            allocate_transaction,
+            allocate_response: Vec::new(),
+        }
+    }
+
+    /// The relay serving peers of `peer`'s address family.
+    pub fn relay_for(&self, peer: &SocketAddr) -> Option<&Relay> {
+        self.relays
+            .iter()
+            .find(|r| r.bound.is_ipv4() == peer.is_ipv4())
+    }
+
+    pub fn has_permission(&self, peer: IpAddr, now: Instant) -> bool {
+        self.permissions.get(&peer).is_some_and(|exp| *exp > now)
+    }
+
+    pub fn install_permission(&mut self, peer: IpAddr, now: Instant) {
+        self.permissions.insert(peer, now + PERMISSION_LIFETIME);
+    }
+
+    pub fn channel(&self, number: u16, now: Instant) -> Option<SocketAddr> {
+        self.channels
+            .get(&number)
+            .filter(|c| c.expires > now)
+            .map(|c| c.peer)
+    }
+
+    pub fn channel_to(&self, peer: &SocketAddr, now: Instant) -> Option<u16> {
+        self.channel_of_peer
+            .get(peer)
+            .copied()
+            .filter(|n| self.channel(*n, now).is_some())
+    }
+
+    pub fn channels(&self) -> impl Iterator<Item = (u16, &Channel)> {
+        self.channels.iter().map(|(n, c)| (*n, c))
+    }
+
+    /// Bind or refresh `number` <-> `peer`; returns whether it is a new binding.
+    pub fn bind_channel(
+        &mut self,
+        number: u16,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<bool, ChannelConflict> {
+        if let Some(existing) = self.channels.get(&number)
+            && existing.peer != peer
+        {
+            return Err(ChannelConflict::NumberInUse);
+        }
+        if let Some(existing) = self.channel_of_peer.get(&peer)
+            && *existing != number
+        {
+            return Err(ChannelConflict::PeerInUse);
+        }
+        for (n, p, _) in &self.cooling {
+            if *n == number && *p != peer {
+                return Err(ChannelConflict::NumberInUse);
+            }
+            if *p == peer && *n != number {
+                return Err(ChannelConflict::PeerInUse);
+            }
+        }
+        self.cooling.retain(|(n, _, _)| *n != number);
+        let new = self
+            .channels
+            .insert(
+                number,
+                Channel {
+                    peer,
+                    expires: now + CHANNEL_LIFETIME,
+                },
+            )
+            .is_none();
+        self.channel_of_peer.insert(peer, number);
+        self.install_permission(peer.ip(), now);
+        Ok(new)
+    }
+
+    /// Drop everything that has expired by `now`.
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let mut expired = Expired::default();
+        self.relays.retain(|r| {
+            let keep = r.expires > now;
+            if !keep {
+                expired.relays.push(r.bound);
+            }
+            keep
+        });
+        self.permissions.retain(|ip, exp| {
+            let keep = *exp > now;
+            if !keep {
+                expired.permissions.push(*ip);
+            }
+            keep
+        });
+        let mut gone = Vec::new();
+        self.channels.retain(|n, c| {
+            let keep = c.expires > now;
+            if !keep {
+                gone.push((*n, c.peer, c.expires));
+            }
+            keep
+        });
+        for (n, peer, expired_at) in gone {
+            self.channel_of_peer.remove(&peer);
+            self.cooling.push((n, peer, expired_at + CHANNEL_COOL_DOWN));
+            expired.channels.push((n, peer));
+        }
+        self.cooling.retain(|(_, _, until)| *until > now);
+        expired
+    }
+
+    /// Whether nothing is left to relay with.
+    pub fn is_dead(&self) -> bool {
+        self.relays.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turn::Transport;
+
+    fn alloc(now: Instant) -> Allocation {
+        let ft = FiveTuple {
+            transport: Transport::Udp,
+            client: "192.0.2.1:4000".parse().unwrap(),
+            server: "198.51.7.1:3478".parse().unwrap(),
+        };
+        let relay = Relay {
+            bound: "198.51.7.1:50000".parse().unwrap(),
+            advertised: "203.0.113.9:50000".parse().unwrap(),
+            expires: now + Duration::from_secs(600),
+        };
+        Allocation::new(
+            ft,
+            "u".into(),
+            "u".into(),
+            vec![relay],
+            TransactionId([0; 12]),
+        )
+    }
+
+    const PEER: &str = "8.8.8.8:1000";
+
+    #[test]
+    fn permission_expires_after_300_seconds() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let ip = "8.8.8.8".parse().unwrap();
+        a.install_permission(ip, t0);
+        assert!(a.has_permission(ip, t0 + Duration::from_secs(299)));
+        assert!(!a.has_permission(ip, t0 + Duration::from_secs(300)));
+        let expired = a.expire(t0 + Duration::from_secs(300));
+        assert_eq!(expired.permissions, vec![ip]);
+    }
+
+    #[test]
+    fn channel_binding_rules_and_cool_down() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let other: SocketAddr = "8.8.4.4:1000".parse().unwrap();
+        assert_eq!(a.bind_channel(0x4000, peer, t0), Ok(true));
+        assert!(
+            a.has_permission(peer.ip(), t0),
+            "ChannelBind installs a permission"
+        );
+        assert_eq!(a.bind_channel(0x4000, peer, t0), Ok(false), "refresh");
+        assert_eq!(
+            a.bind_channel(0x4000, other, t0),
+            Err(ChannelConflict::NumberInUse)
+        );
+        assert_eq!(
+            a.bind_channel(0x4001, peer, t0),
+            Err(ChannelConflict::PeerInUse)
+        );
+        let t_exp = t0 + CHANNEL_LIFETIME;
+        assert_eq!(a.channel(0x4000, t_exp), None);
+        assert_eq!(a.expire(t_exp).channels, vec![(0x4000, peer)]);
+        // Cooling down: the same pair may be re-bound, other pairings not.
+        assert_eq!(
+            a.bind_channel(0x4000, other, t_exp),
+            Err(ChannelConflict::NumberInUse)
+        );
+        assert_eq!(a.bind_channel(0x4000, peer, t_exp), Ok(true));
+        let t_free = t_exp + CHANNEL_LIFETIME + CHANNEL_COOL_DOWN;
+        a.expire(t_free);
+        assert_eq!(a.bind_channel(0x4000, other, t_free), Ok(true));
+    }
+
+    #[test]
+    fn relay_expiry_kills_the_allocation() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        assert!(!a.is_dead());
+        let expired = a.expire(t0 + Duration::from_secs(600));
+        assert_eq!(expired.relays.len(), 1);
+        assert!(a.is_dead());
+    }
+}

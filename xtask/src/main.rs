@@ -1,0 +1,143 @@
+//! `cargo xtask`: Rampart's build, run and test tasks, and the tool chain they need.
+//!
+//! Every task first runs [`setup`], which installs what is missing and is quick when nothing
+//! is, so the two commands in the README work on a fresh Debian 12 machine and in CI alike.
+
+mod setup;
+mod util;
+
+use std::{ffi::OsString, os::unix::process::CommandExt as _, process::ExitCode, time::Instant};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::util::{cargo, workspace_root};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Rampart's build, run and test tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing Rampart needs (idempotent; quick when all is there).
+    Setup,
+    /// Set up, then build the agent `rampart` with its embedded XDP program.
+    Build(BuildArgs),
+    /// Set up, build, then start the agent; arguments after `--` go to it
+    /// (e.g. `cargo xtask run -- --config edge.toml`).
+    Run {
+        #[command(flatten)]
+        build: BuildArgs,
+        /// Arguments for `rampart`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, then `cargo fmt --check`, clippy with warnings denied, and every test.
+    Test,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// Build with the release profile.
+    #[arg(long)]
+    release: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<ExitCode> {
+    match task {
+        Task::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Task::Build(args) => {
+            setup::run()?;
+            build(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Task::Run {
+            build: args,
+            args: agent_args,
+        } => {
+            setup::run()?;
+            build(&args)?;
+            let profile = if args.release { "release" } else { "debug" };
+            let binary = util::target_dir().join(profile).join("rampart");
+            eprintln!("xtask: exec {}", binary.display());
+            // exec only returns on failure.
+            let error = std::process::Command::new(&binary).args(&agent_args).exec();
+            Err(error).with_context(|| format!("starting {}", binary.display()))
+        }
+        Task::Test => test(),
+    }
+}
+
+fn build(args: &BuildArgs) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "relay-user", "--bin", "rampart"]);
+    if args.release {
+        cmd.arg("--release");
+    }
+    util::run_checked(&mut cmd)
+}
+
+/// Runs every check even when an earlier one failed, so one run shows everything to fix.
+fn test() -> Result<ExitCode> {
+    setup::run()?;
+    let steps: [(&str, &[&str]); 3] = [
+        ("fmt", &["fmt", "--all", "--check"]),
+        (
+            "clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("test", &["test", "--workspace", "--no-fail-fast"]),
+    ];
+    let mut results = Vec::new();
+    for (name, args) in steps {
+        eprintln!("\nxtask: ==> cargo {}", args.join(" "));
+        let started = Instant::now();
+        let status = cargo()
+            .args(args)
+            .current_dir(workspace_root())
+            .status()
+            .with_context(|| format!("running cargo {name}"))?;
+        results.push((name, status.success(), started.elapsed()));
+    }
+
+    eprintln!("\nxtask: summary");
+    for (name, ok, elapsed) in &results {
+        let verdict = if *ok { "ok" } else { "FAILED" };
+        eprintln!("  {name:<8} {verdict:<7} {:>6.1} s", elapsed.as_secs_f64());
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(name, _, _)| *name)
+        .collect();
+    if failed.is_empty() {
+        eprintln!("xtask: all checks passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("xtask: failed: {}", failed.join(", "));
+        Ok(ExitCode::FAILURE)
+    }
+}
