@@ -329,11 +329,18 @@ impl Server {
         };
         let response = match request.method {
             Method::ALLOCATE => self.handle_allocate(five_tuple, request, &auth, now, binder),
-            Method::REFRESH => self.handle_refresh(five_tuple, request, &auth, now, binder),
-            Method::CREATE_PERMISSION => {
-                self.handle_create_permission(five_tuple, request, &auth, now)
+            method @ (Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
+                match self.owned_allocation(five_tuple, &auth) {
+                    Err(code) => self.error(request, code, &[], Some(&auth)),
+                    Ok(()) if method == Method::REFRESH => {
+                        self.handle_refresh(five_tuple, request, &auth, now, binder)
+                    }
+                    Ok(()) if method == Method::CREATE_PERMISSION => {
+                        self.handle_create_permission(five_tuple, request, &auth, now)
+                    }
+                    Ok(()) => self.handle_channel_bind(five_tuple, request, &auth, now),
+                }
             }
-            Method::CHANNEL_BIND => self.handle_channel_bind(five_tuple, request, &auth, now),
             _ => self.error(request, 400, &[], Some(&auth)),
         };
         Some(reply(five_tuple, response))
@@ -481,21 +488,11 @@ impl Server {
             Some(PROTOCOL_UDP) => {}
             Some(_) => return self.error(request, 442, &[], Some(auth)),
         }
-        let mut even_port = None;
-        let mut token = None;
-        let mut requested_family = None;
-        let mut additional_family = None;
-        let mut dont_fragment = false;
-        for attribute in request.attributes() {
-            match attribute {
-                Attribute::EvenPort { reserve } => even_port = Some(*reserve),
-                Attribute::ReservationToken(t) => token = Some(*t),
-                Attribute::RequestedAddressFamily(f) => requested_family = Some(*f),
-                Attribute::AdditionalAddressFamily(f) => additional_family = Some(*f),
-                Attribute::DontFragment => dont_fragment = true,
-                _ => {}
-            }
-        }
+        let even_port = request.even_port();
+        let token = request.reservation_token();
+        let requested_family = request.requested_address_family();
+        let additional_family = request.additional_address_family();
+        let dont_fragment = request.dont_fragment();
         // RFC 8656 §7.2: combinations that are errors in themselves.
         let inconsistent = (token.is_some()
             && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
@@ -640,13 +637,7 @@ impl Server {
         now: Instant,
         binder: &mut dyn RelayBinder,
     ) -> Vec<u8> {
-        if let Err(code) = self.owned_allocation(five_tuple, auth) {
-            return self.error(request, code, &[], Some(auth));
-        }
-        let family = request.attributes().find_map(|a| match a {
-            Attribute::RequestedAddressFamily(f) => Some(*f),
-            _ => None,
-        });
+        let family = request.requested_address_family();
         let requested = request.lifetime();
         let lifetime = match requested {
             Some(0) => Duration::ZERO,
@@ -691,9 +682,6 @@ impl Server {
         auth: &Authenticated,
         now: Instant,
     ) -> Vec<u8> {
-        if let Err(code) = self.owned_allocation(five_tuple, auth) {
-            return self.error(request, code, &[], Some(auth));
-        }
         let peers: Vec<SocketAddr> = request.xor_peer_addresses().map(canonical_socket).collect();
         if peers.is_empty() {
             return self.error(request, 400, &[], Some(auth));
@@ -726,9 +714,6 @@ impl Server {
         auth: &Authenticated,
         now: Instant,
     ) -> Vec<u8> {
-        if let Err(code) = self.owned_allocation(five_tuple, auth) {
-            return self.error(request, code, &[], Some(auth));
-        }
         let channel = request
             .channel_number()
             .filter(|n| (CHANNEL_MIN..=CHANNEL_MAX).contains(n));
@@ -959,18 +944,10 @@ impl Server {
 /// them, the list must be the one we offered (downgrade protection) and the choice in it.
 /// None means 400.
 fn password_algorithm(request: &Message<'_>) -> Option<PasswordAlgorithm> {
-    let mut offered = None;
-    let mut chosen = None;
-    for attribute in request.attributes() {
-        match attribute {
-            Attribute::PasswordAlgorithms(list) => offered = Some(list),
-            Attribute::PasswordAlgorithm(algorithm, _) => chosen = Some(*algorithm),
-            _ => {}
-        }
-    }
-    match (offered, chosen) {
+    let chosen = request.password_algorithm().map(|(algorithm, _)| algorithm);
+    match (request.password_algorithms(), chosen) {
         (None, None) => Some(PasswordAlgorithm::Md5),
-        (Some(list), Some(algorithm)) if list.as_slice() == OFFERED_ALGORITHMS => match algorithm {
+        (Some(list), Some(algorithm)) if list == OFFERED_ALGORITHMS => match algorithm {
             ALGORITHM_MD5 => Some(PasswordAlgorithm::Md5),
             ALGORITHM_SHA256 => Some(PasswordAlgorithm::Sha256),
             _ => None,
