@@ -8,6 +8,10 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+/// Front-ends mint `expiry = their now + lifetime`; their clock may run a little ahead of
+/// ours, and a credential minted for exactly the maximum lifetime must still be accepted.
+const CLOCK_SKEW_SECS: u64 = 60;
+
 /// Why a username has no usable password. All of them answer 401 on the wire: a client must
 /// not learn whether a user exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +116,7 @@ impl Credentials {
                 now: now_unix,
             });
         }
-        if expiry - now_unix > rest.max_lifetime_secs {
+        if expiry - now_unix > rest.max_lifetime_secs + CLOCK_SKEW_SECS {
             return Err(CredentialError::LifetimeTooLong { expiry });
         }
         Ok(Candidates {
@@ -180,6 +184,9 @@ mod tests {
             c.candidates("1000000:bob", 0),
             Err(CredentialError::LifetimeTooLong { .. })
         ));
+        // Exactly the maximum, from a front-end whose clock is a few seconds ahead: accepted.
+        assert!(c.candidates("86430:bob", 0).is_ok());
+        assert!(c.candidates("86461:bob", 0).is_err());
         assert_eq!(
             c.candidates("bob", 0),
             Err(CredentialError::MalformedRestUsername)

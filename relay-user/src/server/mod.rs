@@ -65,14 +65,16 @@ struct State {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
-    udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
+    udp_listeners: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
     limits: ConnectionLimits,
     idle_timeout: Duration,
 }
 
-/// Where a transmit goes, resolved under the lock and sent after it.
+/// Where a transmit goes, resolved under the lock and sent after it. Datagrams leave through
+/// the plain socket: tokio's `try_send_to` reports a fresh socket unwritable until its reactor
+/// has seen it, which would drop the first packets of every new allocation.
 enum Route {
-    Datagram(Arc<UdpSocket>, SocketAddr, Vec<u8>),
+    Datagram(Arc<std::net::UdpSocket>, SocketAddr, Vec<u8>),
     Stream(mpsc::Sender<Vec<u8>>, Vec<u8>),
 }
 
@@ -112,7 +114,7 @@ impl Shared {
             } => state
                 .relays
                 .get(&relay)
-                .map(|r| Route::Datagram(r.socket.clone(), peer, payload)),
+                .map(|r| Route::Datagram(r.sender.clone(), peer, payload)),
         }
     }
 
@@ -120,7 +122,7 @@ impl Shared {
         let failed = match route {
             None => false,
             // UDP is best effort: a full socket buffer drops, like the network would.
-            Some(Route::Datagram(socket, to, payload)) => socket.try_send_to(&payload, to).is_err(),
+            Some(Route::Datagram(socket, to, payload)) => socket.send_to(&payload, to).is_err(),
             Some(Route::Stream(tx, payload)) => tx.try_send(payload).is_err(),
         };
         if failed {
@@ -176,8 +178,8 @@ impl Edge {
             };
             match listener.transport {
                 Transport::Udp => {
-                    let socket = UdpSocket::bind(listener.address).await.map_err(error)?;
-                    udp.push(Arc::new(socket));
+                    let (sender, receiver) = udp_socket(listener.address).map_err(error)?;
+                    udp.push((sender, receiver));
                 }
                 Transport::Tcp | Transport::Tls => {
                     let socket = TcpListener::bind(listener.address).await.map_err(error)?;
@@ -188,14 +190,18 @@ impl Edge {
         let now = Instant::now();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .unwrap_or_default();
         let idle_timeout = config.turn.max_lifetime + Duration::from_secs(60);
         let core = Server::new(config.turn, StdRng::from_entropy(), now, unix_now);
         let mut local_addresses = Vec::new();
-        let udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>> = udp
-            .iter()
-            .filter_map(|s| s.local_addr().ok().map(|a| (a, s.clone())))
-            .collect();
+        let mut receivers = Vec::new();
+        let mut udp_listeners = HashMap::new();
+        for (sender, receiver) in udp {
+            if let Ok(address) = sender.local_addr() {
+                udp_listeners.insert(address, sender);
+                receivers.push((address, receiver));
+            }
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
@@ -210,9 +216,9 @@ impl Edge {
             idle_timeout,
         });
         let mut tasks = JoinSet::new();
-        for (address, socket) in &shared.udp_listeners {
-            local_addresses.push((Transport::Udp, *address));
-            tasks.spawn(udp_listener(shared.clone(), *address, socket.clone()));
+        for (address, receiver) in receivers {
+            local_addresses.push((Transport::Udp, address));
+            tasks.spawn(udp_listener(shared.clone(), address, receiver));
         }
         let acceptor = config.tls.map(tokio_rustls::TlsAcceptor::from);
         for (transport, listener) in tcp {
@@ -260,7 +266,7 @@ impl Edge {
     }
 }
 
-async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSocket>) {
+async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: UdpSocket) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (len, client) = match socket.recv_from(&mut buf).await {
@@ -398,6 +404,14 @@ where
     state.streams.remove(&five_tuple);
     let mut binder = SocketBinder::new(&mut state.relays, shared);
     state.core.client_closed(five_tuple, &mut binder);
+}
+
+/// A bound UDP socket as a plain, non-blocking sending half and a tokio receiving half.
+pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<(Arc<std::net::UdpSocket>, UdpSocket)> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    let sender = socket.try_clone()?;
+    Ok((Arc::new(sender), UdpSocket::from_std(socket)?))
 }
 
 async fn timers(shared: Arc<Shared>) {

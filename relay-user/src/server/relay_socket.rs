@@ -13,10 +13,10 @@ use tracing::{debug, warn};
 
 use crate::turn::ports::RelayBinder;
 
-use super::Shared;
+use super::{Shared, udp_socket};
 
 pub(crate) struct RelaySocket {
-    pub socket: Arc<UdpSocket>,
+    pub sender: Arc<std::net::UdpSocket>,
     receiver: AbortHandle,
 }
 
@@ -36,30 +36,20 @@ impl<'a> SocketBinder<'a> {
 
 impl RelayBinder for SocketBinder<'_> {
     fn bind(&mut self, addr: SocketAddr, dont_fragment: bool) -> bool {
-        let socket = match std::net::UdpSocket::bind(addr) {
-            Ok(socket) => socket,
+        let (sender, receiver) = match udp_socket(addr) {
+            Ok(halves) => halves,
             Err(error) => {
                 debug!(%addr, %error, "relay port unavailable");
                 return false;
             }
         };
-        if dont_fragment && let Err(error) = set_dont_fragment(&socket, addr.is_ipv6()) {
+        if dont_fragment && let Err(error) = set_dont_fragment(&sender, addr.is_ipv6()) {
             warn!(%addr, %error, "cannot set DONT-FRAGMENT on relay socket");
             return false;
         }
-        let socket = match socket
-            .set_nonblocking(true)
-            .and_then(|()| UdpSocket::from_std(socket))
-        {
-            Ok(socket) => Arc::new(socket),
-            Err(error) => {
-                warn!(%addr, %error, "cannot register relay socket");
-                return false;
-            }
-        };
         let receiver =
-            tokio::spawn(relay_receiver(self.shared.clone(), addr, socket.clone())).abort_handle();
-        self.relays.insert(addr, RelaySocket { socket, receiver });
+            tokio::spawn(relay_receiver(self.shared.clone(), addr, receiver)).abort_handle();
+        self.relays.insert(addr, RelaySocket { sender, receiver });
         true
     }
 
@@ -71,7 +61,7 @@ impl RelayBinder for SocketBinder<'_> {
 }
 
 /// Datagrams from peers, into the state machine.
-pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socket: Arc<UdpSocket>) {
+pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socket: UdpSocket) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (len, peer) = match socket.recv_from(&mut buf).await {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::stun::TransactionId;
 
-use super::FiveTuple;
+use super::{FiveTuple, Transport};
 
 /// RFC 8656 §9: permissions last 300 s unless refreshed.
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -43,6 +43,26 @@ pub enum ChannelConflict {
     PeerInUse,
 }
 
+/// A channel the kernel may forward on its own (ChannelData <-> UDP) until `expires`: the
+/// earliest of the channel's, its peer permission's and its relay's expiry, so forwarding
+/// stops on time even if the agent is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPathChannel {
+    pub five_tuple: FiveTuple,
+    pub channel: u16,
+    pub peer: SocketAddr,
+    /// The relay socket's bound address (what peers' packets arrive at).
+    pub relay: SocketAddr,
+    pub expires: Instant,
+}
+
+/// A change the fast path must apply: install or update a channel, or withdraw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPathEvent {
+    Up(FastPathChannel),
+    Down(FastPathChannel),
+}
+
 /// What an expiry sweep removed, for the events the shell and the XDP map driver act on.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -66,6 +86,8 @@ pub struct Allocation {
     /// Allocate over UDP gets the same answer, not 437 (RFC 8656 §7.2).
     pub allocate_transaction: TransactionId,
     pub allocate_response: Vec<u8>,
+    /// The channels last handed to the fast path, to send it only what changed.
+    published: HashMap<u16, FastPathChannel>,
 }
 
 impl Allocation {
@@ -87,6 +109,7 @@ impl Allocation {
             cooling: Vec::new(),
             allocate_transaction,
             allocate_response: Vec::new(),
+            published: HashMap::new(),
         }
     }
 
@@ -198,6 +221,54 @@ impl Allocation {
         expired
     }
 
+    /// The channels the kernel may forward now. Only UDP clients: ChannelData on a TCP or TLS
+    /// stream is framed inside the stream, which XDP does not see.
+    fn fast_path_channels(&self, now: Instant) -> HashMap<u16, FastPathChannel> {
+        if self.five_tuple.transport != Transport::Udp {
+            return HashMap::new();
+        }
+        self.channels
+            .iter()
+            .filter_map(|(number, channel)| {
+                let permission = *self.permissions.get(&channel.peer.ip())?;
+                let relay = self.relay_for(&channel.peer)?;
+                let expires = channel.expires.min(permission).min(relay.expires);
+                (expires > now).then_some((
+                    *number,
+                    FastPathChannel {
+                        five_tuple: self.five_tuple,
+                        channel: *number,
+                        peer: channel.peer,
+                        relay: relay.bound,
+                        expires,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Bring the fast path in line with this allocation: `Up` for new or changed channels,
+    /// `Down` for those that are gone.
+    pub fn sync_fast_path(&mut self, now: Instant, events: &mut Vec<FastPathEvent>) {
+        let current = self.fast_path_channels(now);
+        for (number, old) in &self.published {
+            if !current.contains_key(number) {
+                events.push(FastPathEvent::Down(*old));
+            }
+        }
+        for (number, new) in &current {
+            if self.published.get(number) != Some(new) {
+                events.push(FastPathEvent::Up(*new));
+            }
+        }
+        self.published = current;
+    }
+
+    /// Withdraw everything from the fast path (the allocation is going away).
+    pub fn withdraw_fast_path(&mut self, events: &mut Vec<FastPathEvent>) {
+        events.extend(self.published.drain().map(|(_, c)| FastPathEvent::Down(c)));
+    }
+
     /// Whether nothing is left to relay with.
     pub fn is_dead(&self) -> bool {
         self.relays.is_empty()
@@ -207,7 +278,6 @@ impl Allocation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::turn::Transport;
 
     fn alloc(now: Instant) -> Allocation {
         let ft = FiveTuple {
@@ -275,6 +345,54 @@ mod tests {
         let t_free = t_exp + CHANNEL_LIFETIME + CHANNEL_COOL_DOWN;
         a.expire(t_free);
         assert_eq!(a.bind_channel(0x4000, other, t_free), Ok(true));
+    }
+
+    #[test]
+    fn fast_path_follows_the_earliest_expiry_and_withdraws() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let mut events = Vec::new();
+        a.bind_channel(0x4000, peer, t0).unwrap();
+        a.sync_fast_path(t0, &mut events);
+        let [FastPathEvent::Up(up)] = events[..] else {
+            panic!("{events:?}")
+        };
+        // The permission (300 s) ends first.
+        assert_eq!(up.expires, t0 + PERMISSION_LIFETIME);
+        assert_eq!(up.relay, a.relays[0].bound);
+        events.clear();
+        a.sync_fast_path(t0, &mut events);
+        assert!(events.is_empty(), "nothing changed, nothing sent");
+        a.install_permission(peer.ip(), t0 + Duration::from_secs(100));
+        a.sync_fast_path(t0 + Duration::from_secs(100), &mut events);
+        assert!(
+            matches!(events[..], [FastPathEvent::Up(c)] if c.expires == t0 + Duration::from_secs(400))
+        );
+        events.clear();
+        let t_perm = t0 + Duration::from_secs(400);
+        a.expire(t_perm);
+        a.sync_fast_path(t_perm, &mut events);
+        assert!(matches!(events[..], [FastPathEvent::Down(_)]));
+        events.clear();
+        a.install_permission(peer.ip(), t_perm);
+        a.sync_fast_path(t_perm, &mut events);
+        a.withdraw_fast_path(&mut events);
+        assert!(matches!(
+            events[..],
+            [FastPathEvent::Up(_), FastPathEvent::Down(_)]
+        ));
+    }
+
+    #[test]
+    fn stream_clients_have_no_fast_path() {
+        let t0 = Instant::now();
+        let mut a = alloc(t0);
+        a.five_tuple.transport = Transport::Tcp;
+        a.bind_channel(0x4000, PEER.parse().unwrap(), t0).unwrap();
+        let mut events = Vec::new();
+        a.sync_fast_path(t0, &mut events);
+        assert!(events.is_empty());
     }
 
     #[test]

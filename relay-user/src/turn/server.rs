@@ -17,7 +17,7 @@ use crate::stun::{
     PasswordAlgorithm, TransactionId,
 };
 
-use super::allocation::{Allocation, Relay};
+use super::allocation::{Allocation, FastPathEvent, Relay};
 use super::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, encode_channel_data};
 use super::peer_policy::PeerPolicy;
 use super::ports::{Parity, PortAllocator, RelayBinder};
@@ -117,7 +117,7 @@ pub struct Server {
     rng: StdRng,
     nonces: NonceIssuer,
     epoch: Instant,
-    unix_at_epoch: u64,
+    unix_at_epoch: Duration,
     allocations: HashMap<FiveTuple, Allocation>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
     per_user: HashMap<String, usize>,
@@ -125,12 +125,13 @@ pub struct Server {
     ports: PortAllocator,
     limiter: SourceRateLimiter,
     stats: Stats,
+    fast_path: Vec<FastPathEvent>,
 }
 
 impl Server {
     /// `now` and `unix_now` are the same moment on the monotonic and the wall clock: TURN REST
     /// credentials carry wall-clock expiries, everything else runs on `Instant`s.
-    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: u64) -> Self {
+    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: Duration) -> Self {
         let mut nonce_key = [0u8; 32];
         rng.fill_bytes(&mut nonce_key);
         Server {
@@ -146,6 +147,7 @@ impl Server {
             per_user: HashMap::new(),
             reservations: HashMap::new(),
             stats: Stats::default(),
+            fast_path: Vec::new(),
         }
     }
 
@@ -159,6 +161,11 @@ impl Server {
 
     pub fn allocation_count(&self) -> usize {
         self.allocations.len()
+    }
+
+    /// Channel changes for the kernel fast path since the last call, in order.
+    pub fn take_fast_path_events(&mut self) -> Vec<FastPathEvent> {
+        std::mem::take(&mut self.fast_path)
     }
 
     /// Relay ports bound right now (allocations and reservations).
@@ -268,12 +275,14 @@ impl Server {
             for (channel, peer) in expired.channels {
                 debug!(client = %five_tuple.client, channel, %peer, "channel binding expired");
             }
+            allocation.sync_fast_path(now, &mut self.fast_path);
             if allocation.is_dead() {
                 dead.push(*five_tuple);
             }
         }
         for five_tuple in dead {
-            if let Some(allocation) = self.allocations.remove(&five_tuple) {
+            if let Some(mut allocation) = self.allocations.remove(&five_tuple) {
+                allocation.withdraw_fast_path(&mut self.fast_path);
                 self.stats.allocations_expired += 1;
                 self.count_down_user(&allocation.quota_key);
                 info!(client = %five_tuple.client, user = %allocation.username, "allocation expired");
@@ -668,6 +677,9 @@ impl Server {
                 relay.expires = now + lifetime;
             }
         }
+        if let Some(allocation) = self.allocations.get_mut(&five_tuple) {
+            allocation.sync_fast_path(now, &mut self.fast_path);
+        }
         self.success(
             request,
             &[Attribute::Lifetime(duration_secs(lifetime))],
@@ -704,6 +716,7 @@ impl Server {
         for peer in &peers {
             allocation.install_permission(peer.ip(), now);
         }
+        allocation.sync_fast_path(now, &mut self.fast_path);
         self.success(request, &[], Some(auth))
     }
 
@@ -744,6 +757,7 @@ impl Server {
                 if new {
                     debug!(client = %five_tuple.client, channel, %peer, "channel bound");
                 }
+                allocation.sync_fast_path(now, &mut self.fast_path);
                 self.success(request, &[], Some(auth))
             }
             Err(conflict) => {
@@ -831,9 +845,10 @@ impl Server {
     }
 
     fn delete_allocation(&mut self, five_tuple: FiveTuple, binder: &mut dyn RelayBinder) {
-        let Some(allocation) = self.allocations.remove(&five_tuple) else {
+        let Some(mut allocation) = self.allocations.remove(&five_tuple) else {
             return;
         };
+        allocation.withdraw_fast_path(&mut self.fast_path);
         for relay in &allocation.relays {
             self.by_relay.remove(&relay.bound);
             self.ports.release(relay.bound, binder);
@@ -882,8 +897,10 @@ impl Server {
             .min(self.config.max_lifetime)
     }
 
+    /// Whole seconds of wall-clock time, kept with sub-second precision until here so that it
+    /// never lags the front-ends' clock by a rounding.
     fn unix_now(&self, now: Instant) -> u64 {
-        self.unix_at_epoch + now.saturating_duration_since(self.epoch).as_secs()
+        (self.unix_at_epoch + now.saturating_duration_since(self.epoch)).as_secs()
     }
 
     fn success(

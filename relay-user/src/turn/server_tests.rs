@@ -77,7 +77,12 @@ impl Harness {
     fn with(config: ServerConfig) -> Self {
         let now = Instant::now();
         Harness {
-            server: Server::new(config, StdRng::seed_from_u64(7), now, UNIX_T0),
+            server: Server::new(
+                config,
+                StdRng::seed_from_u64(7),
+                now,
+                Duration::from_secs(UNIX_T0),
+            ),
             binder: FakeBinder::default(),
             now,
         }
@@ -813,4 +818,49 @@ fn malformed_corpus_never_panics_nor_amplifies() {
         }
     }
     assert!(h.server.stats().malformed_dropped > 0);
+}
+
+#[test]
+fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
+    use crate::turn::allocation::FastPathEvent;
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let bind = [
+        Attribute::ChannelNumber(0x4000),
+        Attribute::XorPeerAddress(peer),
+    ];
+    alice.call(&mut h, Method::CHANNEL_BIND, &bind);
+    let events = h.server.take_fast_path_events();
+    let [FastPathEvent::Up(up)] = events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (up.channel, up.peer, up.five_tuple),
+        (0x4000, peer, alice.five_tuple)
+    );
+    assert_eq!(up.relay, bound_relay(&h, &alice));
+    assert_eq!(up.expires, h.now + Duration::from_secs(300));
+    // The permission lapses: the kernel entry is withdrawn with it.
+    h.advance(300);
+    assert!(matches!(
+        h.server.take_fast_path_events()[..],
+        [FastPathEvent::Down(_)]
+    ));
+    alice.nonce = None;
+    alice.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(peer)],
+    );
+    assert!(matches!(
+        h.server.take_fast_path_events()[..],
+        [FastPathEvent::Up(_)]
+    ));
+    alice.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(0)]);
+    assert!(matches!(
+        h.server.take_fast_path_events()[..],
+        [FastPathEvent::Down(_)]
+    ));
 }

@@ -1,0 +1,351 @@
+//! Interoperability with coturn's test tools, TURN/STUN clients we did not write.
+//!
+//! `turnutils_uclient` allocates, binds channels (or uses Send indications with `-s`) and
+//! sends `-n` messages per client through the relay to `turnutils_peer`, which echoes them
+//! back; at the end it prints totals, e.g.
+//!
+//! ```text
+//! 5: : start_mclient: tot_send_msgs=40, tot_recv_msgs=40
+//! 5: : Total lost packets 0 (0.000000%), total send dropped 0 (0.000000%)
+//! ```
+//!
+//! which the tests parse. Flags used (coturn 4.6): `-u/-w` static user, `-W` TURN REST API
+//! secret (uclient mints `expiry:user` itself, expiry = now + 86400 s), `-e/-r` peer address
+//! and port, `-n` messages per client, `-m` clients, `-l` message length, `-c` no RTCP
+//! companion allocation, `-t` TCP, `-S` TLS, `-s` Send indications instead of channels, `-y`
+//! client to client (each client's peer is another client's relayed address, no echo peer),
+//! `-x` IPv6 relay, `-X` IPv4 relay, `-p` server port; the server address is the last
+//! argument.
+//!
+//! A missing tool fails the test with the command that installs it.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rampart_tests::client::loopback;
+use rampart_tests::tools::{self, Background, Finished};
+use rampart_tests::{
+    PASSWORD, PEER_V4, Proto, REST_SECRET, Rampart, RampartConfig, USER, ports, with_peer_address,
+};
+
+const INSTALL_HINT: &str = "coturn (turnutils_uclient, turnutils_peer, turnutils_stunclient)";
+/// A uclient run sends `-n` messages 20 ms apart per client; this bounds a hung one.
+const UCLIENT_LIMIT: Duration = Duration::from_secs(60);
+const MESSAGES: u64 = 20;
+
+/// Every uclient client makes a probe allocation it never deletes besides the ones it uses,
+/// so several runs need more than the default quota of 10 per user.
+fn config(listeners: &[(Proto, IpAddr)]) -> RampartConfig {
+    RampartConfig::loopback(listeners).with_limit("allocations_per_user", "100")
+}
+
+#[test]
+fn udp_channels_static_user() {
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &server,
+        Proto::Udp,
+        &peer,
+        &["-u", USER, "-w", PASSWORD, "-m", "2", "-l", "160"],
+    );
+    assert_all_echoed(&run, 2 * MESSAGES);
+}
+
+#[test]
+fn udp_send_indications() {
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &server,
+        Proto::Udp,
+        &peer,
+        &["-s", "-X", "-u", USER, "-w", PASSWORD, "-m", "2"],
+    );
+    assert_all_echoed(&run, 2 * MESSAGES);
+}
+
+#[test]
+fn tcp_channels() {
+    let server = Rampart::start(&config(&[(Proto::Tcp, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &server,
+        Proto::Tcp,
+        &peer,
+        &["-t", "-u", USER, "-w", PASSWORD, "-m", "2", "-l", "333"],
+    );
+    assert_all_echoed(&run, 2 * MESSAGES);
+}
+
+#[test]
+fn tls_channels() {
+    let server = Rampart::start(&config(&[(Proto::Tls, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let ca = server.ca_pem_path().expect("TLS server has a CA");
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let run = uclient(
+        &server,
+        Proto::Tls,
+        &peer,
+        &["-t", "-S", "-E", ca, "-u", USER, "-w", PASSWORD, "-m", "2"],
+    );
+    assert_all_echoed(&run, 2 * MESSAGES);
+}
+
+#[test]
+fn rest_api_credentials() {
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &server,
+        Proto::Udp,
+        &peer,
+        &["-W", REST_SECRET, "-u", "rest-user", "-m", "2"],
+    );
+    assert_all_echoed(&run, 2 * MESSAGES);
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("allocation created") && l.contains(":rest-user")),
+        "the allocations must be made under a REST API username (`expiry:rest-user`)"
+    );
+}
+
+/// The embedded default configuration's start-up banner suggests `-y`: each client's peer
+/// is another client's relayed address, so data goes relay to relay on the server's own
+/// address, which the peer policy allows at relay ports only.
+#[test]
+fn client_to_client() {
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let addr = server.loopback_addr(Proto::Udp, false);
+    let port = addr.port().to_string();
+    let host = addr.ip().to_string();
+    let n = MESSAGES.to_string();
+    let run = run_uclient(&[
+        "-y", "-c", "-u", USER, "-w", PASSWORD, "-n", &n, "-p", &port, &host,
+    ]);
+    // -y runs the clients in pairs: two clients, each sending -n messages.
+    assert_all_echoed(&run, 2 * MESSAGES);
+}
+
+/// IPv6 relay (-x) to an IPv6 peer. The peer needs an address that is not the server's own
+/// (the host has only ::1), so this runs in a namespace of its own.
+#[test]
+fn ipv6_relay() {
+    with_peer_address(true, "interop_coturn::ipv6_relay", |peer_ip| {
+        let server = Rampart::start(&config(&[(Proto::Udp, loopback(true))])).unwrap();
+        let peer = EchoPeer::start(peer_ip);
+        let run = uclient(
+            &server,
+            Proto::Udp,
+            &peer,
+            &["-x", "-u", USER, "-w", PASSWORD, "-m", "2"],
+        );
+        assert_all_echoed(&run, 2 * MESSAGES);
+    });
+}
+
+/// A run that cannot allocate must fail: proves the passing runs above are not vacuous.
+#[test]
+fn wrong_password_is_refused() {
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &server,
+        Proto::Udp,
+        &peer,
+        &["-u", USER, "-w", "not-the-password"],
+    );
+    assert!(
+        !run.status.success() && run.output().contains("Cannot complete Allocation"),
+        "uclient with a wrong password must fail to allocate\n{}",
+        run.output()
+    );
+}
+
+/// `turnutils_stunclient` sends a Binding request; the reflexive address it prints must be
+/// its own loopback address. Its port is not printed elsewhere, so the check is that it is
+/// a client port (not the server's, and non-zero) and that two lines agree.
+#[test]
+fn stun_binding_with_stunclient() {
+    let stunclient = tools::require("turnutils_stunclient", INSTALL_HINT);
+    let server = Rampart::start(&config(&[(Proto::Udp, loopback(false))])).unwrap();
+    let addr = server.loopback_addr(Proto::Udp, false);
+    let run = tools::run_bounded(
+        Command::new(stunclient)
+            .args(["-L", "127.0.0.1", "-p", &addr.port().to_string()])
+            .arg(addr.ip().to_string()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(run.status.success(), "{}", run.output());
+    let reflexive: Vec<SocketAddr> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("UDP reflexive addr: ").nth(1))
+        .map(|a| a.trim().parse().expect("a socket address"))
+        .collect();
+    assert!(
+        !reflexive.is_empty(),
+        "no reflexive address\n{}",
+        run.output()
+    );
+    for mapped in &reflexive {
+        assert_eq!(mapped.ip(), loopback(false), "{}", run.output());
+        assert!(
+            mapped.port() != 0 && mapped.port() != addr.port(),
+            "{}",
+            run.output()
+        );
+        assert_eq!(*mapped, reflexive[0], "{}", run.output());
+    }
+}
+
+/// `turnutils_peer` on `ip`: echoes every datagram back to its sender.
+struct EchoPeer {
+    addr: SocketAddr,
+    _process: Background,
+}
+
+impl EchoPeer {
+    fn start(ip: IpAddr) -> EchoPeer {
+        let binary = tools::require("turnutils_peer", INSTALL_HINT);
+        let port = ports::free_port(Proto::Udp, ip).expect("a free port for the peer");
+        let mut process = Background::spawn(Command::new(binary).args([
+            "-L",
+            &ip.to_string(),
+            "-p",
+            &port.to_string(),
+        ]))
+        .expect("start turnutils_peer");
+        let addr = SocketAddr::new(ip, port);
+        wait_for_echo(addr, &mut process).expect("turnutils_peer answers");
+        EchoPeer {
+            addr,
+            _process: process,
+        }
+    }
+}
+
+/// The peer is up once it echoes a datagram (bounded: 5 s).
+fn wait_for_echo(peer: SocketAddr, process: &mut Background) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(SocketAddr::new(loopback(peer.is_ipv6()), 0))?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        process.ensure_running()?;
+        socket.send_to(b"ping", peer)?;
+        if let Ok((n, from)) = socket.recv_from(&mut buf)
+            && from == peer
+            && &buf[..n] == b"ping"
+        {
+            return Ok(());
+        }
+    }
+    bail!("turnutils_peer at {peer} did not echo within 5 s")
+}
+
+/// uclient against `server`'s `proto` listener, relaying to `peer`; `-n`, `-c`, `-e`, `-r`,
+/// `-p` and the server address are added here.
+fn uclient(server: &Rampart, proto: Proto, peer: &EchoPeer, args: &[&str]) -> Finished {
+    let v6 = peer.addr.is_ipv6();
+    let addr = server.loopback_addr(proto, v6);
+    let port = addr.port().to_string();
+    let host = addr.ip().to_string();
+    let peer_ip = peer.addr.ip().to_string();
+    let peer_port = peer.addr.port().to_string();
+    let n = MESSAGES.to_string();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend_from_slice(&[
+        "-c", "-n", &n, "-e", &peer_ip, "-r", &peer_port, "-p", &port, &host,
+    ]);
+    run_uclient(&all)
+}
+
+fn run_uclient(args: &[&str]) -> Finished {
+    let binary = tools::require("turnutils_uclient", INSTALL_HINT);
+    tools::run_bounded(Command::new(binary).args(args), UCLIENT_LIMIT)
+        .unwrap_or_else(|e| panic!("turnutils_uclient {}: {e:#}", args.join(" ")))
+}
+
+/// uclient's closing totals.
+#[derive(Debug, PartialEq, Eq)]
+struct Totals {
+    sent: u64,
+    received: u64,
+    lost: u64,
+    send_dropped: u64,
+}
+
+fn totals(output: &str) -> anyhow::Result<Totals> {
+    let number_after = |line: &str, key: &str| -> anyhow::Result<u64> {
+        let rest = line
+            .split(key)
+            .nth(1)
+            .with_context(|| format!("`{key}` missing in {line:?}"))?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .with_context(|| format!("no number after `{key}` in {line:?}"))
+    };
+    // The running progress lines carry `msz=`; the final one does not.
+    let messages = output
+        .lines()
+        .rfind(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
+        .context("no final `tot_send_msgs=` line")?;
+    let lost = output
+        .lines()
+        .rfind(|l| l.contains("Total lost packets"))
+        .context("no `Total lost packets` line")?;
+    Ok(Totals {
+        sent: number_after(messages, "tot_send_msgs=")?,
+        received: number_after(messages, "tot_recv_msgs=")?,
+        lost: number_after(lost, "Total lost packets ")?,
+        send_dropped: number_after(lost, "total send dropped ")?,
+    })
+}
+
+fn assert_all_echoed(run: &Finished, expected: u64) {
+    assert!(
+        run.status.success(),
+        "turnutils_uclient failed\n{}",
+        run.output()
+    );
+    let totals = totals(&run.stdout)
+        .or_else(|_| totals(&run.stderr))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", run.output()));
+    assert_eq!(
+        totals,
+        Totals {
+            sent: expected,
+            received: expected,
+            lost: 0,
+            send_dropped: 0
+        },
+        "every message must come back through the relay\n{}",
+        run.output()
+    );
+}
+
+#[test]
+fn totals_parse_uclient_output() {
+    let output = "\
+1: : start_mclient: msz=2, tot_send_msgs=0, tot_recv_msgs=0, tot_send_bytes ~ 0, tot_recv_bytes ~ 0
+5: : start_mclient: tot_send_msgs=40, tot_recv_msgs=39
+5: : start_mclient: tot_send_bytes ~ 4000, tot_recv_bytes ~ 3900
+5: : Total lost packets 1 (2.500000%), total send dropped 0 (0.000000%)
+";
+    assert_eq!(
+        totals(output).unwrap(),
+        Totals {
+            sent: 40,
+            received: 39,
+            lost: 1,
+            send_dropped: 0
+        }
+    );
+}
