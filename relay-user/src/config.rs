@@ -57,6 +57,48 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     limits: RawLimits,
+    xdp: Option<RawXdp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawXdp {
+    #[serde(default = "xdp_mode")]
+    mode: XdpMode,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    #[serde(default = "xdp_max_channels")]
+    max_channels: u32,
+}
+
+fn xdp_mode() -> XdpMode {
+    XdpMode::Auto
+}
+fn xdp_max_channels() -> u32 {
+    65_536
+}
+
+/// How the XDP fast path is attached.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// No fast path: every packet is relayed in userspace.
+    Off,
+    /// Native (driver) mode where the interface supports it, generic mode otherwise, and
+    /// userspace only when BPF is unavailable (not root, old kernel), said once in the log.
+    Auto,
+    /// Native mode or refuse to start.
+    Native,
+    /// Generic (SKB) mode or refuse to start.
+    Generic,
+}
+
+/// The fast path's settings, when it is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpSettings {
+    pub mode: XdpMode,
+    pub interfaces: Vec<String>,
+    pub max_channels: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +259,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Static usernames, for the start-up summary (never their passwords).
     pub static_users: Vec<String>,
+    /// The XDP fast path; `None` when off.
+    pub xdp: Option<XdpSettings>,
 }
 
 impl fmt::Debug for Config {
@@ -386,6 +430,12 @@ impl RawConfig {
                 auth.rest_max_lifetime,
             )
         });
+        let xdp = self
+            .xdp
+            .as_ref()
+            .map(RawXdp::validate)
+            .transpose()?
+            .flatten();
         let users: HashMap<String, String> = auth.users.clone().into_iter().collect();
         Ok(Config {
             listeners,
@@ -414,7 +464,44 @@ impl RawConfig {
                 tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout),
             },
             static_users: auth.users.keys().cloned().collect(),
+            xdp,
         })
+    }
+}
+
+impl RawXdp {
+    fn validate(&self) -> Result<Option<XdpSettings>, ConfigError> {
+        if self.mode == XdpMode::Off {
+            return Ok(None);
+        }
+        if self.interfaces.is_empty() {
+            return Err(invalid(
+                "xdp.interfaces",
+                "empty: name the interfaces relayed media crosses (e.g. [\"eth0\", \"eth1\"]), or set mode = \"off\"",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for name in &self.interfaces {
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) || !seen.insert(name)
+            {
+                return Err(invalid(
+                    "xdp.interfaces",
+                    format!("{name:?} is not a valid interface name, or is listed twice"),
+                ));
+            }
+        }
+        if self.max_channels == 0 {
+            return Err(invalid(
+                "xdp.max_channels",
+                "must be positive (channels the kernel forwards at once; more are served in userspace)",
+            ));
+        }
+        Ok(Some(XdpSettings {
+            mode: self.mode,
+            interfaces: self.interfaces.clone(),
+            max_channels: self.max_channels,
+        }))
     }
 }
 
@@ -671,6 +758,31 @@ users = { alice = "pw" }
             let e = error_of(&text);
             assert!(e.contains(needle), "expected {needle:?} in {e:?}");
         }
+    }
+
+    #[test]
+    fn xdp_section_is_validated() {
+        let with = |section: &str| format!("{MINIMAL}\n[xdp]\n{section}\n");
+        let config =
+            Config::parse(&with("interfaces = [\"eth0\", \"eth1\"]"), Path::new(".")).unwrap();
+        let xdp = config.xdp.unwrap();
+        assert_eq!(xdp.mode, XdpMode::Auto);
+        assert_eq!(xdp.max_channels, 65_536);
+        assert!(
+            Config::parse(&with("mode = \"off\""), Path::new("."))
+                .unwrap()
+                .xdp
+                .is_none()
+        );
+        assert!(
+            Config::parse(MINIMAL, Path::new("."))
+                .unwrap()
+                .xdp
+                .is_none()
+        );
+        assert!(error_of(&with("mode = \"native\"")).contains("xdp.interfaces"));
+        assert!(error_of(&with("interfaces = [\"a/b\"]")).contains("xdp.interfaces"));
+        assert!(error_of(&with("mode = \"turbo\"\ninterfaces = [\"lo\"]")).contains("turbo"));
     }
 
     #[test]

@@ -25,6 +25,9 @@ struct Cli {
     /// Print the embedded default configuration (a commented starting point) and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Seconds between two `counters` log lines (JSON; logged only when something changed).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    stats_interval: u64,
     /// Log filter when RUST_LOG is unset (e.g. `info`, `debug`, `rampart=debug`).
     #[arg(long, default_value = "info")]
     log: String,
@@ -65,7 +68,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, cli.config.is_none())) {
+    let stats_every = std::time::Duration::from_secs(cli.stats_interval);
+    match runtime.block_on(serve(config, cli.config.is_none(), stats_every)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -75,10 +79,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config, embedded: bool) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    embedded: bool,
+    stats_every: std::time::Duration,
+) -> anyhow::Result<()> {
     let realm = config.turn.realm.clone();
     let users = config.static_users.clone();
-    let edge = Edge::start(config).await?;
+    let edge = Edge::start(config, stats_every).await?;
     println!("Rampart edge is up (realm {realm}). Reach it at:");
     for (transport, address) in edge.local_addresses() {
         let scheme = if *transport == Transport::Tls {

@@ -1,21 +1,46 @@
-//! Loader for Rampart's XDP program (the `relay-ebpf` crate).
+//! Loader for Rampart's XDP program (the `relay-ebpf` crate) and typed access to its maps.
 //!
 //! `build.rs` builds the program for `bpfel-unknown-none` and the object is embedded in the
-//! agent, so the agent binary is self-contained. [`XdpProgram::load`] hands it to the kernel
-//! (which runs the verifier), [`XdpProgram::attach`] hooks it on an interface, and
-//! [`XdpProgram::counter`] reads what it counted. Dropping the [`XdpProgram`] detaches it from
-//! every interface and unloads it.
+//! agent, so the agent binary is self-contained. [`XdpProgram::load`] (or
+//! [`XdpProgram::load_with`], to size the maps) hands it to the kernel (which runs the
+//! verifier), [`XdpProgram::attach`] hooks it on an interface. The agent then drives it:
+//! [`XdpProgram::bind_channel`] / [`XdpProgram::unbind_channel`] for every TURN channel it wants
+//! forwarded in the kernel, [`XdpProgram::add_egress_interface`] for every interface the
+//! program may send a rewritten frame out of (other than the one it came in on), and reads
+//! [`XdpProgram::stats`] and [`XdpProgram::channel_counters`]. [`XdpProgram::test_run`] runs the
+//! program on a crafted frame in the kernel (`BPF_PROG_TEST_RUN`) without attaching it.
+//! Dropping the [`XdpProgram`] detaches it from every interface and unloads it.
+//!
+//! Expiry is kernel time: every binding carries `expires_ns` on `CLOCK_MONOTONIC`
+//! ([`monotonic_now_ns`]), the clock of `bpf_ktime_get_ns`, so the kernel stops forwarding a
+//! channel on time even if the agent is gone.
+//!
+//! The fast path's egress comes from the kernel's FIB (`bpf_fib_lookup`, as for a forwarded
+//! packet): forwarding must be enabled on the interfaces the program is attached to
+//! (`net.ipv4.conf.<if>.forwarding`, `net.ipv6.conf.<if>.forwarding`), and the next hop must be
+//! in the neighbour table; otherwise the datagram goes to userspace, counted in
+//! [`Stat::PassForwardingDisabled`] or [`Stat::PassFibMiss`].
 //!
 //! Needs root, or `CAP_BPF` + `CAP_NET_ADMIN` (+ `CAP_PERFMON` for some helpers).
 
+use std::{net::SocketAddr, time::Duration};
+
 pub use aya::programs::XdpMode;
 use aya::{
-    Ebpf,
-    maps::{MapError, PerCpuArray},
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{
+        DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        xdp::XdpMapError,
+    },
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
+    util::nr_cpus,
 };
-pub use relay_common::{Counter, Stat};
-use relay_common::{PROGRAM_NAME, STATS_MAP};
+use relay_common::{
+    CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ClientChannelKey, ClientChannelValue,
+    DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, EGRESS_MAP, Endpoint, PEER_CHANNELS_MAP,
+    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, STATS_MAP,
+};
+pub use relay_common::{ChannelCounters, Counter, Stat};
 
 /// The object built by `build.rs`. Empty when the build was made with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart-xdp"));
@@ -59,12 +84,131 @@ pub enum XdpError {
         #[source]
         source: ProgramError,
     },
-    #[error("reading map {map} failed")]
+    #[error("reading or updating map {map} failed")]
     Map {
         map: &'static str,
         #[source]
         source: MapError,
     },
+    #[error("channel binding refused: {0}")]
+    InvalidBinding(&'static str),
+    #[error("no interface named {0} in this network namespace")]
+    NoSuchInterface(String),
+    #[error("adding interface index {ifindex} to {EGRESS_MAP} failed")]
+    Egress {
+        ifindex: u32,
+        #[source]
+        source: XdpMapError,
+    },
+    #[error("preparing per-CPU map values failed ({0})")]
+    Cpus(&'static str, #[source] std::io::Error),
+    #[error("running {PROGRAM_NAME} on a test frame (BPF_PROG_TEST_RUN) failed")]
+    TestRun(#[source] ProgramError),
+}
+
+/// `max_entries` of the program's maps, set at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Channels the kernel can forward at once (each takes one entry in the client map, one in
+    /// the peer map and one set of counters).
+    pub channels: u32,
+    /// Interfaces the program may redirect to.
+    pub egress_interfaces: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            channels: DEFAULT_MAX_CHANNELS,
+            egress_interfaces: DEFAULT_MAX_EGRESS,
+        }
+    }
+}
+
+/// One TURN channel to forward in the kernel, both ways (RFC 8656 §12): ChannelData from
+/// `client` to `server` on `channel` goes to `peer` from `relay`, and UDP from `peer` to
+/// `relay` goes to `client` from `server` as ChannelData on `channel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelBinding {
+    /// The client's transport address as the server sees it (its 5-tuple's source).
+    pub client: SocketAddr,
+    /// The TURN server's address the client sends to (e.g. `:3478`).
+    pub server: SocketAddr,
+    /// The allocation's relayed transport address.
+    pub relay: SocketAddr,
+    /// The peer the channel is bound to.
+    pub peer: SocketAddr,
+    /// 0x4000-0x7FFF.
+    pub channel: u16,
+    /// Key of the channel's counters, chosen by the agent; one per binding.
+    pub counter_id: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds ([`monotonic_now_ns`]) at which the kernel stops using
+    /// the binding: the channel binding's lifetime (RFC 8656 §12: 10 minutes) capped by the
+    /// permission's and the allocation's.
+    pub expires_ns: u64,
+}
+
+impl ChannelBinding {
+    fn endpoints(&self) -> Result<[Endpoint; 4], XdpError> {
+        if !(0x4000..=0x7fff).contains(&self.channel) {
+            return Err(XdpError::InvalidBinding(
+                "channel number outside 0x4000-0x7FFF",
+            ));
+        }
+        let [client, server, relay, peer] =
+            [self.client, self.server, self.relay, self.peer].map(Endpoint::from);
+        if client.is_ipv4() != server.is_ipv4() {
+            return Err(XdpError::InvalidBinding(
+                "client and server addresses are of different families",
+            ));
+        }
+        if relay.is_ipv4() != peer.is_ipv4() {
+            return Err(XdpError::InvalidBinding(
+                "relay and peer addresses are of different families",
+            ));
+        }
+        Ok([client, server, relay, peer])
+    }
+
+    fn keys(&self) -> Result<(ClientChannelKey, PeerChannelKey), XdpError> {
+        let [client, server, relay, peer] = self.endpoints()?;
+        Ok((
+            ClientChannelKey::new(client, server, self.channel),
+            PeerChannelKey { relay, peer },
+        ))
+    }
+}
+
+/// What [`XdpProgram::test_run`] gives back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The XDP action (`XDP_PASS` = 2, `XDP_TX` = 3, `XDP_REDIRECT` = 4, ...).
+    pub action: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// The kernel's measured time per run (averaged over `repeat` runs).
+    pub duration: Duration,
+}
+
+/// XDP actions, as [`TestRunOutput::action`] reports them.
+pub mod action {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+}
+
+/// Now on `CLOCK_MONOTONIC`, the clock of the program's `bpf_ktime_get_ns`, in nanoseconds.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail");
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// The XDP program, loaded in the kernel, and the interfaces it is attached to.
@@ -84,13 +228,24 @@ impl std::fmt::Debug for XdpProgram {
 }
 
 impl XdpProgram {
-    /// Loads the embedded object: creates its maps and runs the program through the verifier.
-    /// Nothing is attached yet.
+    /// Loads the embedded object with the default [`MapSizes`]: creates its maps and runs the
+    /// program through the verifier. Nothing is attached yet.
     pub fn load() -> Result<Self, XdpError> {
+        Self::load_with(MapSizes::default())
+    }
+
+    /// [`XdpProgram::load`] with maps of the given sizes.
+    pub fn load_with(sizes: MapSizes) -> Result<Self, XdpError> {
         if OBJECT.is_empty() {
             return Err(XdpError::NotBuilt);
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(CLIENT_CHANNELS_MAP, sizes.channels)
+            .map_max_entries(PEER_CHANNELS_MAP, sizes.channels)
+            .map_max_entries(CHANNEL_COUNTERS_MAP, sizes.channels)
+            .map_max_entries(EGRESS_MAP, sizes.egress_interfaces)
+            .load(OBJECT)
+            .map_err(XdpError::Load)?;
         program(&mut ebpf)?.load().map_err(XdpError::Verify)?;
         Ok(Self {
             ebpf,
@@ -139,24 +294,221 @@ impl XdpProgram {
 
     /// The count for `stat`, summed over all CPUs.
     pub fn counter(&self, stat: Stat) -> Result<Counter, XdpError> {
-        let map = self
-            .ebpf
-            .map(STATS_MAP)
-            .ok_or(XdpError::MapMissing(STATS_MAP))?;
-        let stats = PerCpuArray::<_, Counter>::try_from(map).map_err(|source| XdpError::Map {
-            map: STATS_MAP,
-            source,
-        })?;
-        let per_cpu = stats
-            .get(&stat.index(), 0)
-            .map_err(|source| XdpError::Map {
-                map: STATS_MAP,
-                source,
-            })?;
+        let stats = PerCpuArray::<_, Counter>::try_from(self.map(STATS_MAP)?)
+            .map_err(map_error(STATS_MAP))?;
+        let per_cpu = stats.get(&stat.index(), 0).map_err(map_error(STATS_MAP))?;
         Ok(per_cpu.iter().fold(Counter::default(), |sum, cpu| Counter {
             packets: sum.packets.wrapping_add(cpu.packets),
             bytes: sum.bytes.wrapping_add(cpu.bytes),
         }))
+    }
+
+    /// Every [`Stat`] with its count, in index order.
+    pub fn stats(&self) -> Result<Vec<(Stat, Counter)>, XdpError> {
+        Stat::ALL
+            .iter()
+            .map(|&stat| Ok((stat, self.counter(stat)?)))
+            .collect()
+    }
+
+    /// Has the kernel forward `binding`'s channel both ways, or refreshes it (new expiry; the
+    /// counters keep counting). The two direction entries and the counters are written in one
+    /// call; if one write fails, this call's other entries are removed again.
+    pub fn bind_channel(&mut self, binding: &ChannelBinding) -> Result<(), XdpError> {
+        let (client_key, peer_key) = binding.keys()?;
+        let client_value = ClientChannelValue {
+            relay: peer_key.relay,
+            peer: peer_key.peer,
+            expires_ns: binding.expires_ns,
+            counter_id: binding.counter_id,
+            _pad: [0; 4],
+        };
+        let peer_value = PeerChannelValue {
+            client: client_key.client,
+            server: client_key.server,
+            expires_ns: binding.expires_ns,
+            counter_id: binding.counter_id,
+            channel: binding.channel,
+            _pad: [0; 2],
+        };
+
+        // Counters first, so the kernel never forwards uncounted; kept if they exist (refresh).
+        let cpus = nr_cpus().map_err(|(what, e)| XdpError::Cpus(what, e))?;
+        let zeros = PerCpuValues::try_from(vec![ChannelCounters::default(); cpus])
+            .map_err(|e| XdpError::Cpus("one value per possible CPU", e))?;
+        let mut counters = self.counters_map()?;
+        match counters.insert(binding.counter_id, zeros, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(map_error(CHANNEL_COUNTERS_MAP)(e)),
+        }
+
+        self.client_map()?
+            .insert(client_key, client_value, 0)
+            .map_err(map_error(CLIENT_CHANNELS_MAP))?;
+        if let Err(e) = self.peer_map()?.insert(peer_key, peer_value, 0) {
+            let _ = self.client_map()?.remove(&client_key);
+            return Err(map_error(PEER_CHANNELS_MAP)(e));
+        }
+        Ok(())
+    }
+
+    /// Stops forwarding `binding`'s channel in the kernel and drops its counters, returning
+    /// their last values. Entries already gone are fine (unbinding is idempotent).
+    pub fn unbind_channel(
+        &mut self,
+        binding: &ChannelBinding,
+    ) -> Result<ChannelCounters, XdpError> {
+        let (client_key, peer_key) = binding.keys()?;
+        ignore_missing(self.client_map()?.remove(&client_key))
+            .map_err(map_error(CLIENT_CHANNELS_MAP))?;
+        ignore_missing(self.peer_map()?.remove(&peer_key)).map_err(map_error(PEER_CHANNELS_MAP))?;
+        let last = match self.channel_counters(binding.counter_id) {
+            Ok(counters) => counters,
+            Err(XdpError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => ChannelCounters::default(),
+            Err(e) => return Err(e),
+        };
+        ignore_missing(self.counters_map()?.remove(&binding.counter_id))
+            .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        Ok(last)
+    }
+
+    /// A channel's counters, summed over all CPUs.
+    pub fn channel_counters(&self, counter_id: u32) -> Result<ChannelCounters, XdpError> {
+        let counters =
+            PerCpuHashMap::<_, u32, ChannelCounters>::try_from(self.map(CHANNEL_COUNTERS_MAP)?)
+                .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        let per_cpu = counters
+            .get(&counter_id, 0)
+            .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        Ok(per_cpu
+            .iter()
+            .fold(ChannelCounters::default(), |sum, cpu| sum.add(*cpu)))
+    }
+
+    /// Lets the program send rewritten frames out of `interface` (a name in the calling
+    /// thread's network namespace) when it is not the one they came in on. Returns its index.
+    pub fn add_egress_interface(&mut self, interface: &str) -> Result<u32, XdpError> {
+        let ifindex = ifindex(interface)?;
+        self.add_egress_ifindex(ifindex)?;
+        Ok(ifindex)
+    }
+
+    /// [`XdpProgram::add_egress_interface`] by interface index.
+    pub fn add_egress_ifindex(&mut self, ifindex: u32) -> Result<(), XdpError> {
+        let mut egress =
+            DevMapHash::try_from(self.map_mut(EGRESS_MAP)?).map_err(map_error(EGRESS_MAP))?;
+        egress
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|source| XdpError::Egress { ifindex, source })
+    }
+
+    /// Stops redirecting to `ifindex`; frames routed there go to userspace. Idempotent.
+    pub fn remove_egress_ifindex(&mut self, ifindex: u32) -> Result<(), XdpError> {
+        let mut egress =
+            DevMapHash::try_from(self.map_mut(EGRESS_MAP)?).map_err(map_error(EGRESS_MAP))?;
+        ignore_missing(egress.remove(ifindex)).map_err(map_error(EGRESS_MAP))
+    }
+
+    /// Runs the program `repeat` times (at least once) on `frame` in the kernel
+    /// (`BPF_PROG_TEST_RUN`), as if it had arrived on interface `ingress_ifindex` (in the
+    /// calling thread's network namespace; 0 for none, then FIB lookups fail). Nothing is
+    /// transmitted: the action is reported, not carried out. Maps and counters are the real
+    /// ones. With `repeat` > 1 every run sees the previous run's output frame.
+    pub fn test_run(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, XdpError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(XdpError::ProgramMissing)?
+            .try_into()
+            .map_err(|_: ProgramError| XdpError::ProgramMissing)?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data = data_meta = 0 and data_end = the frame length.
+        let fields = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx: Vec<u8> = fields.iter().flat_map(|f| f.to_ne_bytes()).collect();
+        // Room for the largest growth (IPv4 -> IPv6 plus the ChannelData header).
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(XdpError::TestRun)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map, XdpError> {
+        self.ebpf.map(name).ok_or(XdpError::MapMissing(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, XdpError> {
+        self.ebpf.map_mut(name).ok_or(XdpError::MapMissing(name))
+    }
+
+    fn client_map(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, ClientChannelKey, ClientChannelValue>, XdpError> {
+        HashMap::try_from(self.map_mut(CLIENT_CHANNELS_MAP)?)
+            .map_err(map_error(CLIENT_CHANNELS_MAP))
+    }
+
+    fn peer_map(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, PeerChannelKey, PeerChannelValue>, XdpError> {
+        HashMap::try_from(self.map_mut(PEER_CHANNELS_MAP)?).map_err(map_error(PEER_CHANNELS_MAP))
+    }
+
+    fn counters_map(
+        &mut self,
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, ChannelCounters>, XdpError> {
+        PerCpuHashMap::try_from(self.map_mut(CHANNEL_COUNTERS_MAP)?)
+            .map_err(map_error(CHANNEL_COUNTERS_MAP))
+    }
+}
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> XdpError {
+    move |source| XdpError::Map { map, source }
+}
+
+fn is_errno(error: &MapError, errno: i32) -> bool {
+    matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
+}
+
+/// A removal of an entry that is not there is a success.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(e) if is_errno(&e, libc::ENOENT) || matches!(e, MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The index of `interface` in the calling thread's network namespace.
+fn ifindex(interface: &str) -> Result<u32, XdpError> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| XdpError::NoSuchInterface(interface.to_owned()))?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(XdpError::NoSuchInterface(interface.to_owned())),
+        index => Ok(index),
     }
 }
 

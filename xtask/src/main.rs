@@ -41,6 +41,9 @@ enum Task {
     },
     /// Set up, then `cargo fmt --check`, clippy with warnings denied, and every test.
     Test,
+    /// Set up, then measure the XDP program's ns/packet in the kernel (BPF_PROG_TEST_RUN, in a
+    /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
+    BenchXdp,
 }
 
 #[derive(Args)]
@@ -81,7 +84,32 @@ fn run(task: Task) -> Result<ExitCode> {
             Err(error).with_context(|| format!("starting {}", binary.display()))
         }
         Task::Test => test(),
+        Task::BenchXdp => {
+            setup::run()?;
+            bench_xdp().map(|()| ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The benchmark is an ignored test of relay-user (`tests/xdp_datapath.rs`), so it shares the
+/// namespace topology of the datapath tests. The program is always built in release mode by
+/// aya-build; the test's own profile does not matter for the numbers.
+fn bench_xdp() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--package",
+        "relay-user",
+        "--test",
+        "xdp_datapath",
+        "--",
+        "--ignored",
+        "--exact",
+        "bench_xdp",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    util::run_checked(&mut cmd)
 }
 
 fn build(args: &BuildArgs) -> Result<()> {

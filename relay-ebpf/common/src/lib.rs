@@ -2,30 +2,149 @@
 //!
 //! Every map key and value is defined here once, `#[repr(C)]` with explicit padding, so the
 //! kernel side and the userspace side agree on the layout byte for byte. The `user` feature
-//! implements [`aya::Pod`] for the value types so the agent can read and write them.
+//! implements [`aya::Pod`] for the key and value types so the agent can read and write them.
+//! [`checksum`] holds the Internet-checksum arithmetic the program uses to rewrite packets, as
+//! pure functions tested on the host.
 #![no_std]
+
+pub mod checksum;
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Name of the XDP program in the object file (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "rampart_xdp";
 
 /// Name of the per-CPU array of [`Counter`]s, indexed by [`Stat`].
 pub const STATS_MAP: &str = "RAMPART_STATS";
+/// Name of the hash map [`ClientChannelKey`] -> [`ClientChannelValue`] (client -> peer).
+pub const CLIENT_CHANNELS_MAP: &str = "RAMPART_CLIENT_CHANNELS";
+/// Name of the hash map [`PeerChannelKey`] -> [`PeerChannelValue`] (peer -> client).
+pub const PEER_CHANNELS_MAP: &str = "RAMPART_PEER_CHANNELS";
+/// Name of the per-CPU hash map `counter_id` (u32) -> [`ChannelCounters`].
+pub const CHANNEL_COUNTERS_MAP: &str = "RAMPART_CHANNEL_COUNTERS";
+/// Name of the `DEVMAP_HASH` of the interfaces the program may redirect to (key = value =
+/// ifindex). A hash, not an array, because an ifindex is not bounded by the map's size.
+pub const EGRESS_MAP: &str = "RAMPART_EGRESS";
+
+/// Default `max_entries` of [`CLIENT_CHANNELS_MAP`], [`PEER_CHANNELS_MAP`] and
+/// [`CHANNEL_COUNTERS_MAP`]; the agent may override it at load time.
+pub const DEFAULT_MAX_CHANNELS: u32 = 65536;
+/// Default `max_entries` of [`EGRESS_MAP`].
+pub const DEFAULT_MAX_EGRESS: u32 = 64;
 
 /// Slots of [`STATS_MAP`]. The discriminant is the array index.
+///
+/// Every frame is counted in [`Stat::Seen`] and in exactly one other slot: what the program
+/// did with it. `Pass*` frames were handed to the kernel stack unchanged (userspace serves
+/// them, or the stack drops them); `Drop*` frames were dropped.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stat {
     /// Every frame the program was run on, whatever it then did with it.
     Seen = 0,
+    /// ChannelData from a client, sent on to its peer as plain UDP.
+    ForwardedToPeer = 1,
+    /// UDP from a peer, sent on to its client as ChannelData.
+    ForwardedToClient = 2,
+    /// Not IPv4/IPv6 UDP, or UDP of a 5-tuple no binding names (and not STUN/ChannelData).
+    PassNotOurs = 3,
+    /// A STUN message (leading bits 00 and the magic cookie): always userspace's.
+    PassStun = 4,
+    /// ChannelData (leading bits 01) whose client 5-tuple and channel have no binding.
+    PassUnboundChannel = 5,
+    /// A binding matched but its `expires_ns` has passed.
+    PassExpired = 6,
+    /// An IPv4 fragment (MF or offset) or an IPv6 fragment header.
+    PassFragment = 7,
+    /// IPv4 options (IHL != 5) or IPv6 extension headers.
+    PassIpOptions = 8,
+    /// An 802.1Q / 802.1ad VLAN tag.
+    PassVlan = 9,
+    /// Truncated or inconsistent headers, a bad IPv4 header checksum, a zero UDP checksum on
+    /// IPv6: the kernel stack drops these.
+    PassMalformed = 10,
+    /// ChannelData length larger than the datagram, or more than 3 bytes after it.
+    PassChannelLength = 11,
+    /// An IPv4 datagram with UDP checksum 0 whose other side is IPv6, where the checksum is
+    /// mandatory: userspace computes it.
+    PassChecksumZeroV6 = 12,
+    /// TTL / hop limit of 1 or 0: it may not be relayed further.
+    PassTtl = 13,
+    /// The FIB lookup found no route or no neighbour entry (or another failure).
+    PassFibMiss = 14,
+    /// The FIB lookup refused: forwarding is disabled on the ingress interface
+    /// (`net.ipv4.conf.<if>.forwarding`, `net.ipv6.conf.<if>.forwarding`).
+    PassForwardingDisabled = 15,
+    /// The rewritten datagram would exceed the egress interface's MTU.
+    PassFragNeeded = 16,
+    /// The egress interface differs from the ingress one and is not in [`EGRESS_MAP`].
+    PassNoEgress = 17,
+    /// A binding whose addresses mix families (relay vs peer, server vs client).
+    PassBadBinding = 18,
+    /// `bpf_xdp_adjust_head` refused (the driver left too little headroom) before anything was
+    /// written.
+    PassAdjustFailed = 19,
+    /// A helper failed after the frame was rewritten (a map changed under the program); the
+    /// frame is dropped rather than sent half-rewritten. Should stay at zero.
+    DropAfterRewrite = 20,
 }
 
 impl Stat {
     /// Every slot, in index order.
-    pub const ALL: [Stat; 1] = [Stat::Seen];
+    pub const ALL: [Stat; 21] = [
+        Stat::Seen,
+        Stat::ForwardedToPeer,
+        Stat::ForwardedToClient,
+        Stat::PassNotOurs,
+        Stat::PassStun,
+        Stat::PassUnboundChannel,
+        Stat::PassExpired,
+        Stat::PassFragment,
+        Stat::PassIpOptions,
+        Stat::PassVlan,
+        Stat::PassMalformed,
+        Stat::PassChannelLength,
+        Stat::PassChecksumZeroV6,
+        Stat::PassTtl,
+        Stat::PassFibMiss,
+        Stat::PassForwardingDisabled,
+        Stat::PassFragNeeded,
+        Stat::PassNoEgress,
+        Stat::PassBadBinding,
+        Stat::PassAdjustFailed,
+        Stat::DropAfterRewrite,
+    ];
 
     /// Index of this slot in [`STATS_MAP`].
     pub const fn index(self) -> u32 {
         self as u32
+    }
+
+    /// A stable snake_case name, for metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Seen => "seen",
+            Stat::ForwardedToPeer => "forwarded_to_peer",
+            Stat::ForwardedToClient => "forwarded_to_client",
+            Stat::PassNotOurs => "pass_not_ours",
+            Stat::PassStun => "pass_stun",
+            Stat::PassUnboundChannel => "pass_unbound_channel",
+            Stat::PassExpired => "pass_expired",
+            Stat::PassFragment => "pass_fragment",
+            Stat::PassIpOptions => "pass_ip_options",
+            Stat::PassVlan => "pass_vlan",
+            Stat::PassMalformed => "pass_malformed",
+            Stat::PassChannelLength => "pass_channel_length",
+            Stat::PassChecksumZeroV6 => "pass_checksum_zero_v6",
+            Stat::PassTtl => "pass_ttl",
+            Stat::PassFibMiss => "pass_fib_miss",
+            Stat::PassForwardingDisabled => "pass_forwarding_disabled",
+            Stat::PassFragNeeded => "pass_frag_needed",
+            Stat::PassNoEgress => "pass_no_egress",
+            Stat::PassBadBinding => "pass_bad_binding",
+            Stat::PassAdjustFailed => "pass_adjust_failed",
+            Stat::DropAfterRewrite => "drop_after_rewrite",
+        }
     }
 }
 
@@ -37,17 +156,184 @@ pub const STATS_LEN: u32 = Stat::ALL.len() as u32;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
     pub packets: u64,
-    /// Bytes from the start of the Ethernet header to the end of the frame.
+    /// Bytes of the frames as received, from the start of the Ethernet header to the end.
     pub bytes: u64,
 }
 
-// The kernel copies map values as raw bytes: no implicit padding is allowed to sneak in.
-const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+/// A transport address as the maps store it: IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+/// the port in host byte order. Build it with [`Endpoint::new`] (or `From<SocketAddr>`) so
+/// the padding is zero: the kernel compares hash keys byte for byte. Aligned to 4 so that the
+/// XDP program reads the address in whole words.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub ip: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
 
-// SAFETY: `Counter` is `#[repr(C)]`, made of integers only, has no padding (asserted above),
-// and every bit pattern is a valid value.
+/// The first 12 bytes of an IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2).
+pub const IPV4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+impl Endpoint {
+    pub const fn new(ip: [u8; 16], port: u16) -> Self {
+        Self {
+            ip,
+            port,
+            _pad: [0; 2],
+        }
+    }
+
+    /// `ip` as the 16 bytes of `::ffff:a.b.c.d`.
+    pub const fn mapped_v4(ip: [u8; 4]) -> [u8; 16] {
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+        ]
+    }
+
+    /// Whether the address is IPv4 (stored IPv4-mapped).
+    pub const fn is_ipv4(&self) -> bool {
+        // Three 32-bit compares, no early exit: cheap in the XDP program.
+        let ip = &self.ip;
+        let a = u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]);
+        let b = u32::from_ne_bytes([ip[4], ip[5], ip[6], ip[7]]);
+        let c = u32::from_ne_bytes([ip[8], ip[9], ip[10], ip[11]]);
+        (a | b | (c ^ u32::from_ne_bytes([0, 0, 0xff, 0xff]))) == 0
+    }
+
+    /// The last four bytes: the IPv4 address when [`Endpoint::is_ipv4`].
+    pub const fn ipv4_octets(&self) -> [u8; 4] {
+        [self.ip[12], self.ip[13], self.ip[14], self.ip[15]]
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        let ip = if self.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::from(self.ipv4_octets()))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(self.ip))
+        };
+        SocketAddr::new(ip, self.port)
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => Self::mapped_v4(v4.octets()),
+            // An IPv4-mapped IPv6 socket address is the IPv4 host on the wire.
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        Self::new(ip, addr.port())
+    }
+}
+
+/// Key of [`CLIENT_CHANNELS_MAP`]: ChannelData arriving from `client` at the TURN server's
+/// `server` address on `channel`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientChannelKey {
+    pub client: Endpoint,
+    pub server: Endpoint,
+    pub channel: u16,
+    pub _pad: [u8; 2],
+}
+
+impl ClientChannelKey {
+    pub const fn new(client: Endpoint, server: Endpoint, channel: u16) -> Self {
+        Self {
+            client,
+            server,
+            channel,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of [`CLIENT_CHANNELS_MAP`]: send the data from the allocation's `relay` address to
+/// `peer`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientChannelValue {
+    pub relay: Endpoint,
+    pub peer: Endpoint,
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
+    pub expires_ns: u64,
+    /// Key of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
+    pub counter_id: u32,
+    pub _pad: [u8; 4],
+}
+
+/// Key of [`PEER_CHANNELS_MAP`]: UDP arriving from `peer` at the allocation's `relay` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerChannelKey {
+    pub relay: Endpoint,
+    pub peer: Endpoint,
+}
+
+/// Value of [`PEER_CHANNELS_MAP`]: send it as ChannelData on `channel` from the TURN server's
+/// `server` address to `client`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerChannelValue {
+    pub client: Endpoint,
+    pub server: Endpoint,
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
+    pub expires_ns: u64,
+    /// Key of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
+    pub counter_id: u32,
+    pub channel: u16,
+    pub _pad: [u8; 2],
+}
+
+/// One CPU's traffic of one channel, in application payload bytes (the ChannelData data, the
+/// peer's UDP payload). Userspace sums it over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelCounters {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+impl ChannelCounters {
+    /// Field-wise wrapping sum (per-CPU values added up).
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            to_peer_packets: self.to_peer_packets.wrapping_add(other.to_peer_packets),
+            to_peer_bytes: self.to_peer_bytes.wrapping_add(other.to_peer_bytes),
+            to_client_packets: self.to_client_packets.wrapping_add(other.to_client_packets),
+            to_client_bytes: self.to_client_bytes.wrapping_add(other.to_client_bytes),
+        }
+    }
+}
+
+// The kernel copies keys and values as raw bytes: no implicit padding may sneak in.
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<Endpoint>() == 20 && align_of::<Endpoint>() == 4);
+    assert!(size_of::<ClientChannelKey>() == 44 && align_of::<ClientChannelKey>() == 4);
+    assert!(size_of::<ClientChannelValue>() == 56 && align_of::<ClientChannelValue>() == 8);
+    assert!(size_of::<PeerChannelKey>() == 40 && align_of::<PeerChannelKey>() == 4);
+    assert!(size_of::<PeerChannelValue>() == 56 && align_of::<PeerChannelValue>() == 8);
+    assert!(size_of::<ChannelCounters>() == 32);
+};
+
+// SAFETY (all of these): `#[repr(C)]`, made of integers and byte arrays only, no implicit
+// padding (sizes asserted above), and every bit pattern is a valid value.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for Counter {}
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ClientChannelKey {}
+    unsafe impl aya::Pod for ClientChannelValue {}
+    unsafe impl aya::Pod for PeerChannelKey {}
+    unsafe impl aya::Pod for PeerChannelValue {}
+    unsafe impl aya::Pod for ChannelCounters {}
+}
 
 #[cfg(test)]
 mod tests {
@@ -59,5 +345,34 @@ mod tests {
             assert_eq!(stat.index() as usize, i);
         }
         assert_eq!(STATS_LEN as usize, Stat::ALL.len());
+    }
+
+    #[test]
+    fn stat_names_are_distinct() {
+        for (i, a) in Stat::ALL.iter().enumerate() {
+            for b in &Stat::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn endpoints_store_ipv4_mapped() {
+        let v4: SocketAddr = "192.0.2.7:3478".parse().unwrap();
+        let e = Endpoint::from(v4);
+        assert!(e.is_ipv4());
+        assert_eq!(&e.ip[..12], &IPV4_MAPPED_PREFIX);
+        assert_eq!(e.ipv4_octets(), [192, 0, 2, 7]);
+        assert_eq!(e.port, 3478);
+        assert_eq!(e.socket_addr(), v4);
+
+        let v6: SocketAddr = "[2001:db8::1]:50000".parse().unwrap();
+        let e = Endpoint::from(v6);
+        assert!(!e.is_ipv4());
+        assert_eq!(e.socket_addr(), v6);
+
+        // An IPv4-mapped IPv6 socket address is the IPv4 host.
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:3478".parse().unwrap();
+        assert_eq!(Endpoint::from(mapped), Endpoint::from(v4));
     }
 }

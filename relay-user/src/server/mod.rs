@@ -4,6 +4,7 @@
 //! One lock guards the state machine, the relay sockets and the stream connections; it is
 //! held only for the synchronous call into the state machine, never across an `.await`.
 
+mod fast_path;
 mod relay_socket;
 
 use std::collections::HashMap;
@@ -24,7 +25,9 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ConnectionLimits};
 use crate::turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
 use crate::turn::{FiveTuple, Server, Stats, Transmit, Transport};
+use crate::xdp::XdpError;
 
+pub use fast_path::{FastPath, FastPathStats};
 use relay_socket::SocketBinder;
 
 /// Frames queued towards one stream client before further ones are dropped: a client that
@@ -32,8 +35,6 @@ use relay_socket::SocketBinder;
 const STREAM_QUEUE: usize = 256;
 /// How often expiries are swept (the state machine's timers are exact to this).
 const TICK: Duration = Duration::from_secs(1);
-/// How often counters are logged.
-const STATS_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -43,10 +44,14 @@ pub enum ServerError {
         address: SocketAddr,
         source: io::Error,
     },
+    #[error(
+        "cannot start the XDP fast path (xdp.mode asks for it; use mode = \"auto\" to fall back to userspace)"
+    )]
+    Xdp(#[from] XdpError),
 }
 
 /// Counters of the shell itself (what the state machine never saw).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ShellStats {
     pub connections_refused: u64,
     pub tls_handshake_failures: u64,
@@ -56,11 +61,56 @@ pub struct ShellStats {
 
 struct State {
     core: Server,
+    fast_path: Option<FastPath>,
     relays: HashMap<SocketAddr, relay_socket::RelaySocket>,
     streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
     connections_per_source: HashMap<IpAddr, usize>,
     connections: usize,
     shell: ShellStats,
+}
+
+impl State {
+    /// Hand the core's channel changes to the kernel (or drop them when there is no fast
+    /// path); called after every step that may change allocations.
+    fn flush_fast_path(&mut self) {
+        let events = self.core.take_fast_path_events();
+        if let Some(fast_path) = &mut self.fast_path
+            && !events.is_empty()
+        {
+            fast_path.apply(events, Instant::now());
+        }
+    }
+}
+
+/// Everything an operator counts, as logged on the `counters` line (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub allocations: usize,
+    pub relay: Stats,
+    pub shell: ShellStats,
+    /// `None` when the fast path is off.
+    pub fast_path: Option<FastPathStats>,
+    /// What the XDP program counted (packets, bytes), by slot.
+    pub xdp: Vec<(&'static str, u64, u64)>,
+}
+
+impl State {
+    fn counters(&self) -> Counters {
+        Counters {
+            allocations: self.core.allocation_count(),
+            relay: self.core.stats().clone(),
+            shell: self.shell,
+            fast_path: self.fast_path.as_ref().map(FastPath::stats),
+            xdp: self
+                .fast_path
+                .as_ref()
+                .and_then(|f| f.program().stats().ok())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(stat, c)| (stat.name(), c.packets, c.bytes))
+                .collect(),
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -92,8 +142,9 @@ impl Shared {
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut binder = SocketBinder::new(&mut state.relays, self);
-        let transmit = f(&mut state.core, &mut binder)?;
-        match transmit {
+        let transmit = f(&mut state.core, &mut binder);
+        state.flush_fast_path();
+        match transmit? {
             Transmit::ToClient {
                 five_tuple,
                 payload,
@@ -167,7 +218,8 @@ pub struct Edge {
 
 impl Edge {
     /// Bind every listener (failing on the first that cannot be bound) and start serving.
-    pub async fn start(config: Config) -> Result<Self, ServerError> {
+    /// `stats_every`: how often the counters are logged (when they changed).
+    pub async fn start(config: Config, stats_every: Duration) -> Result<Self, ServerError> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for listener in &config.listeners {
@@ -192,6 +244,10 @@ impl Edge {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let idle_timeout = config.turn.max_lifetime + Duration::from_secs(60);
+        let fast_path = match &config.xdp {
+            Some(settings) => FastPath::start(settings)?,
+            None => None,
+        };
         let core = Server::new(config.turn, StdRng::from_entropy(), now, unix_now);
         let mut local_addresses = Vec::new();
         let mut receivers = Vec::new();
@@ -205,6 +261,7 @@ impl Edge {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
+                fast_path,
                 relays: HashMap::new(),
                 streams: HashMap::new(),
                 connections_per_source: HashMap::new(),
@@ -237,7 +294,7 @@ impl Edge {
                 acceptor,
             ));
         }
-        tasks.spawn(timers(shared.clone()));
+        tasks.spawn(timers(shared.clone(), stats_every));
         for (transport, address) in &local_addresses {
             info!(?transport, %address, "listening for TURN clients");
         }
@@ -252,9 +309,8 @@ impl Edge {
         &self.local_addresses
     }
 
-    pub fn stats(&self) -> (Stats, ShellStats) {
-        let state = self.shared.lock();
-        (state.core.stats().clone(), state.shell)
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().counters()
     }
 
     /// Serve until `shutdown` is cancelled.
@@ -404,6 +460,7 @@ where
     state.streams.remove(&five_tuple);
     let mut binder = SocketBinder::new(&mut state.relays, shared);
     state.core.client_closed(five_tuple, &mut binder);
+    state.flush_fast_path();
 }
 
 /// A bound UDP socket as a plain, non-blocking sending half and a tokio receiving half.
@@ -414,10 +471,10 @@ pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<(Arc<std::net::UdpSo
     Ok((Arc::new(sender), UdpSocket::from_std(socket)?))
 }
 
-async fn timers(shared: Arc<Shared>) {
+async fn timers(shared: Arc<Shared>, stats_every: Duration) {
     let mut tick = tokio::time::interval(TICK);
     let mut last_stats = Instant::now();
-    let mut logged = (Stats::default(), ShellStats::default());
+    let mut logged = None;
     loop {
         tick.tick().await;
         let now = Instant::now();
@@ -425,17 +482,16 @@ async fn timers(shared: Arc<Shared>) {
         let state = &mut *guard;
         let mut binder = SocketBinder::new(&mut state.relays, &shared);
         state.core.handle_timeout(now, &mut binder);
-        if now.duration_since(last_stats) >= STATS_EVERY {
+        state.flush_fast_path();
+        if now.duration_since(last_stats) >= stats_every {
             last_stats = now;
-            let current = (state.core.stats().clone(), state.shell);
-            if current != logged {
-                info!(
-                    allocations = state.core.allocation_count(),
-                    stats = ?current.0,
-                    shell = ?current.1,
-                    "counters"
-                );
-                logged = current;
+            let current = state.counters();
+            if logged.as_ref() != Some(&current) {
+                match serde_json::to_string(&current) {
+                    Ok(json) => info!(target: "rampart::counters", "counters {json}"),
+                    Err(error) => warn!(%error, "cannot serialise counters"),
+                }
+                logged = Some(current);
             }
         }
     }

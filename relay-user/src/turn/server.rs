@@ -76,7 +76,7 @@ pub enum Transmit {
 }
 
 /// Counters an operator reads to see what was refused and why.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     pub malformed_dropped: u64,
     pub rate_limited: u64,

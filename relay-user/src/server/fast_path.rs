@@ -1,0 +1,188 @@
+//! Drives the XDP program's maps from the state machine's fast-path events: a channel the
+//! core says is usable is written to the kernel with its expiry, and removed when the core
+//! withdraws it. The userspace path stays complete underneath: whatever the kernel does not
+//! forward (a full map, an unresolved neighbour, no BPF at all) reaches the agent as before.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use crate::config::{XdpMode, XdpSettings};
+use crate::turn::FiveTuple;
+use crate::turn::allocation::{FastPathChannel, FastPathEvent};
+use crate::xdp::{self, ChannelBinding, MapSizes, XdpError, XdpProgram};
+
+/// Counters of the fast path's bookkeeping (what the kernel forwarded is in its own maps).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FastPathStats {
+    pub channels_installed: u64,
+    pub channels_removed: u64,
+    /// Channels left to userspace because the kernel maps were full.
+    pub map_full: u64,
+    pub map_errors: u64,
+}
+
+pub struct FastPath {
+    program: XdpProgram,
+    max_channels: usize,
+    bound: HashMap<(FiveTuple, u16), ChannelBinding>,
+    next_counter_id: u32,
+    full_reported: bool,
+    stats: FastPathStats,
+}
+
+impl FastPath {
+    /// Load the program and attach it to every configured interface. In `auto` mode a
+    /// failure is reported once, clearly, and the agent relays in userspace (`Ok(None)`); in
+    /// `native` or `generic` mode it is an error.
+    pub fn start(settings: &XdpSettings) -> Result<Option<Self>, XdpError> {
+        match Self::try_start(settings) {
+            Ok(fast_path) => Ok(Some(fast_path)),
+            Err(error) if settings.mode == XdpMode::Auto => {
+                warn!(
+                    error = %error_chain(&error),
+                    "XDP fast path unavailable: relaying every packet in userspace"
+                );
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn try_start(settings: &XdpSettings) -> Result<Self, XdpError> {
+        let mut program = XdpProgram::load_with(MapSizes {
+            channels: settings.max_channels,
+            ..MapSizes::default()
+        })?;
+        for interface in &settings.interfaces {
+            let mode = match settings.mode {
+                XdpMode::Generic => xdp::XdpMode::Skb,
+                _ => xdp::XdpMode::Driver,
+            };
+            let attached = match program.attach(interface, mode) {
+                Err(error) if settings.mode == XdpMode::Auto => {
+                    debug!(interface, error = %error_chain(&error), "native XDP refused, trying generic");
+                    program
+                        .attach(interface, xdp::XdpMode::Skb)
+                        .map(|()| "generic")
+                }
+                other => other.map(|()| {
+                    if mode == xdp::XdpMode::Skb {
+                        "generic"
+                    } else {
+                        "native"
+                    }
+                }),
+            }?;
+            program.add_egress_interface(interface)?;
+            info!(interface, mode = attached, "XDP fast path attached");
+        }
+        Ok(FastPath {
+            program,
+            max_channels: settings.max_channels as usize,
+            bound: HashMap::new(),
+            next_counter_id: 0,
+            full_reported: false,
+            stats: FastPathStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> FastPathStats {
+        self.stats
+    }
+
+    pub fn program(&self) -> &XdpProgram {
+        &self.program
+    }
+
+    pub fn apply(&mut self, events: Vec<FastPathEvent>, now: Instant) {
+        for event in events {
+            match event {
+                FastPathEvent::Up(channel) => self.install(&channel, now),
+                FastPathEvent::Down(channel) => self.remove(&channel),
+            }
+        }
+    }
+
+    fn install(&mut self, channel: &FastPathChannel, now: Instant) {
+        let key = (channel.five_tuple, channel.channel);
+        let counter_id = match self.bound.get(&key) {
+            Some(existing) => existing.counter_id,
+            None if self.bound.len() >= self.max_channels => {
+                self.map_full(channel);
+                return;
+            }
+            None => {
+                self.next_counter_id = self.next_counter_id.wrapping_add(1);
+                self.next_counter_id
+            }
+        };
+        // Instant and bpf_ktime_get_ns are both CLOCK_MONOTONIC.
+        let remaining = channel.expires.saturating_duration_since(now);
+        let binding = ChannelBinding {
+            client: channel.five_tuple.client,
+            server: channel.five_tuple.server,
+            relay: channel.relay,
+            peer: channel.peer,
+            channel: channel.channel,
+            counter_id,
+            expires_ns: xdp::monotonic_now_ns()
+                .saturating_add(u64::try_from(remaining.as_nanos()).unwrap_or(u64::MAX)),
+        };
+        match self.program.bind_channel(&binding) {
+            Ok(()) => {
+                if self.bound.insert(key, binding).is_none() {
+                    self.stats.channels_installed += 1;
+                    debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, "channel forwarded in the kernel");
+                }
+            }
+            Err(error) => {
+                self.stats.map_errors += 1;
+                warn!(client = %binding.client, channel = binding.channel, error = %error_chain(&error), "channel left to userspace: kernel map update failed");
+            }
+        }
+    }
+
+    fn map_full(&mut self, channel: &FastPathChannel) {
+        self.stats.map_full += 1;
+        if !self.full_reported {
+            self.full_reported = true;
+            warn!(
+                max_channels = self.max_channels,
+                client = %channel.five_tuple.client,
+                "XDP channel maps full: further channels are relayed in userspace (raise xdp.max_channels)"
+            );
+        }
+    }
+
+    fn remove(&mut self, channel: &FastPathChannel) {
+        let Some(binding) = self.bound.remove(&(channel.five_tuple, channel.channel)) else {
+            return;
+        };
+        match self.program.unbind_channel(&binding) {
+            Ok(counters) => {
+                self.stats.channels_removed += 1;
+                debug!(client = %binding.client, channel = binding.channel, ?counters, "channel removed from the kernel");
+            }
+            Err(error) => {
+                self.stats.map_errors += 1;
+                warn!(client = %binding.client, channel = binding.channel, error = %error_chain(&error), "removing a channel from the kernel failed");
+            }
+        }
+        if self.bound.len() < self.max_channels {
+            self.full_reported = false;
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
