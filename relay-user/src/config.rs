@@ -69,6 +69,12 @@ struct RawXdp {
     interfaces: Vec<String>,
     #[serde(default = "xdp_max_channels")]
     max_channels: u32,
+    #[serde(default = "xdp_pin_path")]
+    pin_path: PathBuf,
+}
+
+fn xdp_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/rampart")
 }
 
 fn xdp_mode() -> XdpMode {
@@ -99,6 +105,8 @@ pub struct XdpSettings {
     pub mode: XdpMode,
     pub interfaces: Vec<String>,
     pub max_channels: u32,
+    /// bpffs directory where maps and links are pinned (a versioned subdirectory of it).
+    pub pin_path: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -497,10 +505,17 @@ impl RawXdp {
                 "must be positive (channels the kernel forwards at once; more are served in userspace)",
             ));
         }
+        if !self.pin_path.is_absolute() {
+            return Err(invalid(
+                "xdp.pin_path",
+                "must be an absolute path on bpffs (default /sys/fs/bpf/rampart)",
+            ));
+        }
         Ok(Some(XdpSettings {
             mode: self.mode,
             interfaces: self.interfaces.clone(),
             max_channels: self.max_channels,
+            pin_path: self.pin_path.clone(),
         }))
     }
 }

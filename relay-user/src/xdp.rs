@@ -23,7 +23,11 @@
 //!
 //! Needs root, or `CAP_BPF` + `CAP_NET_ADMIN` (+ `CAP_PERFMON` for some helpers).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 pub use aya::programs::XdpMode;
 use aya::{
@@ -32,7 +36,11 @@ use aya::{
         DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
         xdp::XdpMapError,
     },
-    programs::{ProgramError, Xdp, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
     util::nr_cpus,
 };
 use relay_common::{
@@ -102,6 +110,28 @@ pub enum XdpError {
     },
     #[error("preparing per-CPU map values failed ({0})")]
     Cpus(&'static str, #[source] std::io::Error),
+    #[error("preparing the bpffs pin directory {path} failed")]
+    PinDirectory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pinned link {path} cannot be adopted (remove it to attach afresh, which interrupts \
+         kernel forwarding on that interface for a moment)"
+    )]
+    AdoptLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning the XDP link of {interface} at {path} failed")]
+    PinLink {
+        interface: String,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("running {PROGRAM_NAME} on a test frame (BPF_PROG_TEST_RUN) failed")]
     TestRun(#[source] ProgramError),
 }
@@ -215,7 +245,25 @@ pub fn monotonic_now_ns() -> u64 {
 pub struct XdpProgram {
     ebpf: Ebpf,
     links: Vec<(String, XdpLinkId)>,
+    /// Links kept in bpffs: they stay attached when the agent exits (even by SIGKILL), so
+    /// bound channels keep forwarding until their recorded expiry.
+    pinned_links: Vec<(String, PinnedLink)>,
 }
+
+/// How [`XdpProgram::attach_pinned`] hooked the program on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link, now pinned.
+    New,
+    /// The link a previous agent pinned: this program replaced the old one in it atomically,
+    /// with no moment in which the interface had no program.
+    Adopted,
+}
+
+/// `BPF_FS_MAGIC` from `<linux/magic.h>`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is conventionally mounted.
+const BPF_FS: &str = "/sys/fs/bpf";
 
 impl std::fmt::Debug for XdpProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -236,21 +284,142 @@ impl XdpProgram {
 
     /// [`XdpProgram::load`] with maps of the given sizes.
     pub fn load_with(sizes: MapSizes) -> Result<Self, XdpError> {
+        Self::load_from(sizes, None)
+    }
+
+    /// [`XdpProgram::load_with`], with the maps pinned in bpffs under `directory` (created,
+    /// and bpffs mounted at /sys/fs/bpf if it is not): maps already pinned there by a previous
+    /// agent are reused, with the channels and counters they hold.
+    pub fn load_pinned(sizes: MapSizes, directory: &Path) -> Result<Self, XdpError> {
+        prepare_pin_directory(directory)?;
+        Self::load_from(sizes, Some(directory))
+    }
+
+    fn load_from(sizes: MapSizes, pins: Option<&Path>) -> Result<Self, XdpError> {
         if OBJECT.is_empty() {
             return Err(XdpError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(CLIENT_CHANNELS_MAP, sizes.channels)
             .map_max_entries(PEER_CHANNELS_MAP, sizes.channels)
             .map_max_entries(CHANNEL_COUNTERS_MAP, sizes.channels)
-            .map_max_entries(EGRESS_MAP, sizes.egress_interfaces)
-            .load(OBJECT)
-            .map_err(XdpError::Load)?;
+            .map_max_entries(EGRESS_MAP, sizes.egress_interfaces);
+        if let Some(directory) = pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, directory.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(XdpError::Load)?;
         program(&mut ebpf)?.load().map_err(XdpError::Verify)?;
         Ok(Self {
             ebpf,
             links: Vec::new(),
+            pinned_links: Vec::new(),
         })
+    }
+
+    /// Attaches the program to `interface` through a link pinned at `<directory>/link_<interface>`.
+    /// If a previous agent left one there, this program takes its place in it atomically (an
+    /// upgrade or restart without a gap in forwarding); otherwise a new link is made in `mode`
+    /// and pinned.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        directory: &Path,
+    ) -> Result<Attached, XdpError> {
+        let path = directory.join(format!("link_{interface}"));
+        if path.exists() {
+            let adopt = |source| XdpError::AdoptLink {
+                path: path.clone(),
+                source,
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(adopt)?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(adopt)?;
+            let id = program(&mut self.ebpf)?
+                .attach_to_link(link)
+                .map_err(|source| XdpError::Attach {
+                    interface: interface.to_owned(),
+                    mode,
+                    source,
+                })?;
+            self.links.push((interface.to_owned(), id));
+            return Ok(Attached::Adopted);
+        }
+        let program = program(&mut self.ebpf)?;
+        let id = program
+            .attach(interface, mode)
+            .map_err(|source| XdpError::Attach {
+                interface: interface.to_owned(),
+                mode,
+                source,
+            })?;
+        let pin_error = |source: Box<dyn std::error::Error + Send + Sync>| XdpError::PinLink {
+            interface: interface.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        let link = program.take_link(id).map_err(|e| pin_error(Box::new(e)))?;
+        let pinned = FdLink::try_from(link)
+            .map_err(|e| pin_error(Box::new(e)))?
+            .pin(&path)
+            .map_err(|e| pin_error(Box::new(e)))?;
+        self.pinned_links.push((interface.to_owned(), pinned));
+        Ok(Attached::New)
+    }
+
+    /// Every channel in the kernel's maps, e.g. left by a previous agent.
+    pub fn channel_bindings(&self) -> Result<Vec<ChannelBinding>, XdpError> {
+        let map = HashMap::<_, ClientChannelKey, ClientChannelValue>::try_from(
+            self.map(CLIENT_CHANNELS_MAP)?,
+        )
+        .map_err(map_error(CLIENT_CHANNELS_MAP))?;
+        map.iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(map_error(CLIENT_CHANNELS_MAP))?;
+                Ok(ChannelBinding {
+                    client: key.client.socket_addr(),
+                    server: key.server.socket_addr(),
+                    relay: value.relay.socket_addr(),
+                    peer: value.peer.socket_addr(),
+                    channel: key.channel,
+                    counter_id: value.counter_id,
+                    expires_ns: value.expires_ns,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes peer-direction entries and counters that no client-direction entry accounts
+    /// for (half-written by an agent that died mid-update); returns how many went.
+    pub fn remove_orphans(&mut self) -> Result<usize, XdpError> {
+        let bindings = self.channel_bindings()?;
+        let keys: std::collections::HashSet<PeerChannelKey> = bindings
+            .iter()
+            .filter_map(|b| b.keys().ok().map(|(_, peer_key)| peer_key))
+            .collect();
+        let counter_ids: std::collections::HashSet<u32> =
+            bindings.iter().map(|b| b.counter_id).collect();
+        let mut peer_map = self.peer_map()?;
+        let orphan_peers: Vec<PeerChannelKey> = peer_map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keys.contains(k))
+            .collect();
+        for key in &orphan_peers {
+            ignore_missing(peer_map.remove(key)).map_err(map_error(PEER_CHANNELS_MAP))?;
+        }
+        let mut counters = self.counters_map()?;
+        let orphan_counters: Vec<u32> = counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !counter_ids.contains(id))
+            .collect();
+        for id in &orphan_counters {
+            ignore_missing(counters.remove(id)).map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        }
+        Ok(orphan_peers.len() + orphan_counters.len())
     }
 
     /// Attaches the program to `interface` (a name in the calling thread's network namespace).
@@ -480,6 +649,55 @@ impl XdpProgram {
         PerCpuHashMap::try_from(self.map_mut(CHANNEL_COUNTERS_MAP)?)
             .map_err(map_error(CHANNEL_COUNTERS_MAP))
     }
+}
+
+/// The maps that outlive the agent: the channels and their counters (so forwarding goes on),
+/// the egress devmap (so redirects keep working), and the program's statistics.
+const PINNED_MAPS: [&str; 5] = [
+    CLIENT_CHANNELS_MAP,
+    PEER_CHANNELS_MAP,
+    CHANNEL_COUNTERS_MAP,
+    EGRESS_MAP,
+    STATS_MAP,
+];
+
+/// Creates `directory`, mounting bpffs on /sys/fs/bpf first if it is not mounted there (as on
+/// a fresh Debian host).
+fn prepare_pin_directory(directory: &Path) -> Result<(), XdpError> {
+    let fail = |path: &Path| {
+        let path = path.to_owned();
+        move |source| XdpError::PinDirectory { path, source }
+    };
+    if directory.starts_with(BPF_FS) && !is_bpffs(Path::new(BPF_FS)) {
+        std::fs::create_dir_all(BPF_FS).map_err(fail(Path::new(BPF_FS)))?;
+        let target = std::ffi::CString::new(BPF_FS).expect("no NUL");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(fail(Path::new(BPF_FS))(std::io::Error::last_os_error()));
+        }
+        tracing::info!("mounted bpffs on {BPF_FS}");
+    }
+    std::fs::create_dir_all(directory).map_err(fail(directory))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid path and an out-struct of the right type.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// `BPF_NOEXIST`: insert only if the key is absent.

@@ -11,6 +11,10 @@ pub mod checksum;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// Subdirectory of the agent's bpffs pin path for this layout of the maps: bumped whenever a
+/// map's key or value changes, so an upgraded agent never adopts maps it would misread.
+pub const PIN_LAYOUT_VERSION: &str = "v1";
+
 /// Name of the XDP program in the object file (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "rampart_xdp";
 

@@ -3,15 +3,17 @@
 //! withdraws it. The userspace path stays complete underneath: whatever the kernel does not
 //! forward (a full map, an unresolved neighbour, no BPF at all) reaches the agent as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
+
+use relay_common::PIN_LAYOUT_VERSION;
 
 use tracing::{debug, info, warn};
 
 use crate::config::{XdpMode, XdpSettings};
-use crate::turn::FiveTuple;
 use crate::turn::allocation::{FastPathChannel, FastPathEvent};
-use crate::xdp::{self, ChannelBinding, MapSizes, XdpError, XdpProgram};
+use crate::turn::{FiveTuple, Transport};
+use crate::xdp::{self, Attached, ChannelBinding, MapSizes, XdpError, XdpProgram};
 
 /// Counters of the fast path's bookkeeping (what the kernel forwarded is in its own maps).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -21,12 +23,19 @@ pub struct FastPathStats {
     /// Channels left to userspace because the kernel maps were full.
     pub map_full: u64,
     pub map_errors: u64,
+    /// Channels a previous agent left in the pinned maps, forwarded until their recorded
+    /// expiry and then removed.
+    pub channels_adopted: u64,
+    /// Entries left behind expired, or half-written, and removed at start-up.
+    pub stale_removed: u64,
 }
 
 pub struct FastPath {
     program: XdpProgram,
     max_channels: usize,
     bound: HashMap<(FiveTuple, u16), ChannelBinding>,
+    /// Bound channels this agent's state machine does not know (adopted at start-up).
+    adopted: HashSet<(FiveTuple, u16)>,
     next_counter_id: u32,
     full_reported: bool,
     stats: FastPathStats,
@@ -51,41 +60,118 @@ impl FastPath {
     }
 
     fn try_start(settings: &XdpSettings) -> Result<Self, XdpError> {
-        let mut program = XdpProgram::load_with(MapSizes {
-            channels: settings.max_channels,
-            ..MapSizes::default()
-        })?;
+        let pins = settings.pin_path.join(PIN_LAYOUT_VERSION);
+        let mut program = XdpProgram::load_pinned(
+            MapSizes {
+                channels: settings.max_channels,
+                ..MapSizes::default()
+            },
+            &pins,
+        )?;
         for interface in &settings.interfaces {
             let mode = match settings.mode {
                 XdpMode::Generic => xdp::XdpMode::Skb,
                 _ => xdp::XdpMode::Driver,
             };
-            let attached = match program.attach(interface, mode) {
+            let attached = match program.attach_pinned(interface, mode, &pins) {
                 Err(error) if settings.mode == XdpMode::Auto => {
                     debug!(interface, error = %error_chain(&error), "native XDP refused, trying generic");
                     program
-                        .attach(interface, xdp::XdpMode::Skb)
-                        .map(|()| "generic")
+                        .attach_pinned(interface, xdp::XdpMode::Skb, &pins)
+                        .map(|a| (a, "generic"))
                 }
-                other => other.map(|()| {
-                    if mode == xdp::XdpMode::Skb {
-                        "generic"
-                    } else {
-                        "native"
-                    }
+                other => other.map(|a| {
+                    (
+                        a,
+                        if mode == xdp::XdpMode::Skb {
+                            "generic"
+                        } else {
+                            "native"
+                        },
+                    )
                 }),
             }?;
             program.add_egress_interface(interface)?;
-            info!(interface, mode = attached, "XDP fast path attached");
+            match attached {
+                (Attached::New, mode) => {
+                    info!(interface, mode, pins = %pins.display(), "XDP fast path attached")
+                }
+                (Attached::Adopted, _) => info!(
+                    interface,
+                    pins = %pins.display(),
+                    "XDP fast path: took over the pinned link of a previous agent"
+                ),
+            }
+            warn_if_not_forwarding(interface);
         }
-        Ok(FastPath {
+        let mut fast_path = FastPath {
             program,
             max_channels: settings.max_channels as usize,
             bound: HashMap::new(),
+            adopted: HashSet::new(),
             next_counter_id: 0,
             full_reported: false,
             stats: FastPathStats::default(),
-        })
+        };
+        fast_path.reconcile()?;
+        Ok(fast_path)
+    }
+
+    /// Bring the pinned maps a previous agent left in line with this one: its state machine
+    /// starts empty, so expired channels are removed now, live ones keep forwarding (media
+    /// does not stop for a restart) and are removed at their recorded expiry, and
+    /// half-written entries are removed.
+    fn reconcile(&mut self) -> Result<(), XdpError> {
+        let now_ns = xdp::monotonic_now_ns();
+        for binding in self.program.channel_bindings()? {
+            self.next_counter_id = self.next_counter_id.max(binding.counter_id);
+            if binding.expires_ns <= now_ns {
+                self.program.unbind_channel(&binding)?;
+                self.stats.stale_removed += 1;
+                continue;
+            }
+            let key = (
+                FiveTuple {
+                    transport: Transport::Udp,
+                    client: binding.client,
+                    server: binding.server,
+                },
+                binding.channel,
+            );
+            self.bound.insert(key, binding);
+            self.adopted.insert(key);
+            self.stats.channels_adopted += 1;
+        }
+        self.stats.stale_removed += self.program.remove_orphans()? as u64;
+        if self.stats.channels_adopted + self.stats.stale_removed > 0 {
+            info!(
+                adopted = self.stats.channels_adopted,
+                removed = self.stats.stale_removed,
+                "XDP maps reconciled with a previous agent's: adopted channels forward until their recorded expiry"
+            );
+        }
+        Ok(())
+    }
+
+    /// Remove adopted channels whose recorded expiry has passed (the kernel already stopped
+    /// using them; this frees their entries).
+    pub fn sweep(&mut self) {
+        if self.adopted.is_empty() {
+            return;
+        }
+        let now_ns = xdp::monotonic_now_ns();
+        let expired: Vec<_> = self
+            .adopted
+            .iter()
+            .filter(|key| self.bound.get(key).is_none_or(|b| b.expires_ns <= now_ns))
+            .copied()
+            .collect();
+        for key in expired {
+            self.adopted.remove(&key);
+            if let Some(binding) = self.bound.remove(&key) {
+                self.unbind(&binding);
+            }
+        }
     }
 
     pub fn stats(&self) -> FastPathStats {
@@ -132,6 +218,7 @@ impl FastPath {
         };
         match self.program.bind_channel(&binding) {
             Ok(()) => {
+                self.adopted.remove(&key);
                 if self.bound.insert(key, binding).is_none() {
                     self.stats.channels_installed += 1;
                     debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, "channel forwarded in the kernel");
@@ -160,7 +247,11 @@ impl FastPath {
         let Some(binding) = self.bound.remove(&(channel.five_tuple, channel.channel)) else {
             return;
         };
-        match self.program.unbind_channel(&binding) {
+        self.unbind(&binding);
+    }
+
+    fn unbind(&mut self, binding: &ChannelBinding) {
+        match self.program.unbind_channel(binding) {
             Ok(counters) => {
                 self.stats.channels_removed += 1;
                 debug!(client = %binding.client, channel = binding.channel, ?counters, "channel removed from the kernel");
@@ -172,6 +263,23 @@ impl FastPath {
         }
         if self.bound.len() < self.max_channels {
             self.full_reported = false;
+        }
+    }
+}
+
+/// The kernel's FIB lookup (which the program uses to route rewritten frames) refuses on an
+/// interface that does not forward; everything then goes to userspace, slowly but correctly.
+fn warn_if_not_forwarding(interface: &str) {
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+            warn!(
+                interface,
+                "{family} forwarding is off on {interface}: the XDP fast path cannot route {family} frames \
+                 arriving there and leaves them to userspace. Enable it (sysctl -w \
+                 net.{family}.conf.{interface}.forwarding=1) and keep the host from routing itself \
+                 with a firewall forward policy of drop"
+            );
         }
     }
 }

@@ -483,6 +483,9 @@ async fn timers(shared: Arc<Shared>, stats_every: Duration) {
         let mut binder = SocketBinder::new(&mut state.relays, &shared);
         state.core.handle_timeout(now, &mut binder);
         state.flush_fast_path();
+        if let Some(fast_path) = &mut state.fast_path {
+            fast_path.sweep();
+        }
         if now.duration_since(last_stats) >= stats_every {
             last_stats = now;
             let current = state.counters();
