@@ -53,6 +53,8 @@ pub enum Error {
     AdjustFailed,
     /// A helper or bounds check failed after the frame was modified.
     AfterRewrite,
+    /// Partial (offload) UDP checksum: see `Stat::PassChecksumPartial`.
+    ChecksumPartial,
 }
 
 impl Error {
@@ -87,6 +89,7 @@ impl Error {
             Error::BadBinding => Stat::PassBadBinding,
             Error::AdjustFailed => Stat::PassAdjustFailed,
             Error::AfterRewrite => Stat::DropAfterRewrite,
+            Error::ChecksumPartial => Stat::PassChecksumPartial,
         }
     }
 }

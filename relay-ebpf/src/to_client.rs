@@ -95,6 +95,9 @@ fn try_rewrite<In: Family, Out: Family>(
         0
     } else {
         let (old_src, old_dst) = In::pseudo_addrs(ctx)?;
+        if checksum::is_offload_partial(old_check, old_src, old_dst, udp_len) {
+            return Err(Error::ChecksumPartial);
+        }
         checksum::udp_to_channel_data(
             old_check,
             &UdpFields {

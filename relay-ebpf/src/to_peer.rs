@@ -115,6 +115,9 @@ fn try_rewrite<In: Family, Out: Family>(
             };
         }
         let (old_src, old_dst) = In::pseudo_addrs(ctx)?;
+        if checksum::is_offload_partial(old_check, old_src, old_dst, udp_len) {
+            return Err(Error::ChecksumPartial);
+        }
         checksum::channel_data_to_udp(
             old_check,
             &UdpFields {

@@ -173,6 +173,19 @@ impl TurnClient {
                 Conn::Tls(Box::new(tls_connect(server, ca)?))
             }
         };
+        Self::with_conn(proto, conn, server)
+    }
+
+    /// A UDP client whose socket is bound to `local_ip` (an address of a test host in a
+    /// network namespace, say) rather than to loopback.
+    pub fn connect_udp(local_ip: IpAddr, server: SocketAddr) -> anyhow::Result<TurnClient> {
+        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
+            .with_context(|| format!("binding a UDP client socket on {local_ip}"))?;
+        socket.connect(server)?;
+        Self::with_conn(Proto::Udp, Conn::Udp(socket), server)
+    }
+
+    fn with_conn(proto: Proto, conn: Conn, server: SocketAddr) -> anyhow::Result<TurnClient> {
         let local = match &conn {
             Conn::Udp(s) => s.local_addr()?,
             Conn::Tcp(s) => s.local_addr()?,

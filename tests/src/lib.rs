@@ -8,6 +8,8 @@
 //! - [`certs`]: a throw-away CA and a `localhost` certificate for the TLS listeners.
 //! - [`netns`]: private network namespaces, for tests whose failure mode would send traffic
 //!   somewhere other than loopback.
+//! - [`topology`]: a client, a two-armed edge and a peer in network namespaces, for the XDP
+//!   fast path's end-to-end test.
 //! - [`ports`], [`tools`]: free ports and relay port ranges; external programs.
 //!
 //! Everything talks to loopback or to a namespace the test created, and every wait is
@@ -27,9 +29,10 @@ pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod tools;
+pub mod topology;
 
 pub use client::{Allocated, Proto, Received, Response, TurnClient};
-pub use process::{Rampart, RampartConfig};
+pub use process::{Rampart, RampartConfig, XdpConfig};
 
 /// How long any single receive waits. Loopback answers in microseconds; this only bounds a
 /// failing test.

@@ -75,16 +75,31 @@ impl Netns {
     /// Runs `f` on a thread inside the namespace and returns its result; a panic in `f` is
     /// re-raised here.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let handle = std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-            setns(&ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns({path}): {e}"));
-            f()
-        });
-        handle
+        run_in(&self.name, f)
+    }
+
+    /// `sysctl -w <setting>` inside the namespace (e.g. `net.ipv4.conf.all.forwarding=1`).
+    pub fn sysctl(&self, setting: &str) -> anyhow::Result<()> {
+        ip(&["netns", "exec", &self.name, "sysctl", "-q", "-w", setting])
+    }
+}
+
+/// Runs `f` on a thread inside the named namespace (`ip netns add <name>`) and returns its
+/// result; a panic in `f` is re-raised here. `f` may borrow from the caller. Sockets `f`
+/// creates stay in the namespace when they are used from other threads later.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                setns(&ns, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns({path}): {e}"));
+                f()
+            })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
+    })
 }
 
 impl Drop for Netns {

@@ -41,6 +41,21 @@ pub struct RampartConfig {
     pub relay: Vec<(String, String)>,
     /// Extra `key = value` lines (values in TOML syntax) for `[limits]`.
     pub limits: Vec<(String, String)>,
+    /// The `[xdp]` section; none by default (the server's default: no fast path).
+    pub xdp: Option<XdpConfig>,
+    /// `--stats-interval` (seconds between `counters` lines); the binary's default if unset.
+    pub stats_interval: Option<u64>,
+    /// Run the server inside this network namespace (`ip netns exec <name> rampart ...`); the
+    /// listeners' free ports are picked and their readiness probed from inside it too.
+    pub netns: Option<String>,
+}
+
+/// The `[xdp]` section of a configuration.
+#[derive(Clone, Debug)]
+pub struct XdpConfig {
+    /// `off`, `auto`, `native` or `generic`.
+    pub mode: String,
+    pub interfaces: Vec<String>,
 }
 
 impl RampartConfig {
@@ -62,6 +77,9 @@ impl RampartConfig {
             rest_secrets: vec![REST_SECRET.to_owned()],
             relay: Vec::new(),
             limits: Vec::new(),
+            xdp: None,
+            stats_interval: None,
+            netns: None,
         }
     }
 
@@ -84,6 +102,26 @@ impl RampartConfig {
 
     pub fn with_limit(mut self, key: &str, value: &str) -> Self {
         self.limits.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An `[xdp]` section: `mode` (`off`, `auto`, `native`, `generic`) on `interfaces`.
+    pub fn with_xdp(mut self, mode: &str, interfaces: &[&str]) -> Self {
+        self.xdp = Some(XdpConfig {
+            mode: mode.to_owned(),
+            interfaces: interfaces.iter().map(|i| (*i).to_owned()).collect(),
+        });
+        self
+    }
+
+    pub fn with_stats_interval(mut self, seconds: u64) -> Self {
+        self.stats_interval = Some(seconds);
+        self
+    }
+
+    /// Run the server in the network namespace `name` (see [`RampartConfig::netns`]).
+    pub fn in_netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -147,6 +185,15 @@ impl RampartConfig {
             for (key, value) in &self.limits {
                 let _ = writeln!(t, "{key} = {value}");
             }
+        }
+        if let Some(xdp) = &self.xdp {
+            let interfaces: Vec<String> = xdp.interfaces.iter().map(|i| quote(i)).collect();
+            let _ = writeln!(
+                t,
+                "\n[xdp]\nmode = {}\ninterfaces = [{}]",
+                quote(&xdp.mode),
+                interfaces.join(", ")
+            );
         }
         t
     }
@@ -252,11 +299,28 @@ impl Rampart {
             .tempdir()
             .map_err(|e| (e.into(), String::new()))?;
         let log_path = dir.path().join("rampart.log");
-        let prepared = Self::prepare(dir.path(), config).map_err(|e| (e, String::new()))?;
-        let (config_path, listeners, relay_range, pki) = prepared;
+        // Free ports are looked for where the server will bind them.
+        let prepared = match &config.netns {
+            Some(ns) => crate::netns::run_in(ns, || Self::prepare(dir.path(), config)),
+            None => Self::prepare(dir.path(), config),
+        };
+        let (config_path, listeners, relay_range, pki) =
+            prepared.map_err(|e| (e, String::new()))?;
         let spawned = (|| -> anyhow::Result<Child> {
             let log = File::create(&log_path)?;
-            let mut command = Command::new(binary);
+            // `ip netns exec` execs the binary in place (same process), so killing the child
+            // kills the server, and the parent-death signal set below survives the exec.
+            let mut command = match &config.netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(binary);
+                    c
+                }
+                None => Command::new(binary),
+            };
+            if let Some(seconds) = config.stats_interval {
+                command.arg("--stats-interval").arg(seconds.to_string());
+            }
             let child = crate::tools::die_with_parent(&mut command)
                 .arg("--config")
                 .arg(&config_path)
@@ -280,7 +344,11 @@ impl Rampart {
             relay_range,
             pki,
         };
-        match server.wait_ready() {
+        let ready = match &config.netns {
+            Some(ns) => crate::netns::run_in(ns, || server.wait_ready()),
+            None => server.wait_ready(),
+        };
+        match ready {
             Ok(()) => Ok(server),
             Err(e) => {
                 let _ = server.child.kill();
@@ -409,6 +477,18 @@ impl Rampart {
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Every `counters` line logged so far (`--stats-interval`), oldest first, as JSON.
+    pub fn counters(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let json = &line[line.find("counters {")? + "counters ".len()..];
+                // Anything after the object (colour codes) is not part of it.
+                serde_json::from_str(&json[..=json.rfind('}')?]).ok()
+            })
+            .collect()
     }
 }
 

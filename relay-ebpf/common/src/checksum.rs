@@ -242,6 +242,23 @@ pub const fn udp_to_channel_data(
         .udp_checksum()
 }
 
+/// Whether `check` is what a sender that left the UDP checksum to offload (CHECKSUM_PARTIAL,
+/// e.g. a local process sending over veth) puts in the field: the folded pseudo-header sum
+/// (addresses, protocol, UDP length), which the hardware or the stack completes later. Such a
+/// field is not a checksum of the datagram, so updating it incrementally would send a wrong
+/// one. A complete checksum equals this by chance one time in 65536; then the frame merely
+/// takes the userspace path.
+#[inline(always)]
+pub const fn is_offload_partial(check: u16, src_ip: &[u16], dst_ip: &[u16], udp_len: u16) -> bool {
+    Sum::ZERO
+        .add_words(src_ip)
+        .add_words(dst_ip)
+        .add_u16(17)
+        .add_u16(udp_len)
+        .fold()
+        == check
+}
+
 /// The checksum of a 20-byte IPv4 header (no options) given as [`Words`], its checksum field
 /// (word 5) counted as zero.
 #[inline(always)]
@@ -587,5 +604,23 @@ mod tests {
         assert_eq!(w[1].to_ne_bytes(), [34, 51]);
         assert_eq!(u16::from_be(w[1]), 34 * 256 + 51);
         assert_eq!(bytes::<8, 16>(&w), b);
+    }
+    #[test]
+    fn offload_partial_fields_are_recognised_and_complete_ones_are_not() {
+        let src = words::<4, 2>(&[10, 201, 1, 2]);
+        let dst = words::<4, 2>(&[10, 201, 1, 1]);
+        let udp_len = 8 + 5;
+        let partial = Sum::ZERO
+            .add_words(&src)
+            .add_words(&dst)
+            .add_u16(17)
+            .add_u16(udp_len)
+            .fold();
+        assert!(is_offload_partial(partial, &src, &dst, udp_len));
+        let udp = [
+            0x9c, 0x40, 0x0d, 0x96, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o',
+        ];
+        let complete = full_udp_checksum(&[10, 201, 1, 2], &[10, 201, 1, 1], &udp);
+        assert!(!is_offload_partial(complete, &src, &dst, udp_len));
     }
 }

@@ -91,11 +91,14 @@ pub enum Stat {
     /// A helper failed after the frame was rewritten (a map changed under the program); the
     /// frame is dropped rather than sent half-rewritten. Should stay at zero.
     DropAfterRewrite = 20,
+    /// The UDP checksum field holds only the pseudo-header sum of a sender that left the
+    /// checksum to offload (a local process over veth): userspace relays it.
+    PassChecksumPartial = 21,
 }
 
 impl Stat {
     /// Every slot, in index order.
-    pub const ALL: [Stat; 21] = [
+    pub const ALL: [Stat; 22] = [
         Stat::Seen,
         Stat::ForwardedToPeer,
         Stat::ForwardedToClient,
@@ -117,6 +120,7 @@ impl Stat {
         Stat::PassBadBinding,
         Stat::PassAdjustFailed,
         Stat::DropAfterRewrite,
+        Stat::PassChecksumPartial,
     ];
 
     /// Index of this slot in [`STATS_MAP`].
@@ -148,6 +152,7 @@ impl Stat {
             Stat::PassBadBinding => "pass_bad_binding",
             Stat::PassAdjustFailed => "pass_adjust_failed",
             Stat::DropAfterRewrite => "drop_after_rewrite",
+            Stat::PassChecksumPartial => "pass_checksum_partial",
         }
     }
 }
