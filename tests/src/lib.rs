@@ -9,7 +9,9 @@
 //! - [`netns`]: private network namespaces, for tests whose failure mode would send traffic
 //!   somewhere other than loopback.
 //! - [`topology`]: a client, a two-armed edge and a peer in network namespaces, for the XDP
-//!   fast path's end-to-end test.
+//!   fast path's end-to-end tests; [`media`]: channel media between them and its accounting;
+//!   [`bpf`]: a bpffs of the test's own, and the agent's pinned maps and links through
+//!   `bpftool`.
 //! - [`ports`], [`tools`]: free ports and relay port ranges; external programs.
 //!
 //! Everything talks to loopback or to a namespace the test created, and every wait is
@@ -23,8 +25,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+pub mod bpf;
 pub mod certs;
 pub mod client;
+pub mod media;
 pub mod netns;
 pub mod ports;
 pub mod process;

@@ -56,6 +56,11 @@ pub struct XdpConfig {
     /// `off`, `auto`, `native` or `generic`.
     pub mode: String,
     pub interfaces: Vec<String>,
+    /// `pin_path`: the bpffs directory the agent pins its maps and links under; the
+    /// agent's default (/sys/fs/bpf/rampart) if unset. A server started with `in_netns` sees a
+    /// /sys of its own (`ip netns exec` mounts a fresh one), so pins that must outlive it
+    /// belong on a bpffs the test mounted elsewhere (see [`crate::bpf::BpfFs`]).
+    pub pin_path: Option<PathBuf>,
 }
 
 impl RampartConfig {
@@ -110,7 +115,17 @@ impl RampartConfig {
         self.xdp = Some(XdpConfig {
             mode: mode.to_owned(),
             interfaces: interfaces.iter().map(|i| (*i).to_owned()).collect(),
+            pin_path: None,
         });
+        self
+    }
+
+    /// `[xdp] pin_path` (see [`XdpConfig::pin_path`]); call after [`RampartConfig::with_xdp`].
+    pub fn with_xdp_pin_path(mut self, path: &Path) -> Self {
+        self.xdp
+            .as_mut()
+            .expect("with_xdp_pin_path needs an [xdp] section: call with_xdp first")
+            .pin_path = Some(path.to_owned());
         self
     }
 
@@ -194,6 +209,9 @@ impl RampartConfig {
                 quote(&xdp.mode),
                 interfaces.join(", ")
             );
+            if let Some(path) = &xdp.pin_path {
+                let _ = writeln!(t, "pin_path = {}", quote(&path.display().to_string()));
+            }
         }
         t
     }
@@ -267,6 +285,8 @@ pub struct Rampart {
     listeners: Vec<(Proto, SocketAddr)>,
     relay_range: (u16, u16),
     pki: Option<TestPki>,
+    /// Set by [`Rampart::sigkill`]: the exit was the test's doing.
+    killed: bool,
 }
 
 impl Rampart {
@@ -343,6 +363,7 @@ impl Rampart {
             listeners,
             relay_range,
             pki,
+            killed: false,
         };
         let ready = match &config.netns {
             Some(ns) => crate::netns::run_in(ns, || server.wait_ready()),
@@ -479,6 +500,21 @@ impl Rampart {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The server's process id. With `in_netns` it is the server's own: `ip netns exec`
+    /// execs the binary in place.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server with SIGKILL, as a crash or the OOM killer would (no handler runs,
+    /// nothing is cleaned up), and reaps it. Returns how it ended. The log stays readable.
+    pub fn sigkill(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.killed = true;
+        // `Child::kill` is SIGKILL on Unix.
+        self.child.kill()?;
+        self.child.wait()
+    }
+
     /// Every `counters` line logged so far (`--stats-interval`), oldest first, as JSON.
     pub fn counters(&self) -> Vec<serde_json::Value> {
         self.log()
@@ -494,7 +530,12 @@ impl Rampart {
 
 impl Drop for Rampart {
     fn drop(&mut self) {
-        let exited_early = self.child.try_wait().ok().flatten();
+        let exited_early = self
+            .child
+            .try_wait()
+            .ok()
+            .flatten()
+            .filter(|_| !self.killed);
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The test runner captures this and shows it only when the test fails.
@@ -504,6 +545,9 @@ impl Drop for Rampart {
         let mut out = String::new();
         if let Some(status) = exited_early {
             let _ = writeln!(out, "rampart had exited on its own: {status}");
+        }
+        if self.killed {
+            let _ = writeln!(out, "rampart was killed by the test (SIGKILL)");
         }
         let _ = writeln!(
             out,

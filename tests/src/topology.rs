@@ -17,6 +17,7 @@
 //! the host's namespace), are deleted when the value is dropped, also when a test panics.
 
 use std::ffi::CString;
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -216,6 +217,60 @@ impl EdgeTopology {
             }
         }
         Ok(())
+    }
+}
+
+impl EdgeTopology {
+    /// What the hosts' kernels saw, for a failure message: interface statistics (veth's XDP
+    /// counters too, when ethtool is installed) and the UDP counters of each namespace
+    /// (`InCsumErrors`: datagrams dropped for a bad checksum).
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::from("----- diagnostics -----\n");
+        let ethtool = crate::tools::find_on_path("ethtool").is_some();
+        for (ns, dev) in [
+            (&self.client, CLIENT_IF),
+            (&self.edge, EDGE_EXT_IF),
+            (&self.edge, EDGE_INT_IF),
+            (&self.peer, PEER_IF),
+        ] {
+            let mut commands = vec![vec!["ip", "-s", "-d", "link", "show", "dev", dev]];
+            // veth's per-queue XDP statistics (redirects, ndo_xdp_xmit, ring drops).
+            if ethtool {
+                commands.push(vec!["ethtool", "-S", dev]);
+            }
+            for command in commands {
+                let output = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns.name()])
+                    .args(&command)
+                    .output();
+                if let Ok(o) = output {
+                    let _ = writeln!(
+                        out,
+                        "$ {} ({})\n{}{}",
+                        command.join(" "),
+                        ns.name(),
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+            }
+        }
+        for ns in [&self.client, &self.edge, &self.peer] {
+            for file in ["/proc/net/snmp", "/proc/net/snmp6"] {
+                let output = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns.name(), "cat", file])
+                    .output();
+                if let Ok(o) = output {
+                    let text = String::from_utf8_lossy(&o.stdout);
+                    let lines: Vec<&str> = text
+                        .lines()
+                        .filter(|l| l.starts_with("Udp:") || l.starts_with("Udp6"))
+                        .collect();
+                    let _ = writeln!(out, "{} {file}:\n{}", ns.name(), lines.join("\n"));
+                }
+            }
+        }
+        out
     }
 }
 

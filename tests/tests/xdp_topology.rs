@@ -28,40 +28,24 @@
 //! (`CI=true`), where it fails. Run: `cargo build -p relay-user && cargo test -p
 //! rampart-tests --test xdp_topology`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rampart::stun::{AddressFamily, Attribute};
+use rampart_tests::media::{
+    Channel, Expect, Flow, client_to_peer, kernel_flow, messages, next_counters, number,
+    peer_to_client, slot, userspace_delta, xdp_delta,
+};
 use rampart_tests::netns::run_in;
 use rampart_tests::topology::{
-    CLIENT_IF, EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, INTERNAL_NETS, PEER_IF, SenderChecksums,
+    EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, INTERNAL_NETS, SenderChecksums,
 };
-use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, Received, TurnClient, USER};
-use serde_json::Value;
+use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, TurnClient, USER};
 
 /// Messages each way on each channel.
 const MESSAGES: usize = 200;
-/// Data lengths, used in turn: a 1-byte message (a frame under Ethernet's 60-byte minimum),
-/// lengths that are not multiples of 4 (ChannelData padding), a voice-sized and a
-/// video-sized one.
-const LENGTHS: [usize; 5] = [1, 3, 63, 160, 1201];
-/// Messages in flight at most: the sender waits for the receiver beyond this, so no socket
-/// buffer on the way can overflow and a loss is the relay's.
-const WINDOW: usize = 16;
-/// Bounds one direction of one channel's media (a healthy one takes milliseconds).
-const PHASE_LIMIT: Duration = Duration::from_secs(10);
-/// A phase that received nothing for this long has stalled: a failure, reported at once.
-const STALL_LIMIT: Duration = Duration::from_secs(2);
-/// Bounds the wait for the next `counters` line (logged every second when something changed).
-const COUNTERS_WAIT: Duration = Duration::from_secs(5);
 const FIRST_CHANNEL: u16 = 0x4000;
-
-const ETHERNET: u64 = 14;
-const UDP_HEADER: u64 = 8;
-const CHANNEL_HEADER: u64 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -210,7 +194,7 @@ fn run(test: &str, mode: Mode, checksums: SenderChecksums) {
             Err(problem) => {
                 let _ = writeln!(summary, "  FAIL  {}: {problem}", case.name);
                 if failures.is_empty() {
-                    let _ = writeln!(summary, "{}", diagnostics(&topology));
+                    let _ = writeln!(summary, "{}", topology.diagnostics());
                 }
                 failures.push(case.name);
             }
@@ -227,14 +211,6 @@ fn run(test: &str, mode: Mode, checksums: SenderChecksums) {
         CASES.len(),
         started.elapsed()
     );
-}
-
-/// One channel of a case: its number, the peer's socket, the relay address it talks to.
-struct Channel {
-    number: u16,
-    peer: UdpSocket,
-    relayed: SocketAddr,
-    peer_v6: bool,
 }
 
 /// Sets up an allocation with a channel per peer, runs the media both ways on each, and checks
@@ -286,7 +262,6 @@ fn run_case(
             number: FIRST_CHANNEL + u16::try_from(k).expect("few channels"),
             peer,
             relayed,
-            peer_v6,
         });
     }
     let peer_addrs: Vec<SocketAddr> = channels
@@ -317,7 +292,6 @@ fn run_case(
 
     // Expected accounting: data bytes (userspace counts those) and frame bytes as received
     // (the XDP program counts those: Ethernet + IP + UDP [+ ChannelData header] + data).
-    let ip_header = |v6: bool| if v6 { 40 } else { 20 };
     let mut expect = Expect::default();
     for channel in &channels {
         let tag = u8::try_from(index * 4 + usize::from(channel.number - FIRST_CHANNEL))
@@ -326,52 +300,13 @@ fn run_case(
         let inbound = messages(tag ^ 0x80, MESSAGES);
         client_to_peer(&mut client, channel, &outbound)?;
         peer_to_client(&mut client, channel, &inbound)?;
-        for m in &outbound {
-            let len = m.len() as u64;
-            expect.to_peer.add(
-                len,
-                ETHERNET + ip_header(case.client_v6) + UDP_HEADER + CHANNEL_HEADER + len,
-            );
-        }
-        for m in &inbound {
-            let len = m.len() as u64;
-            expect.to_client.add(
-                len,
-                ETHERNET + ip_header(channel.peer_v6) + UDP_HEADER + len,
-            );
-        }
+        expect.record(case.client_v6, channel, &outbound, &inbound);
     }
 
     let after = next_counters(server)?;
-    let relay = |v: &Value, key: &str| number(v, &["relay", key]);
-    let delta = |key: &str| relay(&after, key).wrapping_sub(relay(&before, key));
-    let userspace = Flow {
-        to_peer: Count {
-            packets: delta("to_peer_packets"),
-            bytes: delta("to_peer_bytes"),
-        },
-        to_client: Count {
-            packets: delta("to_client_packets"),
-            bytes: delta("to_client_bytes"),
-        },
-    };
-    let xdp_before = xdp_stats(&before);
-    let xdp_delta: BTreeMap<String, (u64, u64)> = xdp_stats(&after)
-        .into_iter()
-        .map(|(name, (p, b))| {
-            let (p0, b0) = xdp_before.get(&name).copied().unwrap_or_default();
-            (name, (p - p0, b - b0))
-        })
-        .filter(|(_, (p, _))| *p > 0)
-        .collect();
-    let slot = |name: &str| {
-        let (packets, bytes) = xdp_delta.get(name).copied().unwrap_or_default();
-        Count { packets, bytes }
-    };
-    let kernel = Flow {
-        to_peer: slot("forwarded_to_peer"),
-        to_client: slot("forwarded_to_client"),
-    };
+    let userspace = userspace_delta(&before, &after);
+    let xdp_delta = xdp_delta(&before, &after);
+    let kernel = kernel_flow(&xdp_delta);
     let account = format!(
         "{} message(s) each way on {} channel(s); userspace relay {userspace}; XDP {kernel}; \
          all XDP slots that moved: {xdp_delta:?}",
@@ -386,16 +321,7 @@ fn run_case(
                     "userspace relayed media the kernel should have forwarded: {account}"
                 ));
             }
-            let frames = Flow {
-                to_peer: Count {
-                    packets: expect.to_peer.packets,
-                    bytes: expect.to_peer.frame_bytes,
-                },
-                to_client: Count {
-                    packets: expect.to_client.packets,
-                    bytes: expect.to_client.frame_bytes,
-                },
-            };
+            let frames = expect.frames();
             if kernel != frames {
                 return Err(format!(
                     "the XDP counters do not account for the media (expected {frames}): {account}"
@@ -404,7 +330,7 @@ fn run_case(
         }
         Mode::XdpPartialChecksums => {
             let data = expect.data();
-            let partial = slot("pass_checksum_partial").packets;
+            let partial = slot(&xdp_delta, "pass_checksum_partial").packets;
             let all = expect.to_peer.packets + expect.to_client.packets;
             if userspace != data || kernel != Flow::default() || partial != all {
                 return Err(format!(
@@ -427,364 +353,4 @@ fn run_case(
         }
     }
     Ok(account)
-}
-
-/// Client -> peer: ChannelData on `channel`, received by the peer from the relay address.
-fn client_to_peer(
-    client: &mut TurnClient,
-    channel: &Channel,
-    messages: &[Vec<u8>],
-) -> Result<(), String> {
-    let progress = Progress::new(messages.len());
-    let what = format!("client -> peer on channel {:#06x}", channel.number);
-    let (sent, got) = std::thread::scope(|scope| {
-        let receiver = scope.spawn(|| {
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 2048];
-            let _ = channel
-                .peer
-                .set_read_timeout(Some(Duration::from_millis(50)));
-            while progress.keep_receiving() {
-                if let Ok((n, from)) = channel.peer.recv_from(&mut buf) {
-                    got.push((from, buf[..n].to_vec()));
-                    progress.received();
-                }
-            }
-            got
-        });
-        let sent = progress.send_all(messages, |m| {
-            client
-                .send_channel_data(channel.number, m)
-                .map_err(|e| format!("{e:#}"))
-        });
-        (sent, receiver.join().expect("receiver thread"))
-    });
-    sent.map_err(|e| format!("{what}: {e}"))?;
-    if let Some((from, _)) = got.iter().find(|(from, _)| *from != channel.relayed) {
-        return Err(format!(
-            "{what}: a datagram came from {from}, not from the relay address {}",
-            channel.relayed
-        ));
-    }
-    compare(
-        &what,
-        messages,
-        got.into_iter().map(|(_, data)| data).collect(),
-    )
-}
-
-/// Peer -> client: datagrams to the relay address, received as ChannelData on `channel`.
-fn peer_to_client(
-    client: &mut TurnClient,
-    channel: &Channel,
-    messages: &[Vec<u8>],
-) -> Result<(), String> {
-    let progress = Progress::new(messages.len());
-    let what = format!("peer -> client on channel {:#06x}", channel.number);
-    let (sent, got) = std::thread::scope(|scope| {
-        let sender = scope.spawn(|| {
-            progress.send_all(messages, |m| {
-                channel
-                    .peer
-                    .send_to(m, channel.relayed)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-        });
-        let mut got = Vec::new();
-        let mut problem = None;
-        while progress.keep_receiving() {
-            match client.recv(Duration::from_millis(50)) {
-                Ok(Some(Received::Channel { channel: n, data })) if n == channel.number => {
-                    got.push(data);
-                    progress.received();
-                }
-                Ok(Some(other)) => {
-                    problem = Some(format!("unexpected relayed message {other:?}"));
-                    break;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    problem = Some(format!("{e:#}"));
-                    break;
-                }
-            }
-        }
-        let sent = sender.join().expect("sender thread");
-        (problem.map_or(sent, Err), got)
-    });
-    sent.map_err(|e| format!("{what}: {e}"))?;
-    compare(&what, messages, got)
-}
-
-/// One direction of media between a sending and a receiving thread: how much arrived, and
-/// when to give up.
-struct Progress {
-    expected: usize,
-    received: AtomicUsize,
-    sender_done: AtomicBool,
-    started: Instant,
-    /// Milliseconds after `started` of the last arrival (or of the start).
-    last_arrival_ms: AtomicU64,
-}
-
-impl Progress {
-    fn new(expected: usize) -> Self {
-        Progress {
-            expected,
-            received: AtomicUsize::new(0),
-            sender_done: AtomicBool::new(false),
-            started: Instant::now(),
-            last_arrival_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn received(&self) {
-        self.received.fetch_add(1, Ordering::AcqRel);
-        self.last_arrival_ms.store(self.now_ms(), Ordering::Release);
-    }
-
-    fn stalled(&self) -> bool {
-        let quiet = self
-            .now_ms()
-            .saturating_sub(self.last_arrival_ms.load(Ordering::Acquire));
-        Duration::from_millis(quiet) >= STALL_LIMIT || self.started.elapsed() >= PHASE_LIMIT
-    }
-
-    /// For the receiver: false once everything arrived, or the sender is done and nothing
-    /// came for [`STALL_LIMIT`], or time is up.
-    fn keep_receiving(&self) -> bool {
-        self.received.load(Ordering::Acquire) < self.expected
-            && !(self.sender_done.load(Ordering::Acquire) && self.stalled())
-            && self.started.elapsed() < PHASE_LIMIT
-    }
-
-    /// Sends every message, keeping at most [`WINDOW`] unreceived; gives up when nothing
-    /// arrives for [`STALL_LIMIT`].
-    fn send_all(
-        &self,
-        messages: &[Vec<u8>],
-        mut send: impl FnMut(&[u8]) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let outcome = (|| {
-            for (sent, message) in messages.iter().enumerate() {
-                while sent - self.received.load(Ordering::Acquire).min(sent) >= WINDOW {
-                    if self.stalled() {
-                        return Err(format!(
-                            "stalled: {sent} sent, {} received, nothing more within {STALL_LIMIT:?}",
-                            self.received.load(Ordering::Acquire)
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                send(message)?;
-            }
-            Ok(())
-        })();
-        self.sender_done.store(true, Ordering::Release);
-        outcome
-    }
-}
-
-/// Every message arrived exactly once, bytes exact (in any order).
-fn compare(what: &str, sent: &[Vec<u8>], mut got: Vec<Vec<u8>>) -> Result<(), String> {
-    let count = got.len();
-    let mut expected = sent.to_vec();
-    expected.sort();
-    got.sort();
-    if got == expected {
-        return Ok(());
-    }
-    let missing = expected.iter().filter(|m| !got.contains(m)).count();
-    let unexpected = got.iter().filter(|m| !expected.contains(m)).count();
-    let lengths: BTreeMap<usize, usize> =
-        expected
-            .iter()
-            .filter(|m| !got.contains(m))
-            .fold(BTreeMap::new(), |mut acc, m| {
-                *acc.entry(m.len()).or_default() += 1;
-                acc
-            });
-    Err(format!(
-        "{what}: {count} of {} arrived; {missing} missing (by length: {lengths:?}), {unexpected} \
-         not sent (or altered)",
-        sent.len()
-    ))
-}
-
-/// `count` messages of the lengths in [`LENGTHS`], each distinct: a tag, the index, a pattern.
-fn messages(tag: u8, count: usize) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| {
-            let len = LENGTHS[i % LENGTHS.len()];
-            let index = u16::try_from(i).expect("few messages").to_be_bytes();
-            let head = [tag, index[0], index[1]];
-            (0..len)
-                .map(|j| {
-                    head.get(j)
-                        .copied()
-                        .unwrap_or_else(|| u8::try_from((i * 31 + j * 7) % 251).expect("below 251"))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Waits for a `counters` line logged after this call: it reflects everything the agent did
-/// before the call (the line is computed and written under the agent's state lock).
-fn next_counters(server: &Rampart) -> Result<Value, String> {
-    let seen = server.counters().len();
-    let deadline = Instant::now() + COUNTERS_WAIT;
-    loop {
-        let mut lines = server.counters();
-        if lines.len() > seen {
-            return Ok(lines.pop().expect("non-empty"));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "no new `counters` line within {COUNTERS_WAIT:?} (--stats-interval 1)"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn number(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, key| &v[*key])
-        .as_u64()
-        .unwrap_or_else(|| panic!("counters line without {path:?}: {v}"))
-}
-
-/// The `xdp` slots of a counters line: name -> (packets, bytes).
-fn xdp_stats(v: &Value) -> BTreeMap<String, (u64, u64)> {
-    v["xdp"]
-        .as_array()
-        .map(|slots| {
-            slots
-                .iter()
-                .filter_map(|slot| {
-                    Some((
-                        slot[0].as_str()?.to_owned(),
-                        (slot[1].as_u64()?, slot[2].as_u64()?),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Count {
-    packets: u64,
-    bytes: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Flow {
-    to_peer: Count,
-    to_client: Count,
-}
-
-impl std::fmt::Display for Flow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "to peer {} pkts / {} B, to client {} pkts / {} B",
-            self.to_peer.packets, self.to_peer.bytes, self.to_client.packets, self.to_client.bytes
-        )
-    }
-}
-
-#[derive(Default)]
-struct Expected {
-    packets: u64,
-    data_bytes: u64,
-    frame_bytes: u64,
-}
-
-impl Expected {
-    fn add(&mut self, data: u64, frame: u64) {
-        self.packets += 1;
-        self.data_bytes += data;
-        self.frame_bytes += frame;
-    }
-}
-
-#[derive(Default)]
-struct Expect {
-    to_peer: Expected,
-    to_client: Expected,
-}
-
-impl Expect {
-    /// What userspace counts of the media: data bytes.
-    fn data(&self) -> Flow {
-        Flow {
-            to_peer: Count {
-                packets: self.to_peer.packets,
-                bytes: self.to_peer.data_bytes,
-            },
-            to_client: Count {
-                packets: self.to_client.packets,
-                bytes: self.to_client.data_bytes,
-            },
-        }
-    }
-}
-
-/// What the hosts' kernels saw, for a failure message: interface statistics (veth's XDP
-/// counters too, when ethtool is installed) and the UDP counters of each namespace
-/// (`InCsumErrors`: datagrams dropped for a bad checksum).
-fn diagnostics(topology: &EdgeTopology) -> String {
-    let mut out = String::from("----- diagnostics -----\n");
-    let ethtool = rampart_tests::tools::find_on_path("ethtool").is_some();
-    for (ns, dev) in [
-        (&topology.client, CLIENT_IF),
-        (&topology.edge, EDGE_EXT_IF),
-        (&topology.edge, EDGE_INT_IF),
-        (&topology.peer, PEER_IF),
-    ] {
-        let mut commands = vec![vec!["ip", "-s", "-d", "link", "show", "dev", dev]];
-        // veth's per-queue XDP statistics (redirects, ndo_xdp_xmit, ring drops).
-        if ethtool {
-            commands.push(vec!["ethtool", "-S", dev]);
-        }
-        for command in commands {
-            let output = std::process::Command::new("ip")
-                .args(["netns", "exec", ns.name()])
-                .args(&command)
-                .output();
-            if let Ok(o) = output {
-                let _ = writeln!(
-                    out,
-                    "$ {} ({})\n{}{}",
-                    command.join(" "),
-                    ns.name(),
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-        }
-    }
-    for ns in [&topology.client, &topology.edge, &topology.peer] {
-        for file in ["/proc/net/snmp", "/proc/net/snmp6"] {
-            let output = std::process::Command::new("ip")
-                .args(["netns", "exec", ns.name(), "cat", file])
-                .output();
-            if let Ok(o) = output {
-                let text = String::from_utf8_lossy(&o.stdout);
-                let lines: Vec<&str> = text
-                    .lines()
-                    .filter(|l| l.starts_with("Udp:") || l.starts_with("Udp6"))
-                    .collect();
-                let _ = writeln!(out, "{} {file}:\n{}", ns.name(), lines.join("\n"));
-            }
-        }
-    }
-    out
 }
