@@ -61,6 +61,8 @@ pub struct XdpConfig {
     /// /sys of its own (`ip netns exec` mounts a fresh one), so pins that must outlive it
     /// belong on a bpffs the test mounted elsewhere (see [`crate::bpf::BpfFs`]).
     pub pin_path: Option<PathBuf>,
+    /// `max_channels`: the agent's default if unset.
+    pub max_channels: Option<u32>,
 }
 
 impl RampartConfig {
@@ -116,6 +118,7 @@ impl RampartConfig {
             mode: mode.to_owned(),
             interfaces: interfaces.iter().map(|i| (*i).to_owned()).collect(),
             pin_path: None,
+            max_channels: None,
         });
         self
     }
@@ -209,6 +212,9 @@ impl RampartConfig {
                 quote(&xdp.mode),
                 interfaces.join(", ")
             );
+            if let Some(max) = xdp.max_channels {
+                let _ = writeln!(t, "max_channels = {max}");
+            }
             if let Some(path) = &xdp.pin_path {
                 let _ = writeln!(t, "pin_path = {}", quote(&path.display().to_string()));
             }

@@ -25,6 +25,7 @@ use anyhow::{Context, bail};
 use nix::libc;
 
 use crate::netns::{self, Netns};
+use crate::{Proto, RampartConfig};
 
 /// The edge's external interface (towards the client) and internal one (towards the peer).
 pub const EDGE_EXT_IF: &str = "e0";
@@ -217,6 +218,31 @@ impl EdgeTopology {
             }
         }
         Ok(())
+    }
+}
+
+impl EdgeTopology {
+    /// The agent's configuration for this topology: UDP listeners on the edge's external
+    /// addresses, relays on its internal ones (peers on the internal subnets allowed), XDP in
+    /// `xdp_mode` on both edge interfaces, counters every second, run in the edge namespace.
+    pub fn agent_config(&self, xdp_mode: &str) -> RampartConfig {
+        let mut config = RampartConfig::loopback(&[
+            (Proto::Udp, self.edge_external_ip(false)),
+            (Proto::Udp, self.edge_external_ip(true)),
+        ])
+        .with_xdp(xdp_mode, &[EDGE_EXT_IF, EDGE_INT_IF])
+        .with_stats_interval(1)
+        .in_netns(self.edge.name());
+        config.relay_ipv4 = match self.edge_internal_ip(false) {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        };
+        config.relay_ipv6 = match self.edge_internal_ip(true) {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        };
+        config.allowed_peer_networks = INTERNAL_NETS.iter().map(|n| (*n).to_owned()).collect();
+        config
     }
 }
 

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -49,9 +49,7 @@ use rampart_tests::media::{
     peer_to_client, userspace_delta, xdp_delta,
 };
 use rampart_tests::netns::run_in;
-use rampart_tests::topology::{
-    EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, INTERNAL_NETS, SenderChecksums,
-};
+use rampart_tests::topology::{EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, SenderChecksums};
 use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, Received, TurnClient, USER};
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ChannelCounters, ClientChannelKey,
@@ -101,24 +99,7 @@ fn pinned_program_forwards_after_sigkill_until_expiry_and_a_restart_leaves_no_or
 /// The agent's configuration: listeners on the edge's external addresses, relays on its
 /// internal ones, native XDP on both, pins on the test's bpffs, counters every second.
 fn agent_config(topology: &EdgeTopology, pin_path: &Path) -> RampartConfig {
-    let mut config = RampartConfig::loopback(&[
-        (Proto::Udp, topology.edge_external_ip(false)),
-        (Proto::Udp, topology.edge_external_ip(true)),
-    ])
-    .with_xdp("native", &[EDGE_EXT_IF, EDGE_INT_IF])
-    .with_xdp_pin_path(pin_path)
-    .with_stats_interval(1)
-    .in_netns(topology.edge.name());
-    config.relay_ipv4 = match topology.edge_internal_ip(false) {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    };
-    config.relay_ipv6 = match topology.edge_internal_ip(true) {
-        IpAddr::V6(ip) => Some(ip),
-        IpAddr::V4(_) => None,
-    };
-    config.allowed_peer_networks = INTERNAL_NETS.iter().map(|n| (*n).to_owned()).collect();
-    config
+    topology.agent_config("native").with_xdp_pin_path(pin_path)
 }
 
 /// The pinned objects of the agent's map layout.

@@ -29,7 +29,7 @@
 //! rampart-tests --test xdp_topology`.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Instant;
 
 use rampart::stun::{AddressFamily, Attribute};
@@ -38,10 +38,8 @@ use rampart_tests::media::{
     peer_to_client, slot, userspace_delta, xdp_delta,
 };
 use rampart_tests::netns::run_in;
-use rampart_tests::topology::{
-    EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, INTERNAL_NETS, SenderChecksums,
-};
-use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, TurnClient, USER};
+use rampart_tests::topology::{EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, SenderChecksums};
+use rampart_tests::{PASSWORD, Proto, Rampart, TurnClient, USER};
 
 /// Messages each way on each channel.
 const MESSAGES: usize = 200;
@@ -147,28 +145,10 @@ fn run(test: &str, mode: Mode, checksums: SenderChecksums) {
     let Some(topology) = EdgeTopology::create(test, checksums).expect("build the topology") else {
         return;
     };
-    let mut config = RampartConfig::loopback(&[
-        (Proto::Udp, topology.edge_external_ip(false)),
-        (Proto::Udp, topology.edge_external_ip(true)),
-    ])
-    .with_xdp(
-        match mode {
-            Mode::Xdp | Mode::XdpPartialChecksums => "native",
-            Mode::Userspace => "off",
-        },
-        &[EDGE_EXT_IF, EDGE_INT_IF],
-    )
-    .with_stats_interval(1)
-    .in_netns(topology.edge.name());
-    config.relay_ipv4 = match topology.edge_internal_ip(false) {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    };
-    config.relay_ipv6 = match topology.edge_internal_ip(true) {
-        IpAddr::V6(ip) => Some(ip),
-        IpAddr::V4(_) => None,
-    };
-    config.allowed_peer_networks = INTERNAL_NETS.iter().map(|n| (*n).to_owned()).collect();
+    let config = topology.agent_config(match mode {
+        Mode::Xdp | Mode::XdpPartialChecksums => "native",
+        Mode::Userspace => "off",
+    });
     let server = Rampart::start(&config).expect("start rampart in the edge namespace");
     if mode != Mode::Userspace {
         let log = server.log();
@@ -353,4 +333,72 @@ fn run_case(
         }
     }
     Ok(account)
+}
+
+/// `[xdp] max_channels = 1`: the first channel is forwarded in the kernel, the second finds the
+/// maps full and is relayed in userspace, counted and logged; both carry all their media.
+#[test]
+fn full_channel_maps_leave_further_channels_to_userspace() {
+    let Some(topology) =
+        EdgeTopology::create("xdp_topology (maps full)", SenderChecksums::Complete)
+            .expect("build the topology")
+    else {
+        return;
+    };
+    let mut config = topology.agent_config("native");
+    config.xdp.as_mut().expect("an [xdp] section").max_channels = Some(1);
+    let server = Rampart::start(&config).expect("start rampart in the edge namespace");
+    let listener = server.addr(Proto::Udp, topology.edge_external_ip(false));
+    let client_ip = topology.client_ip(false);
+    let mut client = run_in(topology.client.name(), || {
+        TurnClient::connect_udp(client_ip, listener)
+    })
+    .expect("client socket");
+    let allocated = client
+        .allocate(USER, PASSWORD, AddressFamily::V4)
+        .expect("Allocate");
+    let peer_ip = topology.peer_ip(false);
+    let channels: Vec<Channel> = (0..2)
+        .map(|k| Channel {
+            number: FIRST_CHANNEL + k,
+            peer: run_in(topology.peer.name(), || UdpSocket::bind((peer_ip, 0)))
+                .expect("peer socket"),
+            relayed: allocated.relayed[0],
+        })
+        .collect();
+    let peers: Vec<SocketAddr> = channels
+        .iter()
+        .map(|c| c.peer.local_addr().expect("bound"))
+        .collect();
+    client.create_permission(&peers).expect("CreatePermission");
+    for (channel, peer) in channels.iter().zip(&peers) {
+        client
+            .channel_bind(channel.number, *peer)
+            .expect("ChannelBind");
+    }
+    let before = next_counters(&server).expect("counters after binding");
+    assert_eq!(number(&before, &["fast_path", "channels_installed"]), 1);
+    assert_eq!(number(&before, &["fast_path", "map_full"]), 1);
+    assert!(
+        server.log().contains("XDP channel maps full"),
+        "the full maps were not logged"
+    );
+
+    let (mut in_kernel, mut in_userspace) = (Expect::default(), Expect::default());
+    for (k, channel) in channels.iter().enumerate() {
+        let tag = 0x40 + u8::try_from(k).expect("two channels");
+        let outbound = messages(tag, 50);
+        let inbound = messages(tag ^ 0x80, 50);
+        client_to_peer(&mut client, channel, &outbound).expect("client -> peer");
+        peer_to_client(&mut client, channel, &inbound).expect("peer -> client");
+        let expect = if k == 0 {
+            &mut in_kernel
+        } else {
+            &mut in_userspace
+        };
+        expect.record(false, channel, &outbound, &inbound);
+    }
+    let after = next_counters(&server).expect("counters after the media");
+    assert_eq!(kernel_flow(&xdp_delta(&before, &after)), in_kernel.frames());
+    assert_eq!(userspace_delta(&before, &after), in_userspace.data());
 }
