@@ -1,12 +1,17 @@
 //! `cargo xtask`: Rampart's build, run and test tasks, and the tool chain they need.
 //!
-//! Every task first runs [`setup`], which installs what is missing and is quick when nothing
-//! is, so the two commands in the README work on a fresh Debian 12 machine and in CI alike.
+//! Every build, run and test task first runs [`setup`], which installs what is missing and is
+//! quick when nothing is, so the two commands in the README work on a fresh Debian 12 machine
+//! and in CI alike. (`certs` needs no tool chain and skips it.)
 
+mod certs;
 mod setup;
 mod util;
 
-use std::{ffi::OsString, os::unix::process::CommandExt as _, process::ExitCode, time::Instant};
+use std::{
+    ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -44,6 +49,17 @@ enum Task {
     /// Set up, then measure the XDP program's ns/packet in the kernel (BPF_PROG_TEST_RUN, in a
     /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
     BenchXdp,
+    /// Make a development CA and certificates for the control service's mutual TLS (server,
+    /// front-end, relay agent, operator) and a control configuration that uses them. Keeps
+    /// files that exist unless --force.
+    Certs {
+        /// Where to write them (default: `dev-certs` in the target directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace existing files, the CA included.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -84,6 +100,10 @@ fn run(task: Task) -> Result<ExitCode> {
             Err(error).with_context(|| format!("starting {}", binary.display()))
         }
         Task::Test => test(),
+        Task::Certs { out, force } => {
+            let out = out.unwrap_or_else(|| util::target_dir().join("dev-certs"));
+            certs::run(&certs::Options { out, force }).map(|()| ExitCode::SUCCESS)
+        }
         Task::BenchXdp => {
             setup::run()?;
             bench_xdp().map(|()| ExitCode::SUCCESS)

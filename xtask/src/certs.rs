@@ -1,0 +1,293 @@
+//! `cargo xtask certs`: a development PKI for the control service's mutual TLS: a CA, the
+//! control server's certificate, and one client certificate per role (front-end, relay
+//! agent, operator), plus the control configuration whose role allow lists name exactly
+//! those certificates' SANs.
+//!
+//! Idempotent: files that exist are kept (unless `--force`), so re-running never invalidates
+//! certificates already handed to running processes. New leaves are signed with the existing
+//! CA key; if the CA itself is new, every leaf is reissued, since leaves of an older CA would
+//! no longer verify.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The development control configuration; `cargo xtask certs` writes it as `control.toml`.
+const CONTROL_CONFIG: &str = include_str!("../../control/config/development.toml");
+
+const CA_NAME: &str = "Rampart development CA";
+/// The name the control service is reached by (`tls.server_name` of the configuration).
+const SERVER_NAME: &str = "control.rampart.test";
+/// Certificates for development last this long; long enough not to expire mid-project,
+/// short enough that a leaked one does not live forever.
+const VALID_DAYS: i64 = 825;
+
+/// One leaf certificate: file stem, SANs, and whether it is a server certificate.
+struct Leaf {
+    stem: &'static str,
+    sans: &'static [San],
+    server: bool,
+}
+
+enum San {
+    Dns(&'static str),
+    Ip(&'static str),
+    Uri(&'static str),
+}
+
+/// The SANs below are the ones `control/config/development.toml` allows per role.
+const LEAVES: &[Leaf] = &[
+    Leaf {
+        stem: "server",
+        sans: &[
+            San::Dns(SERVER_NAME),
+            San::Dns("localhost"),
+            San::Ip("127.0.0.1"),
+            San::Ip("::1"),
+        ],
+        server: true,
+    },
+    Leaf {
+        stem: "front-end",
+        sans: &[San::Dns("front-end.rampart.test")],
+        server: false,
+    },
+    Leaf {
+        stem: "agent",
+        sans: &[San::Dns("edge-1.agents.rampart.test")],
+        server: false,
+    },
+    Leaf {
+        stem: "operator",
+        sans: &[San::Uri("spiffe://rampart.test/operator")],
+        server: false,
+    },
+];
+
+/// What to do with each file.
+pub struct Options {
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    let out = &options.out;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let today = today()?;
+
+    let ca_pem = out.join("ca.pem");
+    let ca_key_path = out.join("ca.key");
+    let (ca, ca_key, ca_is_new) = if !options.force && (ca_pem.exists() || ca_key_path.exists()) {
+        if !(ca_pem.exists() && ca_key_path.exists()) {
+            bail!(
+                "{} has only one of ca.pem and ca.key; restore the other, or run with \
+                     --force to make a new CA (every certificate is then reissued)",
+                out.display()
+            );
+        }
+        let key_pem = fs::read_to_string(&ca_key_path)
+            .with_context(|| format!("reading {}", ca_key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{} is not a PEM private key", ca_key_path.display()))?;
+        // Issuing needs the CA as an rcgen certificate: rebuild it from the same name and
+        // key. Leaves it signs verify against the ca.pem on disk, whose subject and key
+        // are the same.
+        let ca = ca_params(today).self_signed(&key)?;
+        (ca, key, false)
+    } else {
+        let key = KeyPair::generate()?;
+        let ca = ca_params(today).self_signed(&key)?;
+        write(&ca_pem, ca.pem().as_bytes(), false)?;
+        write(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
+        eprintln!("xtask: wrote {} (new CA)", ca_pem.display());
+        (ca, key, true)
+    };
+
+    for leaf in LEAVES {
+        let cert_path = out.join(format!("{}.pem", leaf.stem));
+        let key_path = out.join(format!("{}.key", leaf.stem));
+        if !options.force && !ca_is_new && cert_path.exists() && key_path.exists() {
+            eprintln!("xtask: kept {}", cert_path.display());
+            continue;
+        }
+        let key = KeyPair::generate()?;
+        let cert = leaf_params(leaf, today)?.signed_by(&key, &ca, &ca_key)?;
+        write(&cert_path, cert.pem().as_bytes(), false)?;
+        write(&key_path, key.serialize_pem().as_bytes(), true)?;
+        eprintln!("xtask: wrote {}", cert_path.display());
+    }
+
+    let config = out.join("control.toml");
+    if options.force || !config.exists() {
+        write(&config, CONTROL_CONFIG.as_bytes(), false)?;
+        eprintln!("xtask: wrote {}", config.display());
+    } else {
+        eprintln!("xtask: kept {}", config.display());
+    }
+    eprintln!(
+        "xtask: start the control service with\n  cargo run -p control --bin rampart-control -- serve --config {}",
+        config.display()
+    );
+    Ok(())
+}
+
+fn ca_params(today: i64) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name = name;
+    // The development CA issues leaves directly; no intermediates.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // cRLSign too, so a development CRL can be made with this CA to try revocation.
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, today);
+    params
+}
+
+fn leaf_params(leaf: &Leaf, today: i64) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(
+        DnType::CommonName,
+        format!("Rampart development {}", leaf.stem),
+    );
+    params.distinguished_name = name;
+    for san in leaf.sans {
+        params.subject_alt_names.push(match san {
+            San::Dns(dns) => SanType::DnsName((*dns).try_into()?),
+            San::Ip(ip) => SanType::IpAddress(ip.parse()?),
+            San::Uri(uri) => SanType::URI((*uri).try_into()?),
+        });
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![if leaf.server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    set_validity(&mut params, today);
+    Ok(params)
+}
+
+/// Days since 1970-01-01, today.
+fn today() -> Result<i64> {
+    Ok(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the system clock is before 1970")?
+        .as_secs() as i64
+        / 86_400)
+}
+
+/// From yesterday (so a clock slightly behind does not reject new certificates) to
+/// [`VALID_DAYS`] later.
+fn set_validity(params: &mut CertificateParams, today: i64) {
+    let date = |days: i64| {
+        let (year, month, day) = civil_from_days(days);
+        rcgen::date_time_ymd(year, month, day)
+    };
+    params.not_before = date(today - 1);
+    params.not_after = date(today + VALID_DAYS);
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year as i32, month as u8, day as u8)
+}
+
+/// Writes a file whole; private keys are created readable by their owner only.
+fn write(path: &Path, contents: &[u8], private: bool) -> Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if private {
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    #[test]
+    fn the_development_config_allows_each_client_certificate_its_role() {
+        let allows = |key: &str, entry: &str| {
+            CONTROL_CONFIG
+                .lines()
+                .any(|line| line.starts_with(key) && line.contains(&format!("\"{entry}\"")))
+        };
+        assert!(allows("front_end", "dns:front-end.rampart.test"));
+        // The agent's SAN is one label under the wildcard.
+        assert!(allows("relay_agent", "dns:*.agents.rampart.test"));
+        assert!(allows("operator", "uri:spiffe://rampart.test/operator"));
+        assert!(CONTROL_CONFIG.contains(&format!("server_name = \"{SERVER_NAME}\"")));
+    }
+
+    #[test]
+    fn certs_are_idempotent_unless_forced() {
+        let out = std::env::temp_dir().join(format!("rampart-xtask-certs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&out);
+        let options = Options {
+            out: out.clone(),
+            force: false,
+        };
+        run(&options).unwrap();
+        let read = |name: &str| fs::read(out.join(name)).unwrap();
+        let (ca, server) = (read("ca.pem"), read("server.pem"));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(out.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "private keys are owner-only");
+
+        // A missing leaf is reissued under the same CA; the others are kept.
+        fs::remove_file(out.join("agent.pem")).unwrap();
+        run(&options).unwrap();
+        assert_eq!(read("ca.pem"), ca);
+        assert_eq!(read("server.pem"), server);
+        assert!(out.join("agent.pem").exists());
+
+        run(&Options {
+            out: out.clone(),
+            force: true,
+        })
+        .unwrap();
+        assert_ne!(read("ca.pem"), ca);
+        assert_ne!(read("server.pem"), server);
+        fs::remove_dir_all(&out).unwrap();
+    }
+}
