@@ -24,6 +24,8 @@ pub enum CredentialError {
     Expired { expiry: u64, now: u64 },
     #[error("REST API credential expires at {expiry}, beyond the accepted maximum lifetime")]
     LifetimeTooLong { expiry: u64 },
+    #[error("the user was revoked")]
+    Revoked,
 }
 
 /// The shared secrets of the REST API scheme: the current one and, during a rotation, the
@@ -82,17 +84,44 @@ pub struct Candidates {
 pub struct Credentials {
     static_users: HashMap<String, String>,
     rest: Option<RestSecrets>,
+    /// User -> unix time up to which their credentials are refused.
+    revoked: HashMap<String, u64>,
 }
 
 impl Credentials {
     pub fn new(static_users: HashMap<String, String>, rest: Option<RestSecrets>) -> Self {
-        Credentials { static_users, rest }
+        Credentials {
+            static_users,
+            rest,
+            revoked: HashMap::new(),
+        }
+    }
+
+    /// Refuse `user`'s credentials from now on: a REST credential of theirs expiring at or
+    /// before `until_unix` (so every one minted before the revocation, whose expiry is at most
+    /// now + the front-end's lifetime), and a static user until `until_unix`. Credentials
+    /// minted later expire later and work again: the front-end decides.
+    pub fn revoke(&mut self, user: &str, until_unix: u64) {
+        let until = self.revoked.entry(user.to_owned()).or_default();
+        *until = (*until).max(until_unix);
+    }
+
+    /// Forget revocations that can no longer refuse anything.
+    pub fn prune_revocations(&mut self, now_unix: u64) {
+        self.revoked.retain(|_, until| *until > now_unix);
     }
 
     /// The passwords that may have produced a request from `username` at unix time `now`:
     /// one for a static user, one per secret for a REST username.
     pub fn candidates(&self, username: &str, now_unix: u64) -> Result<Candidates, CredentialError> {
         if let Some(password) = self.static_users.get(username) {
+            if self
+                .revoked
+                .get(username)
+                .is_some_and(|until| now_unix < *until)
+            {
+                return Err(CredentialError::Revoked);
+            }
             return Ok(Candidates {
                 quota_key: username.to_owned(),
                 passwords: vec![password.clone()],
@@ -118,6 +147,9 @@ impl Credentials {
         }
         if expiry - now_unix > rest.max_lifetime_secs + CLOCK_SKEW_SECS {
             return Err(CredentialError::LifetimeTooLong { expiry });
+        }
+        if self.revoked.get(user).is_some_and(|until| expiry <= *until) {
+            return Err(CredentialError::Revoked);
         }
         Ok(Candidates {
             quota_key: user.to_owned(),
@@ -170,6 +202,27 @@ mod tests {
         assert_eq!(
             rest_password(b"secret", "1700000000:alice"),
             "d8soP47RbdIKLDUOpnJPVQyq5Ts="
+        );
+    }
+
+    #[test]
+    fn revoked_users_are_refused_until_their_old_credentials_have_expired() {
+        let mut c = creds();
+        c.revoke("bob", 5000);
+        c.revoke("alice", 100);
+        assert_eq!(c.candidates("4000:bob", 10), Err(CredentialError::Revoked));
+        assert_eq!(c.candidates("5000:bob", 10), Err(CredentialError::Revoked));
+        assert!(
+            c.candidates("5001:bob", 10).is_ok(),
+            "minted after the revocation"
+        );
+        assert!(c.candidates("4000:carol", 10).is_ok());
+        assert_eq!(c.candidates("alice", 99), Err(CredentialError::Revoked));
+        assert!(c.candidates("alice", 100).is_ok());
+        c.prune_revocations(5000);
+        assert!(
+            c.candidates("4000:bob", 10).is_ok(),
+            "pruned once nothing can match"
         );
     }
 

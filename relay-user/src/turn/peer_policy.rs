@@ -137,13 +137,6 @@ impl PeerPolicy {
         own_sockets: Vec<SocketAddr>,
         own_port_range: Option<(u16, u16)>,
     ) -> Self {
-        let canon_net = |net: IpNet| match (net, canonicalize(net.addr())) {
-            // An operator writing ::ffff:10.0.0.0/104 means 10.0.0.0/8.
-            (IpNet::V6(v6), IpAddr::V4(v4)) if v6.prefix_len() >= 96 => {
-                IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix <= 32"))
-            }
-            _ => net.trunc(),
-        };
         PeerPolicy {
             special_v4: SPECIAL_V4
                 .iter()
@@ -153,8 +146,8 @@ impl PeerPolicy {
                 .iter()
                 .map(|(net, why)| (net.parse().expect("static IPv6 range"), *why))
                 .collect(),
-            allowed: allowed.into_iter().map(canon_net).collect(),
-            denied: denied.into_iter().map(canon_net).collect(),
+            allowed: allowed.into_iter().map(canonical_network).collect(),
+            denied: denied.into_iter().map(canonical_network).collect(),
             own_addresses: own_addresses.into_iter().map(canonicalize).collect(),
             own_sockets: own_sockets
                 .into_iter()
@@ -162,6 +155,12 @@ impl PeerPolicy {
                 .collect(),
             own_port_range,
         }
+    }
+
+    /// Replace the operator-allowed networks (the control plane's access policy); the
+    /// configured denied networks and every other rule stay.
+    pub fn set_allowed(&mut self, allowed: Vec<IpNet>) {
+        self.allowed = allowed.into_iter().map(canonical_network).collect();
     }
 
     /// Classify a peer IP (the check for CreatePermission, where no port is given).
@@ -210,6 +209,16 @@ impl PeerPolicy {
             return Err(DenyReason::OwnSocket);
         }
         Ok(())
+    }
+}
+
+/// An operator writing `::ffff:10.0.0.0/104` means 10.0.0.0/8.
+fn canonical_network(net: IpNet) -> IpNet {
+    match (net, canonicalize(net.addr())) {
+        (IpNet::V6(v6), IpAddr::V4(v4)) if v6.prefix_len() >= 96 => {
+            IpNet::V4(Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix <= 32"))
+        }
+        _ => net.trunc(),
     }
 }
 

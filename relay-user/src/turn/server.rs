@@ -163,6 +163,42 @@ impl Server {
         self.allocations.len()
     }
 
+    /// Revoke `user` (a static username or the user part of REST usernames): every allocation
+    /// of theirs ends now, and their credentials expiring at or before `until_unix` are refused
+    /// from now on. Returns how many allocations ended.
+    pub fn revoke_user(
+        &mut self,
+        user: &str,
+        until_unix: u64,
+        now: Instant,
+        binder: &mut dyn RelayBinder,
+    ) -> usize {
+        self.config.credentials.revoke(user, until_unix);
+        let theirs: Vec<FiveTuple> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| a.quota_key == user)
+            .map(|(five_tuple, _)| *five_tuple)
+            .collect();
+        for five_tuple in &theirs {
+            self.delete_allocation(*five_tuple, binder);
+        }
+        info!(
+            user,
+            allocations = theirs.len(),
+            until_unix,
+            unix_now = self.unix_now(now),
+            "user revoked"
+        );
+        theirs.len()
+    }
+
+    /// Replace the operator-allowed peer networks (the control plane's access policy).
+    pub fn set_allowed_peer_networks(&mut self, allowed: Vec<ipnet::IpNet>) {
+        info!(?allowed, "allowed peer networks updated");
+        self.config.peer_policy.set_allowed(allowed);
+    }
+
     /// Channel changes for the kernel fast path since the last call, in order.
     pub fn take_fast_path_events(&mut self) -> Vec<FastPathEvent> {
         std::mem::take(&mut self.fast_path)
@@ -297,6 +333,8 @@ impl Server {
             keep
         });
         self.limiter.sweep(now);
+        let unix_now = self.unix_now(now);
+        self.config.credentials.prune_revocations(unix_now);
     }
 
     /// A TCP or TLS client connection closed: its allocation goes with it (RFC 8656 §3.1).

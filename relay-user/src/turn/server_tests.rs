@@ -864,3 +864,73 @@ fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
         [FastPathEvent::Down(_)]
     ));
 }
+
+#[test]
+fn revoking_a_user_ends_their_allocations_and_refuses_old_credentials() {
+    let mut h = Harness::new();
+    let expiry = UNIX_T0 + 3600;
+    let username = format!("{expiry}:carol");
+    let password = rest_password(b"current", &username);
+    let mut carol = Client::new("192.0.2.1:4000", &username, &password);
+    let mut bob = Client::new("192.0.2.2:4000", "bob", "builder");
+    carol.allocate(&mut h, &[]);
+    bob.allocate(&mut h, &[]);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    carol.call(
+        &mut h,
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4000),
+            Attribute::XorPeerAddress(peer),
+        ],
+    );
+    h.server.take_fast_path_events();
+    let ended = h
+        .server
+        .revoke_user("carol", UNIX_T0 + 3600, h.now, &mut h.binder);
+    assert_eq!(ended, 1);
+    assert_eq!(h.server.allocation_count(), 1, "bob keeps his");
+    assert!(matches!(
+        h.server.take_fast_path_events()[..],
+        [crate::turn::allocation::FastPathEvent::Down(_)]
+    ));
+    // Authentication comes first: the revoked credential gets 401, on any 5-tuple.
+    assert_eq!(code(&carol.call(&mut h, Method::REFRESH, &[])), Some(401));
+    carol.five_tuple.client = "192.0.2.1:4001".parse().unwrap();
+    assert_eq!(
+        code(&carol.allocate(&mut h, &[])),
+        Some(401),
+        "old credential refused"
+    );
+    let fresh = format!("{}:carol", UNIX_T0 + 3601);
+    let password = rest_password(b"current", &fresh);
+    let mut again = Client::new("192.0.2.1:4002", &fresh, &password);
+    assert_eq!(
+        code(&again.allocate(&mut h, &[])),
+        None,
+        "a credential minted later works"
+    );
+}
+
+#[test]
+fn control_plane_policy_changes_which_peers_are_allowed() {
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let internal = [Attribute::XorPeerAddress("10.1.1.1:7000".parse().unwrap())];
+    assert_eq!(
+        code(&alice.call(&mut h, Method::CREATE_PERMISSION, &internal)),
+        Some(403)
+    );
+    h.server
+        .set_allowed_peer_networks(vec!["10.0.0.0/8".parse().unwrap()]);
+    assert_eq!(
+        code(&alice.call(&mut h, Method::CREATE_PERMISSION, &internal)),
+        None
+    );
+    h.server.set_allowed_peer_networks(vec![]);
+    assert_eq!(
+        code(&alice.call(&mut h, Method::CREATE_PERMISSION, &internal)),
+        Some(403)
+    );
+}
