@@ -58,11 +58,24 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// Python packages (import name, pip requirement, reason).
-pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[(
-    "aioice",
-    "aioice",
-    "an independent ICE/STUN/TURN client implementation for interop tests",
-)];
+pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "aioice",
+        "aioice",
+        "an independent ICE/STUN/TURN client implementation for interop tests",
+    ),
+    (
+        "grpc",
+        "grpcio",
+        "an independent gRPC implementation: the control API's interop test calls it with stubs \
+         generated from the .proto files",
+    ),
+    (
+        "grpc_tools",
+        "grpcio-tools",
+        "generates those Python stubs from proto/proto (grpc_tools.protoc)",
+    ),
+];
 
 /// The rustup toolchain name under which relay-user's build script finds the Debian compiler.
 const DEBIAN_TOOLCHAIN: &str = "debian";
