@@ -58,6 +58,44 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     xdp: Option<RawXdp>,
+    control: Option<RawControl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    endpoint: String,
+    server_name: Option<String>,
+    ca: PathBuf,
+    certificate: PathBuf,
+    private_key: PathBuf,
+    agent_id: String,
+}
+
+/// The link to the control service, when `[control]` is set: where it is, how to recognise
+/// it, and the agent's own client certificate.
+#[derive(Clone)]
+pub struct ControlSettings {
+    /// Host name or IP of the control service (resolved at every connection attempt).
+    pub host: String,
+    pub port: u16,
+    /// The name the control service's certificate must carry.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// TLS 1.3 client configuration: our certificate and key, the CA to check control against.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// This agent's identifier at the control service.
+    pub agent_id: String,
+}
+
+impl fmt::Debug for ControlSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("server_name", &self.server_name)
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +307,8 @@ pub struct Config {
     pub static_users: Vec<String>,
     /// The XDP fast path; `None` when off.
     pub xdp: Option<XdpSettings>,
+    /// The control-service link; `None` when the agent runs on its configuration alone.
+    pub control: Option<ControlSettings>,
 }
 
 impl fmt::Debug for Config {
@@ -444,6 +484,11 @@ impl RawConfig {
             .map(RawXdp::validate)
             .transpose()?
             .flatten();
+        let control = self
+            .control
+            .as_ref()
+            .map(|c| c.validate(base_dir))
+            .transpose()?;
         let users: HashMap<String, String> = auth.users.clone().into_iter().collect();
         Ok(Config {
             listeners,
@@ -473,6 +518,7 @@ impl RawConfig {
             },
             static_users: auth.users.keys().cloned().collect(),
             xdp,
+            control,
         })
     }
 }
@@ -517,6 +563,120 @@ impl RawXdp {
             max_channels: self.max_channels,
             pin_path: self.pin_path.clone(),
         }))
+    }
+}
+
+impl RawControl {
+    fn validate(&self, base_dir: &Path) -> Result<ControlSettings, ConfigError> {
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let endpoint = self.endpoint.trim();
+        if endpoint.starts_with("http://") {
+            return Err(invalid(
+                "control.endpoint",
+                "the control service is reached over mutual TLS only; use https://host:port or host:port",
+            ));
+        }
+        let authority = endpoint
+            .strip_prefix("https://")
+            .unwrap_or(endpoint)
+            .trim_end_matches('/');
+        let bad_endpoint = || {
+            invalid(
+                "control.endpoint",
+                format!(
+                    "{:?} is not host:port; use e.g. \"https://control.example.org:50051\" or \"10.0.0.2:50051\"",
+                    self.endpoint
+                ),
+            )
+        };
+        let (host, port) = authority.rsplit_once(':').ok_or_else(bad_endpoint)?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(bad_endpoint)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(bad_endpoint());
+        }
+        let server_name = self.server_name.as_deref().unwrap_or(host);
+        let server_name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
+            invalid(
+                "control.server_name",
+                format!(
+                    "{server_name:?} is not a DNS name or IP; set the name the control service's certificate carries"
+                ),
+            )
+        })?;
+        if self.agent_id.is_empty()
+            || self.agent_id.len() > 128
+            || !self.agent_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "control.agent_id",
+                "must be 1 to 128 printable ASCII characters without spaces (e.g. the host name, \"edge-1\")",
+            ));
+        }
+        let read = |key: &str, path: &Path| {
+            let path = base_dir.join(path);
+            std::fs::read(&path).map_err(|e| {
+                invalid(
+                    format!("control.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        let certs = |key: &str, pem: &[u8]| {
+            let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    invalid(
+                        format!("control.{key}"),
+                        format!("not PEM certificates: {e}"),
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    format!("control.{key}"),
+                    "the file holds no PEM certificate",
+                ));
+            }
+            Ok(certs)
+        };
+        let ca = certs("ca", &read("ca", &self.ca)?)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in ca {
+            roots.add(cert).map_err(|e| {
+                invalid(
+                    "control.ca",
+                    format!("unusable CA certificate: {e}; use the control service's CA (PEM)"),
+                )
+            })?;
+        }
+        let chain = certs("certificate", &read("certificate", &self.certificate)?)?;
+        webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
+            invalid(
+                "control.certificate",
+                format!("unparsable certificate: {e}; use the agent's client certificate (PEM)"),
+            )
+        })?;
+        let key_pem = read("private_key", &self.private_key)?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| invalid("control.private_key", format!("not a PEM private key: {e}")))?
+            .ok_or_else(|| invalid("control.private_key", "the file holds no PEM private key"))?;
+        let tls = control::client::client_config(roots, chain, key).map_err(|e| {
+            invalid(
+                "control.private_key",
+                format!("does not fit control.certificate ({e}); use the key of that certificate"),
+            )
+        })?;
+        Ok(ControlSettings {
+            host: host.to_owned(),
+            port,
+            server_name,
+            tls,
+            agent_id: self.agent_id.clone(),
+        })
     }
 }
 
@@ -846,6 +1006,109 @@ users = { alice = "pw" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls.private_key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn control_section_is_validated() {
+        let dir =
+            std::env::temp_dir().join(format!("rampart-config-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["control.example.org".into()]).unwrap();
+        let agent = rcgen::generate_simple_self_signed(vec!["edge-1.example.org".into()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.join("agent.pem"), agent.cert.pem()).unwrap();
+        std::fs::write(dir.join("agent.key"), agent.key_pair.serialize_pem()).unwrap();
+        std::fs::write(dir.join("other.key"), ca.key_pair.serialize_pem()).unwrap();
+        std::fs::write(dir.join("garbage.pem"), "not PEM").unwrap();
+        let section = "endpoint = \"https://control.example.org:50051/\"\nca = \"ca.pem\"\ncertificate = \"agent.pem\"\nprivate_key = \"agent.key\"\nagent_id = \"edge-1\"\n";
+        let with = |section: &str| format!("{MINIMAL}\n[control]\n{section}");
+        let parse = |section: &str| Config::parse(&with(section), &dir);
+        let error = |section: &str| parse(section).unwrap_err().to_string();
+
+        let control = parse(section).unwrap().control.unwrap();
+        assert_eq!(control.host, "control.example.org");
+        assert_eq!(control.port, 50051);
+        assert_eq!(control.agent_id, "edge-1");
+        assert_eq!(
+            control.server_name,
+            rustls::pki_types::ServerName::try_from("control.example.org").unwrap()
+        );
+        assert!(Config::parse(MINIMAL, &dir).unwrap().control.is_none());
+        // host:port without a scheme, with an explicit server name.
+        let control = parse(
+            &section
+                .replace("https://control.example.org:50051/", "10.0.0.2:7000")
+                .replace(
+                    "agent_id",
+                    "server_name = \"control.example.org\"\nagent_id",
+                ),
+        )
+        .unwrap()
+        .control
+        .unwrap();
+        assert_eq!((control.host.as_str(), control.port), ("10.0.0.2", 7000));
+        assert_eq!(
+            control.server_name,
+            rustls::pki_types::ServerName::try_from("control.example.org").unwrap()
+        );
+
+        let cases = [
+            (
+                section.replace("https://", "http://"),
+                "control.endpoint",
+                "mutual TLS",
+            ),
+            (
+                section.replace(":50051", ""),
+                "control.endpoint",
+                "host:port",
+            ),
+            (
+                section.replace(":50051", ":0"),
+                "control.endpoint",
+                "host:port",
+            ),
+            (
+                section.replace("\"ca.pem\"", "\"missing.pem\""),
+                "control.ca",
+                "missing.pem",
+            ),
+            (
+                section.replace("\"ca.pem\"", "\"garbage.pem\""),
+                "control.ca",
+                "no PEM certificate",
+            ),
+            (
+                section.replace("\"agent.pem\"", "\"garbage.pem\""),
+                "control.certificate",
+                "no PEM certificate",
+            ),
+            (
+                section.replace("\"agent.key\"", "\"garbage.pem\""),
+                "control.private_key",
+                "no PEM private key",
+            ),
+            (
+                section.replace("\"agent.key\"", "\"other.key\""),
+                "control.private_key",
+                "does not fit",
+            ),
+            (
+                section.replace("\"edge-1\"", "\"edge 1\""),
+                "control.agent_id",
+                "printable",
+            ),
+            (
+                section.replace("agent_id", "agent_name"),
+                "agent_name",
+                "unknown field",
+            ),
+        ];
+        for (text, key, fix) in cases {
+            let e = error(&text);
+            assert!(e.contains(key) && e.contains(fix), "{key}/{fix}: {e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

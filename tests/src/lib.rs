@@ -5,6 +5,8 @@
 //!   runner shows only for a failed test).
 //! - [`client`]: a small blocking TURN client (UDP, TCP, TLS; IPv4 and IPv6) built on
 //!   Rampart's sans-IO codec. The interop tests use clients we did not write as well.
+//! - [`control`]: the `rampart-control` binary as a child process, its PKI and a front-end
+//!   client, for the agent's control-link tests.
 //! - [`certs`]: a throw-away CA and a `localhost` certificate for the TLS listeners.
 //! - [`netns`]: private network namespaces, for tests whose failure mode would send traffic
 //!   somewhere other than loopback.
@@ -28,6 +30,7 @@ use std::time::Duration;
 pub mod bpf;
 pub mod certs;
 pub mod client;
+pub mod control;
 pub mod media;
 pub mod netns;
 pub mod ports;
@@ -36,7 +39,7 @@ pub mod tools;
 pub mod topology;
 
 pub use client::{Allocated, Proto, Received, Response, TurnClient};
-pub use process::{Rampart, RampartConfig, XdpConfig};
+pub use process::{ControlLink, Rampart, RampartConfig, XdpConfig};
 
 /// How long any single receive waits. Loopback answers in microseconds; this only bounds a
 /// failing test.

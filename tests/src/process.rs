@@ -48,6 +48,21 @@ pub struct RampartConfig {
     /// Run the server inside this network namespace (`ip netns exec <name> rampart ...`); the
     /// listeners' free ports are picked and their readiness probed from inside it too.
     pub netns: Option<String>,
+    /// The `[control]` section; none by default (no control-service link).
+    pub control: Option<ControlLink>,
+}
+
+/// The `[control]` section of a configuration: the agent's link to `rampart-control`.
+#[derive(Clone, Debug)]
+pub struct ControlLink {
+    /// `https://host:port` or `host:port`.
+    pub endpoint: String,
+    pub server_name: String,
+    /// PEM files (absolute paths).
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub agent_id: String,
 }
 
 /// The `[xdp]` section of a configuration.
@@ -87,6 +102,7 @@ impl RampartConfig {
             xdp: None,
             stats_interval: None,
             netns: None,
+            control: None,
         }
     }
 
@@ -134,6 +150,12 @@ impl RampartConfig {
 
     pub fn with_stats_interval(mut self, seconds: u64) -> Self {
         self.stats_interval = Some(seconds);
+        self
+    }
+
+    /// A `[control]` section (see [`ControlLink`]).
+    pub fn with_control(mut self, link: ControlLink) -> Self {
+        self.control = Some(link);
         self
     }
 
@@ -218,6 +240,19 @@ impl RampartConfig {
             if let Some(path) = &xdp.pin_path {
                 let _ = writeln!(t, "pin_path = {}", quote(&path.display().to_string()));
             }
+        }
+        if let Some(control) = &self.control {
+            let path = |p: &Path| quote(&p.display().to_string());
+            let _ = writeln!(
+                t,
+                "\n[control]\nendpoint = {}\nserver_name = {}\nca = {}\ncertificate = {}\nprivate_key = {}\nagent_id = {}",
+                quote(&control.endpoint),
+                quote(&control.server_name),
+                path(&control.ca),
+                path(&control.certificate),
+                path(&control.private_key),
+                quote(&control.agent_id)
+            );
         }
         t
     }

@@ -295,16 +295,21 @@ fn run_case(
     );
     match mode {
         Mode::Xdp => {
-            let zero = Flow::default();
-            if userspace != zero {
-                return Err(format!(
-                    "userspace relayed media the kernel should have forwarded: {account}"
-                ));
-            }
+            // A complete checksum equals the pseudo-header sum one time in 65536 (random
+            // ports): the program then rightly takes such a datagram for an offload-partial
+            // one and leaves it to userspace. Those, and only those, may reach userspace.
+            let partial = slot(&xdp_delta, "pass_checksum_partial").packets;
             let frames = expect.frames();
-            if kernel != frames {
+            let exact = userspace == Flow::default() && kernel == frames;
+            let explained = partial > 0
+                && userspace.to_peer.packets + userspace.to_client.packets == partial
+                && kernel.to_peer.packets + userspace.to_peer.packets == frames.to_peer.packets
+                && kernel.to_client.packets + userspace.to_client.packets
+                    == frames.to_client.packets;
+            if !exact && !explained {
                 return Err(format!(
-                    "the XDP counters do not account for the media (expected {frames}): {account}"
+                    "the XDP counters do not account for the media (expected {frames} in the \
+                     kernel, nothing in userspace): {account}"
                 ));
             }
         }

@@ -4,6 +4,7 @@
 //! One lock guards the state machine, the relay sockets and the stream connections; it is
 //! held only for the synchronous call into the state machine, never across an `.await`.
 
+mod control_link;
 mod fast_path;
 mod relay_socket;
 
@@ -67,6 +68,8 @@ struct State {
     connections_per_source: HashMap<IpAddr, usize>,
     connections: usize,
     shell: ShellStats,
+    /// What the control service sent (empty without `[control]`).
+    control: control_link::ControlState,
 }
 
 impl State {
@@ -248,6 +251,10 @@ impl Edge {
             Some(settings) => FastPath::start(settings)?,
             None => None,
         };
+        let control = config.control.clone().map(|settings| {
+            let registration = control_link::registration(&config, &settings.agent_id);
+            (settings, registration)
+        });
         let core = Server::new(config.turn, StdRng::from_entropy(), now, unix_now);
         let mut local_addresses = Vec::new();
         let mut receivers = Vec::new();
@@ -267,6 +274,7 @@ impl Edge {
                 connections_per_source: HashMap::new(),
                 connections: 0,
                 shell: ShellStats::default(),
+                control: control_link::ControlState::default(),
             }),
             udp_listeners,
             limits: config.connections,
@@ -295,6 +303,14 @@ impl Edge {
             ));
         }
         tasks.spawn(timers(shared.clone(), stats_every));
+        if let Some((settings, registration)) = control {
+            info!(
+                endpoint = format!("{}:{}", settings.host, settings.port),
+                agent_id = settings.agent_id,
+                "control service link enabled"
+            );
+            tasks.spawn(control_link::run(shared.clone(), settings, registration));
+        }
         for (transport, address) in &local_addresses {
             info!(?transport, %address, "listening for TURN clients");
         }

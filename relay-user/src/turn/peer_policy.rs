@@ -120,6 +120,8 @@ pub struct PeerPolicy {
     special_v4: Vec<(Ipv4Net, &'static str)>,
     special_v6: Vec<(Ipv6Net, &'static str)>,
     allowed: Vec<IpNet>,
+    /// Allowed by the control plane's access policy, on top of `allowed`.
+    allowed_by_control: Vec<IpNet>,
     denied: Vec<IpNet>,
     own_addresses: Vec<IpAddr>,
     own_sockets: Vec<SocketAddr>,
@@ -147,6 +149,7 @@ impl PeerPolicy {
                 .map(|(net, why)| (net.parse().expect("static IPv6 range"), *why))
                 .collect(),
             allowed: allowed.into_iter().map(canonical_network).collect(),
+            allowed_by_control: Vec::new(),
             denied: denied.into_iter().map(canonical_network).collect(),
             own_addresses: own_addresses.into_iter().map(canonicalize).collect(),
             own_sockets: own_sockets
@@ -157,10 +160,12 @@ impl PeerPolicy {
         }
     }
 
-    /// Replace the operator-allowed networks (the control plane's access policy); the
-    /// configured denied networks and every other rule stay.
-    pub fn set_allowed(&mut self, allowed: Vec<IpNet>) {
-        self.allowed = allowed.into_iter().map(canonical_network).collect();
+    /// Replace the networks the control plane's access policy allows. They add to the
+    /// configured ones, never remove them: a control plane that has no policy yet must not
+    /// silently cut an edge off the internal networks its operator configured. The denied
+    /// networks and every other rule stay.
+    pub fn set_allowed_by_control(&mut self, allowed: Vec<IpNet>) {
+        self.allowed_by_control = allowed.into_iter().map(canonical_network).collect();
     }
 
     /// Classify a peer IP (the check for CreatePermission, where no port is given).
@@ -169,7 +174,12 @@ impl PeerPolicy {
         if self.denied.iter().any(|net| net.contains(&ip)) {
             return Err(DenyReason::OperatorDenied);
         }
-        if self.allowed.iter().any(|net| net.contains(&ip)) {
+        if self
+            .allowed
+            .iter()
+            .chain(&self.allowed_by_control)
+            .any(|net| net.contains(&ip))
+        {
             return Ok(());
         }
         let special = match ip {

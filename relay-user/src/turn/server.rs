@@ -193,10 +193,14 @@ impl Server {
         theirs.len()
     }
 
-    /// Replace the operator-allowed peer networks (the control plane's access policy).
+    /// Replace the peer networks the control plane's access policy allows (in addition to
+    /// the configured `allowed_peer_networks`).
     pub fn set_allowed_peer_networks(&mut self, allowed: Vec<ipnet::IpNet>) {
-        info!(?allowed, "allowed peer networks updated");
-        self.config.peer_policy.set_allowed(allowed);
+        info!(
+            ?allowed,
+            "peer networks allowed by the control plane updated"
+        );
+        self.config.peer_policy.set_allowed_by_control(allowed);
     }
 
     /// Channel changes for the kernel fast path since the last call, in order.

@@ -934,3 +934,25 @@ fn control_plane_policy_changes_which_peers_are_allowed() {
         Some(403)
     );
 }
+
+#[test]
+fn control_plane_policy_adds_to_the_configured_networks() {
+    let mut cfg = config();
+    cfg.peer_policy = PeerPolicy::new(
+        vec!["10.0.0.0/8".parse().unwrap()],
+        vec![],
+        vec![RELAY_V4.parse().unwrap()],
+        vec![SERVER.parse().unwrap()],
+        Some((50000, 50099)),
+    );
+    let mut h = Harness::with(cfg);
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    h.server
+        .set_allowed_peer_networks(vec!["172.16.0.0/12".parse().unwrap()]);
+    for peer in ["10.1.1.1:7000", "172.16.1.1:7000"] {
+        let permission = [Attribute::XorPeerAddress(peer.parse().unwrap())];
+        let response = alice.call(&mut h, Method::CREATE_PERMISSION, &permission);
+        assert_eq!(code(&response), None, "{peer}");
+    }
+}

@@ -1,0 +1,474 @@
+//! The agent's link to the control service (`[control]`): register over mutual TLS, keep one
+//! Sync stream open, apply what arrives (access policy, user revocations, conference keys)
+//! to the state machine, and report health and counters on the same stream.
+//!
+//! The link is never needed to serve: credentials are verified locally, so while control is
+//! unreachable the agent keeps serving with the last state it received, reconnects with a
+//! bounded, jittered exponential backoff and resynchronises from the snapshot every new
+//! stream starts with. An outage is logged once, and reported in the health sent once the
+//! link is back (`stale_since_unix`) until the snapshot has been applied.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use proto::control::v1::relay_agent_client::RelayAgentClient;
+use proto::control::v1::{
+    AccessPolicy, AddressRole, AgentAddress, AgentCapacity, AgentHealth, AgentHello, AgentReport,
+    AgentStatus, Conference, ControlUpdate, HealthState, RegisterAgentRequest, RelayCounters,
+    UserRevocation, agent_report, control_update,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+
+use super::relay_socket::SocketBinder;
+use super::{Counters, Shared, State};
+use crate::config::{Config, ControlSettings};
+
+/// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
+/// actual wait is uniformly drawn from the upper half of the current delay, so agents that
+/// lost control together do not come back in lockstep.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// How long connecting and registering may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Used when control does not say how often to report.
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the agent holds from the control service (in the shell's state, under its lock).
+#[derive(Debug, Default)]
+pub(super) struct ControlState {
+    /// The highest control revision applied.
+    pub(super) revision: u64,
+    /// Conferences the Web Conferencing Edge may admit outside participants to, by id.
+    pub(super) conferences: HashMap<String, Conference>,
+    /// Revocations already applied (user, revoked_at): a snapshot repeats every revocation
+    /// still in force, and re-applying one would end allocations made since with fresh
+    /// credentials.
+    revocations: HashSet<(String, u64)>,
+}
+
+/// The registration this agent sends: its addresses and capacity, from the configuration.
+pub(super) fn registration(config: &Config, agent_id: &str) -> RegisterAgentRequest {
+    let mut addresses: Vec<AgentAddress> = Vec::new();
+    let mut add = |role: AddressRole, ip: IpAddr| {
+        if ip.is_unspecified() {
+            return;
+        }
+        let ip = ip.to_string();
+        if !addresses
+            .iter()
+            .any(|a| a.ip == ip && a.role == role as i32)
+        {
+            addresses.push(AgentAddress {
+                role: role as i32,
+                ip,
+            });
+        }
+    };
+    for relay in [config.turn.relay_v4, config.turn.relay_v6]
+        .into_iter()
+        .flatten()
+    {
+        add(AddressRole::External, relay.bind);
+        if relay.advertised != relay.bind {
+            add(AddressRole::Public, relay.advertised);
+        }
+    }
+    for listener in &config.listeners {
+        add(AddressRole::External, listener.address.ip());
+    }
+    RegisterAgentRequest {
+        agent_id: agent_id.to_owned(),
+        addresses,
+        capacity: Some(AgentCapacity {
+            max_allocations: u32::try_from(config.turn.allocations_total).unwrap_or(u32::MAX),
+            relay_port_min: config.turn.port_range.0.into(),
+            relay_port_max: config.turn.port_range.1.into(),
+        }),
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Why one link session ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("{0}")]
+    Connect(#[from] control::client::ClientError),
+    #[error("timed out connecting")]
+    Timeout,
+    #[error("{0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the control service closed the stream")]
+    Closed,
+}
+
+/// The link task: runs until the edge shuts down.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    settings: ControlSettings,
+    registration: RegisterAgentRequest,
+) {
+    let endpoint = format!("{}:{}", settings.host, settings.port);
+    // The agent starts with no control state: its state is not current until a snapshot.
+    let mut stale_since = Some(unix_now());
+    let mut backoff = BACKOFF_MIN;
+    let mut outage_logged = false;
+    loop {
+        let mut synced = false;
+        let result = session(&shared, &settings, &registration, stale_since, &mut synced).await;
+        let Err(error) = result;
+        if synced {
+            // The link was up and current: this is a new outage.
+            stale_since = Some(unix_now());
+            outage_logged = false;
+            backoff = BACKOFF_MIN;
+        }
+        if outage_logged {
+            debug!(%endpoint, %error, "control service still unreachable");
+        } else {
+            warn!(
+                %endpoint,
+                %error,
+                "control service unreachable; serving with the last state received, reconnecting"
+            );
+            outage_logged = true;
+        }
+        let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection: register, open Sync, apply updates and report until it breaks. Sets
+/// `synced` once a snapshot has been applied.
+async fn session(
+    shared: &Arc<Shared>,
+    settings: &ControlSettings,
+    registration: &RegisterAgentRequest,
+    stale_since: Option<u64>,
+    synced: &mut bool,
+) -> Result<std::convert::Infallible, LinkError> {
+    let (mut client, report_interval) =
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(settings, registration))
+            .await
+            .map_err(|_| LinkError::Timeout)??;
+    let (reports, outgoing) = mpsc::channel::<AgentReport>(8);
+    let hello = AgentReport {
+        report: Some(agent_report::Report::Hello(AgentHello {
+            agent_id: settings.agent_id.clone(),
+        })),
+    };
+    // The channel is fresh, so these cannot fail.
+    let _ = reports.try_send(hello);
+    let _ = reports.try_send(status(shared, stale_since));
+    let mut updates = client
+        .sync(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    info!(
+        agent_id = settings.agent_id,
+        report_interval = report_interval.as_secs(),
+        "control link up"
+    );
+    let mut tick = tokio::time::interval(report_interval);
+    tick.tick().await;
+    let mut stale_since = stale_since;
+    loop {
+        tokio::select! {
+            update = updates.message() => {
+                let update = update?.ok_or(LinkError::Closed)?;
+                let snapshot = matches!(update.update, Some(control_update::Update::Snapshot(_)));
+                apply(shared, update);
+                if snapshot && !*synced {
+                    *synced = true;
+                    if let Some(since) = stale_since.take() {
+                        info!(
+                            stale_for = unix_now().saturating_sub(since),
+                            "control state resynchronised"
+                        );
+                    }
+                }
+                // Say at once what was applied (and, after a snapshot, that the state is
+                // current again): updates are rare, and operators watch the revision.
+                if reports.send(status(shared, stale_since)).await.is_err() {
+                    return Err(LinkError::Closed);
+                }
+            }
+            _ = tick.tick() => {
+                if reports.send(status(shared, stale_since)).await.is_err() {
+                    return Err(LinkError::Closed);
+                }
+            }
+        }
+    }
+}
+
+async fn connect(
+    settings: &ControlSettings,
+    registration: &RegisterAgentRequest,
+) -> Result<(RelayAgentClient<tonic::transport::Channel>, Duration), LinkError> {
+    let endpoint = format!("{}:{}", settings.host, settings.port);
+    let address = tokio::net::lookup_host((settings.host.as_str(), settings.port))
+        .await
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| LinkError::Resolve(endpoint))?;
+    let channel =
+        control::client::connect(address, settings.server_name.clone(), settings.tls.clone())
+            .await?;
+    let mut client = RelayAgentClient::new(channel);
+    let response = client
+        .register_agent(registration.clone())
+        .await?
+        .into_inner();
+    let interval = match response.report_interval_seconds {
+        0 => DEFAULT_REPORT_INTERVAL,
+        seconds => Duration::from_secs(seconds.into()),
+    };
+    Ok((client, interval))
+}
+
+/// Apply one update under the lock.
+fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    match update.update {
+        Some(control_update::Update::Snapshot(snapshot)) => {
+            apply_policy(state, snapshot.policy.unwrap_or_default());
+            state.control.conferences = snapshot
+                .conferences
+                .into_iter()
+                .map(|c| (c.conference_id.clone(), c))
+                .collect();
+            info!(
+                conferences = state.control.conferences.len(),
+                revocations = snapshot.revocations.len(),
+                revision = update.revision,
+                "control snapshot applied"
+            );
+            // Forget revocations no longer in force, so the set stays bounded.
+            let current: HashSet<(String, u64)> = snapshot
+                .revocations
+                .iter()
+                .map(|r| (r.user.clone(), r.revoked_at_unix))
+                .collect();
+            for revocation in snapshot.revocations {
+                revoke(shared, state, revocation);
+            }
+            state
+                .control
+                .revocations
+                .retain(|key| current.contains(key));
+        }
+        Some(control_update::Update::Policy(policy)) => apply_policy(state, policy),
+        Some(control_update::Update::ConferenceUpserted(conference)) => {
+            debug!(
+                conference = conference.conference_id,
+                "conference key updated"
+            );
+            state
+                .control
+                .conferences
+                .insert(conference.conference_id.clone(), conference);
+        }
+        Some(control_update::Update::ConferenceRemoved(removed)) => {
+            debug!(conference = removed.conference_id, "conference removed");
+            state.control.conferences.remove(&removed.conference_id);
+        }
+        Some(control_update::Update::UserRevoked(revocation)) => revoke(shared, state, revocation),
+        None => debug!(revision = update.revision, "empty control update ignored"),
+    }
+    state.control.revision = state.control.revision.max(update.revision);
+}
+
+fn apply_policy(state: &mut State, policy: AccessPolicy) {
+    let networks: Vec<IpNet> = policy
+        .internal_peer_networks
+        .iter()
+        .filter_map(|network| match network.parse() {
+            Ok(network) => Some(network),
+            Err(_) => {
+                warn!(network, "control policy: not a CIDR network, ignored");
+                None
+            }
+        })
+        .collect();
+    state.core.set_allowed_peer_networks(networks);
+}
+
+fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
+    let key = (revocation.user.clone(), revocation.revoked_at_unix);
+    if !state.control.revocations.insert(key) {
+        return;
+    }
+    let mut binder = SocketBinder::new(&mut state.relays, shared);
+    state.core.revoke_user(
+        &revocation.user,
+        revocation.refuse_expiry_through_unix,
+        Instant::now(),
+        &mut binder,
+    );
+    // The ended allocations' channels leave the kernel too.
+    state.flush_fast_path();
+}
+
+fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
+    let (counters, revision) = {
+        let state = shared.lock();
+        (state.counters(), state.control.revision)
+    };
+    let health = match stale_since {
+        Some(since) => AgentHealth {
+            state: HealthState::Degraded as i32,
+            problems: vec![format!(
+                "stale: serving with control state from before {since} (Unix time) until resynchronised"
+            )],
+            stale_since_unix: since,
+        },
+        None => AgentHealth {
+            state: HealthState::Ok as i32,
+            problems: Vec::new(),
+            stale_since_unix: 0,
+        },
+    };
+    AgentReport {
+        report: Some(agent_report::Report::Status(AgentStatus {
+            applied_revision: revision,
+            health: Some(health),
+            counters: Some(relay_counters(&counters)),
+            allocations: Vec::new(),
+            conferences: Vec::new(),
+        })),
+    }
+}
+
+fn relay_counters(counters: &Counters) -> RelayCounters {
+    let relay = &counters.relay;
+    let (mut fast_path_packets, mut fast_path_bytes) = (0, 0);
+    for (name, packets, bytes) in &counters.xdp {
+        if matches!(*name, "forwarded_to_peer" | "forwarded_to_client") {
+            fast_path_packets += packets;
+            fast_path_bytes += bytes;
+        }
+    }
+    RelayCounters {
+        active_allocations: counters.allocations as u64,
+        allocations_total: relay.allocations_created,
+        authentication_failures: relay.auth_failures,
+        userspace_packets: relay.to_peer_packets + relay.to_client_packets,
+        userspace_bytes: relay.to_peer_bytes + relay.to_client_bytes,
+        fast_path_packets,
+        fast_path_bytes,
+        policy_drops: relay.forbidden_peers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::server::ShellStats;
+    use crate::turn::Stats;
+
+    #[test]
+    fn registration_names_relay_and_listener_addresses_once_each() {
+        let config = Config::parse(
+            r#"
+realm = "example.org"
+[[listen]]
+transport = "udp"
+address = "10.0.0.5:3478"
+[[listen]]
+transport = "tcp"
+address = "0.0.0.0:443"
+[relay]
+ipv4 = "10.0.0.5"
+behind_nat = true
+public_ipv4 = "8.8.8.8"
+port_min = 40000
+port_max = 40999
+[auth]
+users = { alice = "pw" }
+[limits]
+allocations_total = 500
+"#,
+            Path::new("."),
+        )
+        .unwrap();
+        let registration = registration(&config, "edge-1");
+        assert_eq!(registration.agent_id, "edge-1");
+        let addresses: Vec<(i32, &str)> = registration
+            .addresses
+            .iter()
+            .map(|a| (a.role, a.ip.as_str()))
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                (AddressRole::External as i32, "10.0.0.5"),
+                (AddressRole::Public as i32, "8.8.8.8"),
+            ]
+        );
+        assert_eq!(
+            registration.capacity,
+            Some(AgentCapacity {
+                max_allocations: 500,
+                relay_port_min: 40000,
+                relay_port_max: 40999,
+            })
+        );
+    }
+
+    #[test]
+    fn counters_map_onto_the_reported_relay_counters() {
+        let counters = Counters {
+            allocations: 3,
+            relay: Stats {
+                allocations_created: 7,
+                auth_failures: 2,
+                forbidden_peers: 4,
+                to_peer_packets: 10,
+                to_peer_bytes: 1000,
+                to_client_packets: 5,
+                to_client_bytes: 500,
+                ..Stats::default()
+            },
+            shell: ShellStats::default(),
+            fast_path: None,
+            xdp: vec![
+                ("seen", 100, 10_000),
+                ("forwarded_to_peer", 20, 2000),
+                ("forwarded_to_client", 30, 3000),
+                ("pass_stun", 50, 5000),
+            ],
+        };
+        assert_eq!(
+            relay_counters(&counters),
+            RelayCounters {
+                active_allocations: 3,
+                allocations_total: 7,
+                authentication_failures: 2,
+                userspace_packets: 15,
+                userspace_bytes: 1500,
+                fast_path_packets: 50,
+                fast_path_bytes: 5000,
+                policy_drops: 4,
+            }
+        );
+    }
+}
