@@ -31,6 +31,7 @@ pub mod bpf;
 pub mod certs;
 pub mod client;
 pub mod control;
+pub mod coturn;
 pub mod media;
 pub mod netns;
 pub mod ports;

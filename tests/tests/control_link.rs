@@ -13,8 +13,9 @@ use proto::control::v1::{
 };
 use rampart::stun::AddressFamily;
 use rampart_tests::control::{AGENT_ID, ControlPki, ControlService, temp_dir};
+use rampart_tests::coturn::{EchoPeer, MESSAGES, assert_all_echoed, uclient};
 use rampart_tests::ports::free_port;
-use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, USER};
+use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
 
 /// How long an agent may take to (re)connect to control: its reconnection backoff is capped
 /// at 15 s.
@@ -227,4 +228,45 @@ fn an_agent_started_before_control_converges_and_again_after_a_control_restart()
         2,
         "one log line per outage"
     );
+}
+
+/// Credentials a front-end obtained from control, used by a TURN client we did not write
+/// (coturn's `turnutils_uclient`): it allocates on the agent, binds a channel and gets every
+/// message back from an echo peer.
+#[test]
+fn credentials_issued_by_control_work_for_an_independent_turn_client() {
+    let rt = runtime();
+    let dir = temp_dir().unwrap();
+    let pki = ControlPki::create(dir.path()).unwrap();
+    let control =
+        ControlService::start(&pki, &dir.path().join("control"), control_address()).unwrap();
+    let agent = Rampart::start(
+        &RampartConfig::single(Proto::Udp, false).with_control(pki.agent_link(control.address)),
+    )
+    .unwrap();
+    let mut front_end = rt.block_on(pki.front_end(control.address)).unwrap();
+    let credentials = rt
+        .block_on(
+            front_end.issue_media_credentials(IssueMediaCredentialsRequest {
+                user: "carol".into(),
+                lifetime_seconds: Some(600),
+            }),
+        )
+        .unwrap()
+        .into_inner();
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let run = uclient(
+        &agent,
+        Proto::Udp,
+        &peer,
+        &[
+            "-u",
+            &credentials.username,
+            "-w",
+            &credentials.password,
+            "-m",
+            "1",
+        ],
+    );
+    assert_all_echoed(&run, MESSAGES);
 }
