@@ -568,7 +568,7 @@ impl RawXdp {
 
 impl RawControl {
     fn validate(&self, base_dir: &Path) -> Result<ControlSettings, ConfigError> {
-        use rustls::pki_types::{CertificateDer, ServerName};
+        use rustls::pki_types::ServerName;
         let endpoint = self.endpoint.trim();
         if endpoint.starts_with("http://") {
             return Err(invalid(
@@ -617,33 +617,7 @@ impl RawControl {
                 "must be 1 to 128 printable ASCII characters without spaces (e.g. the host name, \"edge-1\")",
             ));
         }
-        let read = |key: &str, path: &Path| {
-            let path = base_dir.join(path);
-            std::fs::read(&path).map_err(|e| {
-                invalid(
-                    format!("control.{key}"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })
-        };
-        let certs = |key: &str, pem: &[u8]| {
-            let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
-                .collect::<Result<_, _>>()
-                .map_err(|e| {
-                    invalid(
-                        format!("control.{key}"),
-                        format!("not PEM certificates: {e}"),
-                    )
-                })?;
-            if certs.is_empty() {
-                return Err(invalid(
-                    format!("control.{key}"),
-                    "the file holds no PEM certificate",
-                ));
-            }
-            Ok(certs)
-        };
-        let ca = certs("ca", &read("ca", &self.ca)?)?;
+        let ca = pem_certificates("control.ca", &read_file("control.ca", base_dir, &self.ca)?)?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in ca {
             roots.add(cert).map_err(|e| {
@@ -653,17 +627,20 @@ impl RawControl {
                 )
             })?;
         }
-        let chain = certs("certificate", &read("certificate", &self.certificate)?)?;
+        let chain = pem_certificates(
+            "control.certificate",
+            &read_file("control.certificate", base_dir, &self.certificate)?,
+        )?;
         webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
             invalid(
                 "control.certificate",
                 format!("unparsable certificate: {e}; use the agent's client certificate (PEM)"),
             )
         })?;
-        let key_pem = read("private_key", &self.private_key)?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| invalid("control.private_key", format!("not a PEM private key: {e}")))?
-            .ok_or_else(|| invalid("control.private_key", "the file holds no PEM private key"))?;
+        let key = pem_private_key(
+            "control.private_key",
+            &read_file("control.private_key", base_dir, &self.private_key)?,
+        )?;
         let tls = control::client::client_config(roots, chain, key).map_err(|e| {
             invalid(
                 "control.private_key",
@@ -678,6 +655,36 @@ impl RawControl {
             agent_id: self.agent_id.clone(),
         })
     }
+}
+
+/// The file at `path` (relative to the configuration's directory), named by its `key`.
+fn read_file(key: &str, base_dir: &Path, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let path = base_dir.join(path);
+    std::fs::read(&path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// The PEM certificates in the file of `key`: at least one.
+fn pem_certificates(
+    key: &str,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(key, format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(key, "the file holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// The PEM private key in the file of `key`.
+fn pem_private_key(
+    key: &str,
+    pem: &[u8],
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, ConfigError> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| invalid(key, format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| invalid(key, "the file holds no PEM private key"))
 }
 
 fn validate_listeners(raw: &[RawListener]) -> Result<Vec<Listener>, ConfigError> {
@@ -775,35 +782,16 @@ fn relay_address(
 
 impl RawTls {
     fn load(&self, base_dir: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let read = |key: &str, path: &Path| {
-            let path = base_dir.join(path);
-            std::fs::read(&path).map_err(|e| {
-                invalid(
-                    format!("tls.{key}"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })
-        };
-        let cert_pem = read("certificate", &self.certificate)?;
-        let key_pem = read("private_key", &self.private_key)?;
-        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                invalid(
-                    "tls.certificate",
-                    format!("not a PEM certificate chain: {e}"),
-                )
-            })?;
-        let Some(leaf) = certs.first() else {
-            return Err(invalid(
-                "tls.certificate",
-                "the file holds no PEM certificate",
-            ));
-        };
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| invalid("tls.private_key", format!("not a PEM private key: {e}")))?
-            .ok_or_else(|| invalid("tls.private_key", "the file holds no PEM private key"))?;
+        use rustls::pki_types::ServerName;
+        let certs = pem_certificates(
+            "tls.certificate",
+            &read_file("tls.certificate", base_dir, &self.certificate)?,
+        )?;
+        let leaf = &certs[0];
+        let key = pem_private_key(
+            "tls.private_key",
+            &read_file("tls.private_key", base_dir, &self.private_key)?,
+        )?;
         if self.fqdn.trim().is_empty() {
             return Err(invalid(
                 "tls.fqdn",

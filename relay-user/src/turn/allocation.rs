@@ -71,6 +71,12 @@ pub struct Expired {
     pub permissions: Vec<IpAddr>,
 }
 
+impl Expired {
+    pub fn is_empty(&self) -> bool {
+        self.relays.is_empty() && self.channels.is_empty() && self.permissions.is_empty()
+    }
+}
+
 #[derive(Debug)]
 pub struct Allocation {
     pub five_tuple: FiveTuple,

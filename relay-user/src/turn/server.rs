@@ -308,6 +308,11 @@ impl Server {
         let mut dead = Vec::new();
         for (five_tuple, allocation) in &mut self.allocations {
             let expired = allocation.expire(now);
+            // The fast path's entries change only when something expired (refreshes sync on
+            // their own): most allocations, most ticks, have nothing to recompute.
+            if !expired.is_empty() {
+                allocation.sync_fast_path(now, &mut self.fast_path);
+            }
             for relay in expired.relays {
                 self.by_relay.remove(&relay);
                 self.ports.release(relay, binder);
@@ -315,7 +320,6 @@ impl Server {
             for (channel, peer) in expired.channels {
                 debug!(client = %five_tuple.client, channel, %peer, "channel binding expired");
             }
-            allocation.sync_fast_path(now, &mut self.fast_path);
             if allocation.is_dead() {
                 dead.push(*five_tuple);
             }
