@@ -13,7 +13,9 @@
 //! - [`service`]: the front-end, relay-agent and operator APIs.
 //! - [`credentials`]: the TURN REST API credential scheme.
 //! - [`client`]: the mutual-TLS client side, for Rust callers.
+//! - [`call`]: any RPC by name with JSON in and out (`rampart-control call`).
 
+pub mod call;
 pub mod client;
 pub mod config;
 pub mod credentials;

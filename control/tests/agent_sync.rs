@@ -188,6 +188,7 @@ async fn an_agent_gets_a_snapshot_then_every_change_and_reports_back() {
                     joins_total: 5,
                     joins_refused: 1,
                 }],
+                allocations_not_listed: 4,
             })),
         })
         .await
@@ -214,15 +215,18 @@ async fn an_agent_gets_a_snapshot_then_every_change_and_reports_back() {
     assert_eq!(info.applied_revision, agents.current_revision, "in sync");
     assert_eq!(info.counters.as_ref().unwrap().allocations_total, 3);
 
-    let allocations = operator
+    let listed = operator
         .list_allocations(ListAllocationsRequest {
             agent_id: String::new(),
             user: "alice".into(),
         })
         .await
         .unwrap()
-        .into_inner()
-        .allocations;
+        .into_inner();
+    // What the agent left out of its report is counted, so a partial list is never taken
+    // for the whole.
+    assert_eq!(listed.allocations_not_listed, 4);
+    let allocations = listed.allocations;
     assert_eq!(allocations.len(), 1);
     assert_eq!(allocations[0].agent_id, "edge-1");
     let none = operator
@@ -267,4 +271,66 @@ async fn an_agent_gets_a_snapshot_then_every_change_and_reports_back() {
     server.stop().await;
     drop(reports);
     drop(reports2);
+}
+
+/// An agent id belongs to the certificate that registered it: another agent's certificate
+/// can neither open its Sync stream nor take the id over while it is connected; once it is
+/// gone, the id may move (a re-homed agent), and the log says so.
+#[tokio::test]
+async fn an_agent_id_is_bound_to_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let server = TestServer::start(dir.path(), &pki).await;
+    let mut owner =
+        RelayAgentClient::new(channel(server.addr, client_config(&pki, &pki.agent())).await);
+    let other = pki.client_dns("edge-2.agents.rampart.test", 21);
+    let mut intruder =
+        RelayAgentClient::new(channel(server.addr, client_config(&pki, &other)).await);
+
+    owner.register_agent(registration("edge-1")).await.unwrap();
+    let (reports, report_stream) = mpsc::channel(8);
+    reports.send(hello("edge-1")).await.unwrap();
+    let mut updates = owner
+        .sync(ReceiverStream::new(report_stream))
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut updates).await;
+
+    let (intruder_reports, intruder_stream) = mpsc::channel(8);
+    intruder_reports.send(hello("edge-1")).await.unwrap();
+    let status = intruder
+        .sync(ReceiverStream::new(intruder_stream))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    let status = intruder
+        .register_agent(registration("edge-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("connected"), "{status}");
+
+    // The owner goes away: the id may move to the other certificate.
+    drop(reports);
+    drop(updates);
+    let moved = async {
+        loop {
+            match intruder.register_agent(registration("edge-1")).await {
+                Ok(response) => break response.into_inner(),
+                Err(status) if status.code() == Code::PermissionDenied => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("{status}"),
+            }
+        }
+    };
+    let moved = tokio::time::timeout(STEP, moved)
+        .await
+        .expect("the id is free once its agent disconnected");
+    assert_eq!(
+        moved.registration.unwrap().certificate_identity,
+        "dns:edge-2.agents.rampart.test"
+    );
+    server.stop().await;
 }

@@ -61,6 +61,7 @@ struct RawConfig {
     control: Option<RawControl>,
 }
 
+/// `[control]`: the keys of a control client file, and the agent's identifier.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
@@ -73,29 +74,11 @@ struct RawControl {
 }
 
 /// The link to the control service, when `[control]` is set: where it is, how to recognise
-/// it, and the agent's own client certificate.
-#[derive(Clone)]
+/// it and the agent's own client certificate, and the agent's identifier there.
+#[derive(Clone, Debug)]
 pub struct ControlSettings {
-    /// Host name or IP of the control service (resolved at every connection attempt).
-    pub host: String,
-    pub port: u16,
-    /// The name the control service's certificate must carry.
-    pub server_name: rustls::pki_types::ServerName<'static>,
-    /// TLS 1.3 client configuration: our certificate and key, the CA to check control against.
-    pub tls: Arc<rustls::ClientConfig>,
-    /// This agent's identifier at the control service.
+    pub link: control::client::Link,
     pub agent_id: String,
-}
-
-impl fmt::Debug for ControlSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ControlSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("server_name", &self.server_name)
-            .field("agent_id", &self.agent_id)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -568,46 +551,6 @@ impl RawXdp {
 
 impl RawControl {
     fn validate(&self, base_dir: &Path) -> Result<ControlSettings, ConfigError> {
-        use rustls::pki_types::ServerName;
-        let endpoint = self.endpoint.trim();
-        if endpoint.starts_with("http://") {
-            return Err(invalid(
-                "control.endpoint",
-                "the control service is reached over mutual TLS only; use https://host:port or host:port",
-            ));
-        }
-        let authority = endpoint
-            .strip_prefix("https://")
-            .unwrap_or(endpoint)
-            .trim_end_matches('/');
-        let bad_endpoint = || {
-            invalid(
-                "control.endpoint",
-                format!(
-                    "{:?} is not host:port; use e.g. \"https://control.example.org:50051\" or \"10.0.0.2:50051\"",
-                    self.endpoint
-                ),
-            )
-        };
-        let (host, port) = authority.rsplit_once(':').ok_or_else(bad_endpoint)?;
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(bad_endpoint)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(['/', ' ', '@']) {
-            return Err(bad_endpoint());
-        }
-        let server_name = self.server_name.as_deref().unwrap_or(host);
-        let server_name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
-            invalid(
-                "control.server_name",
-                format!(
-                    "{server_name:?} is not a DNS name or IP; set the name the control service's certificate carries"
-                ),
-            )
-        })?;
         if self.agent_id.is_empty()
             || self.agent_id.len() > 128
             || !self.agent_id.bytes().all(|b| b.is_ascii_graphic())
@@ -617,41 +560,17 @@ impl RawControl {
                 "must be 1 to 128 printable ASCII characters without spaces (e.g. the host name, \"edge-1\")",
             ));
         }
-        let ca = pem_certificates("control.ca", &read_file("control.ca", base_dir, &self.ca)?)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in ca {
-            roots.add(cert).map_err(|e| {
-                invalid(
-                    "control.ca",
-                    format!("unusable CA certificate: {e}; use the control service's CA (PEM)"),
-                )
-            })?;
+        let link = control::client::LinkFile {
+            endpoint: self.endpoint.clone(),
+            server_name: self.server_name.clone(),
+            ca: self.ca.clone(),
+            certificate: self.certificate.clone(),
+            private_key: self.private_key.clone(),
         }
-        let chain = pem_certificates(
-            "control.certificate",
-            &read_file("control.certificate", base_dir, &self.certificate)?,
-        )?;
-        webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-            invalid(
-                "control.certificate",
-                format!("unparsable certificate: {e}; use the agent's client certificate (PEM)"),
-            )
-        })?;
-        let key = pem_private_key(
-            "control.private_key",
-            &read_file("control.private_key", base_dir, &self.private_key)?,
-        )?;
-        let tls = control::client::client_config(roots, chain, key).map_err(|e| {
-            invalid(
-                "control.private_key",
-                format!("does not fit control.certificate ({e}); use the key of that certificate"),
-            )
-        })?;
+        .resolve(base_dir)
+        .map_err(|e| invalid(format!("control.{}", e.key), e.problem))?;
         Ok(ControlSettings {
-            host: host.to_owned(),
-            port,
-            server_name,
-            tls,
+            link,
             agent_id: self.agent_id.clone(),
         })
     }
@@ -1015,11 +934,11 @@ users = { alice = "pw" }
         let error = |section: &str| parse(section).unwrap_err().to_string();
 
         let control = parse(section).unwrap().control.unwrap();
-        assert_eq!(control.host, "control.example.org");
-        assert_eq!(control.port, 50051);
+        assert_eq!(control.link.host, "control.example.org");
+        assert_eq!(control.link.port, 50051);
         assert_eq!(control.agent_id, "edge-1");
         assert_eq!(
-            control.server_name,
+            control.link.server_name,
             rustls::pki_types::ServerName::try_from("control.example.org").unwrap()
         );
         assert!(Config::parse(MINIMAL, &dir).unwrap().control.is_none());
@@ -1035,9 +954,12 @@ users = { alice = "pw" }
         .unwrap()
         .control
         .unwrap();
-        assert_eq!((control.host.as_str(), control.port), ("10.0.0.2", 7000));
         assert_eq!(
-            control.server_name,
+            (control.link.host.as_str(), control.link.port),
+            ("10.0.0.2", 7000)
+        );
+        assert_eq!(
+            control.link.server_name,
             rustls::pki_types::ServerName::try_from("control.example.org").unwrap()
         );
 

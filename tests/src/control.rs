@@ -15,7 +15,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::ServerName;
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
@@ -120,12 +119,15 @@ impl ControlPki {
     }
 
     async fn channel(&self, address: SocketAddr, stem: &str) -> anyhow::Result<Channel> {
-        let tls = control::client::client_config_from_files(
-            &self.dir.join("ca.pem"),
-            &self.dir.join(format!("{stem}.pem")),
-            &self.dir.join(format!("{stem}.key")),
-        )?;
-        Ok(control::client::connect(address, ServerName::try_from(CONTROL_NAME)?, tls).await?)
+        let link = control::client::LinkFile {
+            endpoint: address.to_string(),
+            server_name: Some(CONTROL_NAME.to_owned()),
+            ca: "ca.pem".into(),
+            certificate: format!("{stem}.pem").into(),
+            private_key: format!("{stem}.key").into(),
+        }
+        .resolve(&self.dir)?;
+        Ok(link.connect().await?)
     }
 }
 

@@ -1,7 +1,8 @@
 //! `cargo xtask certs`: a development PKI for the control service's mutual TLS: a CA, the
 //! control server's certificate, and one client certificate per role (front-end, relay
-//! agent, operator), plus the control configuration whose role allow lists name exactly
-//! those certificates' SANs.
+//! agent, operator), plus the configurations that use them: the control service's (its role
+//! allow lists name exactly those certificates' SANs), the agent's (the embedded default
+//! with a `[control]` link), and a client file per role for `rampart-control call`.
 //!
 //! Idempotent: files that exist are kept (unless `--force`), so re-running never invalidates
 //! certificates already handed to running processes. New leaves are signed with the existing
@@ -22,6 +23,12 @@ use rcgen::{
 
 /// The development control configuration; `cargo xtask certs` writes it as `control.toml`.
 const CONTROL_CONFIG: &str = include_str!("../../control/config/development.toml");
+/// The agent's embedded default; `rampart.toml` is this with a `[control]` section.
+const AGENT_DEFAULT: &str = include_str!("../../relay-user/config/default.toml");
+/// Where the development control configuration listens.
+pub const CONTROL_ENDPOINT: &str = "127.0.0.1:7443";
+/// The agent configuration of the all-in-one, beside the certificates.
+pub const AGENT_CONFIG: &str = "rampart.toml";
 
 const CA_NAME: &str = "Rampart development CA";
 /// The name the control service is reached by (`tls.server_name` of the configuration).
@@ -115,7 +122,6 @@ pub fn run(options: &Options) -> Result<()> {
         let cert_path = out.join(format!("{}.pem", leaf.stem));
         let key_path = out.join(format!("{}.key", leaf.stem));
         if !options.force && !ca_is_new && cert_path.exists() && key_path.exists() {
-            eprintln!("xtask: kept {}", cert_path.display());
             continue;
         }
         let key = KeyPair::generate()?;
@@ -125,18 +131,51 @@ pub fn run(options: &Options) -> Result<()> {
         eprintln!("xtask: wrote {}", cert_path.display());
     }
 
-    let config = out.join("control.toml");
-    if options.force || !config.exists() {
-        write(&config, CONTROL_CONFIG.as_bytes(), false)?;
-        eprintln!("xtask: wrote {}", config.display());
-    } else {
-        eprintln!("xtask: kept {}", config.display());
+    for (name, contents) in configs() {
+        let path = out.join(name);
+        if options.force || !path.exists() {
+            write(&path, contents.as_bytes(), false)?;
+            eprintln!("xtask: wrote {}", path.display());
+        }
     }
     eprintln!(
-        "xtask: start the control service with\n  cargo run -p control --bin rampart-control -- serve --config {}",
-        config.display()
+        "xtask: development certificates and configurations in {} (existing files kept; \
+         --force remakes them)",
+        out.display()
     );
     Ok(())
+}
+
+/// The configuration files that go with the certificates, by file name.
+fn configs() -> [(&'static str, String); 4] {
+    let client = |stem: &str| {
+        format!(
+            "# A client file for `rampart-control call --client <this file>`: the certificate\n\
+             # below decides the role.\n\
+             endpoint = \"{CONTROL_ENDPOINT}\"\n\
+             server_name = \"{SERVER_NAME}\"\n\
+             ca = \"ca.pem\"\n\
+             certificate = \"{stem}.pem\"\n\
+             private_key = \"{stem}.key\"\n"
+        )
+    };
+    let agent = format!(
+        "{AGENT_DEFAULT}\n\
+         # Written by `cargo xtask certs`: the all-in-one's link to its control service.\n\
+         [control]\n\
+         endpoint = \"https://{CONTROL_ENDPOINT}\"\n\
+         server_name = \"{SERVER_NAME}\"\n\
+         ca = \"ca.pem\"\n\
+         certificate = \"agent.pem\"\n\
+         private_key = \"agent.key\"\n\
+         agent_id = \"edge-1\"\n"
+    );
+    [
+        ("control.toml", CONTROL_CONFIG.to_owned()),
+        (AGENT_CONFIG, agent),
+        ("front-end-client.toml", client("front-end")),
+        ("operator-client.toml", client("operator")),
+    ]
 }
 
 fn ca_params(today: i64) -> CertificateParams {
@@ -254,6 +293,11 @@ mod tests {
         assert!(allows("relay_agent", "dns:*.agents.rampart.test"));
         assert!(allows("operator", "uri:spiffe://rampart.test/operator"));
         assert!(CONTROL_CONFIG.contains(&format!("server_name = \"{SERVER_NAME}\"")));
+        assert!(CONTROL_CONFIG.contains(&format!("listen = \"{CONTROL_ENDPOINT}\"")));
+        // The agent's TURN REST secret is the one control issues credentials with.
+        let secret = "rampart-development-secret-change-me";
+        assert!(AGENT_DEFAULT.contains(&format!("rest_secrets = [\"{secret}\"]")));
+        assert!(CONTROL_CONFIG.contains(&format!("rest_secret = \"{secret}\"")));
     }
 
     #[test]

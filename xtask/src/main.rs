@@ -2,16 +2,14 @@
 //!
 //! Every build, run and test task first runs [`setup`], which installs what is missing and is
 //! quick when nothing is, so the two commands in the README work on a fresh Debian 12 machine
-//! and in CI alike. (`certs` needs no tool chain and skips it.)
+//! and in CI alike. (`certs` needs no tool chain and skips it, as does `run --no-build`.)
 
+mod all_in_one;
 mod certs;
 mod setup;
 mod util;
 
-use std::{
-    ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode,
-    time::Instant,
-};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -33,13 +31,27 @@ struct Cli {
 enum Task {
     /// Install what building and testing Rampart needs (idempotent; quick when all is there).
     Setup,
-    /// Set up, then build the agent `rampart` with its embedded XDP program.
+    /// Set up, then build the agent `rampart` (with its embedded XDP program) and the control
+    /// service `rampart-control`.
     Build(BuildArgs),
-    /// Set up, build, then start the agent; arguments after `--` go to it
-    /// (e.g. `cargo xtask run -- --config edge.toml`).
+    /// Set up, build, then start the all-in-one edge: the control service and the agent,
+    /// linked over mutual TLS with the certificates of `cargo xtask certs` (made if missing).
+    /// Arguments after `--` go to the agent (e.g. `cargo xtask run -- --log debug`); with
+    /// `-- --config FILE` the agent uses that file instead of the all-in-one's.
     Run {
         #[command(flatten)]
         build: BuildArgs,
+        /// Start the agent alone on its embedded default configuration, without control.
+        #[arg(long)]
+        no_control: bool,
+        /// Use the binaries next to this xtask (or in the target directory), without setup
+        /// or build.
+        #[arg(long)]
+        no_build: bool,
+        /// The development certificates and configurations (default: `dev-certs` in the
+        /// target directory).
+        #[arg(long)]
+        certs: Option<PathBuf>,
         /// Arguments for `rampart`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -88,16 +100,30 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Run {
             build: args,
+            no_control,
+            no_build,
+            certs,
             args: agent_args,
         } => {
-            setup::run()?;
-            build(&args)?;
             let profile = if args.release { "release" } else { "debug" };
-            let binary = util::target_dir().join(profile).join("rampart");
-            eprintln!("xtask: exec {}", binary.display());
-            // exec only returns on failure.
-            let error = std::process::Command::new(&binary).args(&agent_args).exec();
-            Err(error).with_context(|| format!("starting {}", binary.display()))
+            let binaries = if no_build {
+                // Next to this xtask when it runs from a target directory, as in tests.
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|exe| exe.parent().map(PathBuf::from))
+                    .filter(|dir| dir.join("rampart").is_file())
+                    .unwrap_or_else(|| util::target_dir().join(profile))
+            } else {
+                setup::run()?;
+                build(&args)?;
+                util::target_dir().join(profile)
+            };
+            all_in_one::run(all_in_one::Options {
+                binaries,
+                certs: certs.unwrap_or_else(|| util::target_dir().join("dev-certs")),
+                no_control,
+                agent_args,
+            })
         }
         Task::Test => test(),
         Task::Certs { out, force } => {
@@ -134,7 +160,17 @@ fn bench_xdp() -> Result<()> {
 
 fn build(args: &BuildArgs) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "relay-user", "--bin", "rampart"]);
+    cmd.args([
+        "build",
+        "--package",
+        "relay-user",
+        "--bin",
+        "rampart",
+        "--package",
+        "control",
+        "--bin",
+        "rampart-control",
+    ]);
     if args.release {
         cmd.arg("--release");
     }

@@ -87,6 +87,32 @@ impl RelayAgent for AgentService {
                 "relay_port_min must be at most relay_port_max, and both at most 65535",
             ));
         }
+        // An agent id belongs to the certificate identity that registered it: another agent's
+        // certificate may not take over a connected agent's id (and with it its reports).
+        let id = request.agent_id.clone();
+        let previous = blocking(&self.state, move |state| state.store().agent(&id)).await?;
+        if let Some(previous) = previous
+            && previous.certificate_identity != caller.identity()
+        {
+            let connected = self
+                .state
+                .live_agents()
+                .get(&request.agent_id)
+                .is_some_and(|live| live.connected);
+            if connected {
+                return Err(Status::permission_denied(format!(
+                    "agent {:?} is connected with another certificate ({}); an agent id belongs \
+                     to one certificate identity while it is connected",
+                    request.agent_id, previous.certificate_identity
+                )));
+            }
+            tracing::warn!(
+                agent = %request.agent_id,
+                from = %previous.certificate_identity,
+                to = %caller.identity(),
+                "agent id moves to another certificate identity"
+            );
+        }
         let registration = AgentRegistration {
             agent_id: request.agent_id,
             addresses: request.addresses,
@@ -135,9 +161,16 @@ impl RelayAgent for AgentService {
         check_id("hello.agent_id", &agent_id)?;
         let id = agent_id.clone();
         let registered = blocking(&self.state, move |state| state.store().agent(&id)).await?;
-        if registered.is_none() {
+        let Some(registered) = registered else {
             return Err(Status::failed_precondition(format!(
                 "agent {agent_id:?} is not registered; call RegisterAgent first"
+            )));
+        };
+        if registered.certificate_identity != caller.identity() {
+            return Err(Status::permission_denied(format!(
+                "agent {agent_id:?} is registered to another certificate ({}); call \
+                 RegisterAgent with this one first",
+                registered.certificate_identity
             )));
         }
 

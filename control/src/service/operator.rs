@@ -65,11 +65,14 @@ impl Operator for OperatorService {
         let mut live: Vec<_> = self.state.live_agents().into_iter().collect();
         live.sort_by(|a, b| a.0.cmp(&b.0));
         let mut allocations = Vec::new();
+        let mut allocations_not_listed = 0u64;
         for (agent_id, agent) in live {
             if !request.agent_id.is_empty() && request.agent_id != agent_id {
                 continue;
             }
             let Some(status) = agent.status else { continue };
+            allocations_not_listed =
+                allocations_not_listed.saturating_add(status.allocations_not_listed);
             for allocation in status.allocations {
                 if !request.user.is_empty() && request.user != allocation.user {
                     continue;
@@ -81,7 +84,10 @@ impl Operator for OperatorService {
                 });
             }
         }
-        Ok(Response::new(ListAllocationsResponse { allocations }))
+        Ok(Response::new(ListAllocationsResponse {
+            allocations,
+            allocations_not_listed,
+        }))
     }
 
     async fn list_conferences(

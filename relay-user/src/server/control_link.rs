@@ -17,17 +17,19 @@ use ipnet::IpNet;
 use proto::control::v1::relay_agent_client::RelayAgentClient;
 use proto::control::v1::{
     AccessPolicy, AddressRole, AgentAddress, AgentCapacity, AgentHealth, AgentHello, AgentReport,
-    AgentStatus, Conference, ControlUpdate, HealthState, RegisterAgentRequest, RelayCounters,
-    UserRevocation, agent_report, control_update,
+    AgentStatus, AllocationSummary, ClientTransport, Conference, ControlUpdate, HealthState,
+    RegisterAgentRequest, RelayCounters, UserRevocation, agent_report, control_update,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
+use super::fast_path::FastPath;
 use super::relay_socket::SocketBinder;
 use super::{Counters, Shared, State};
 use crate::config::{Config, ControlSettings};
+use crate::turn::Transport;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -104,8 +106,6 @@ fn unix_now() -> u64 {
 /// Why one link session ended.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
-    #[error("cannot resolve {0}")]
-    Resolve(String),
     #[error("{0}")]
     Connect(#[from] control::client::ClientError),
     #[error("timed out connecting")]
@@ -122,7 +122,7 @@ pub(super) async fn run(
     settings: ControlSettings,
     registration: RegisterAgentRequest,
 ) {
-    let endpoint = format!("{}:{}", settings.host, settings.port);
+    let endpoint = settings.link.endpoint();
     // The agent starts with no control state: its state is not current until a snapshot.
     let mut stale_since = Some(unix_now());
     let mut backoff = BACKOFF_MIN;
@@ -221,15 +221,7 @@ async fn connect(
     settings: &ControlSettings,
     registration: &RegisterAgentRequest,
 ) -> Result<(RelayAgentClient<tonic::transport::Channel>, Duration), LinkError> {
-    let endpoint = format!("{}:{}", settings.host, settings.port);
-    let address = tokio::net::lookup_host((settings.host.as_str(), settings.port))
-        .await
-        .ok()
-        .and_then(|mut addresses| addresses.next())
-        .ok_or_else(|| LinkError::Resolve(endpoint))?;
-    let channel =
-        control::client::connect(address, settings.server_name.clone(), settings.tls.clone())
-            .await?;
+    let channel = settings.link.connect().await?;
     let mut client = RelayAgentClient::new(channel);
     let response = client
         .register_agent(registration.clone())
@@ -326,10 +318,19 @@ fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
     state.flush_fast_path();
 }
 
+/// Allocations listed per report at most; the rest are counted (AgentStatus).
+const MAX_LISTED_ALLOCATIONS: usize = 5000;
+
 fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
-    let (counters, revision) = {
+    let (counters, revision, allocations, allocations_not_listed) = {
         let state = shared.lock();
-        (state.counters(), state.control.revision)
+        let (allocations, not_listed) = allocation_summaries(&state);
+        (
+            state.counters(),
+            state.control.revision,
+            allocations,
+            not_listed,
+        )
     };
     let health = match stale_since {
         Some(since) => AgentHealth {
@@ -350,10 +351,52 @@ fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
             applied_revision: revision,
             health: Some(health),
             counters: Some(relay_counters(&counters)),
-            allocations: Vec::new(),
+            allocations,
             conferences: Vec::new(),
+            allocations_not_listed,
         })),
     }
+}
+
+/// The allocations for a status report (at most [`MAX_LISTED_ALLOCATIONS`]) and how many
+/// were left out. Bytes are the userspace relay's plus the kernel's for channels it
+/// forwards or forwarded.
+fn allocation_summaries(state: &State) -> (Vec<AllocationSummary>, u64) {
+    let forwarded = state
+        .fast_path
+        .as_ref()
+        .map(FastPath::forwarded_bytes)
+        .unwrap_or_default();
+    let core = &state.core;
+    let listed: Vec<_> = core
+        .allocations()
+        .take(MAX_LISTED_ALLOCATIONS)
+        .map(|allocation| {
+            let in_kernel = forwarded
+                .get(&allocation.five_tuple)
+                .copied()
+                .unwrap_or_default();
+            let relay = allocation.relays.first();
+            AllocationSummary {
+                username: allocation.username.clone(),
+                user: allocation.quota_key.clone(),
+                transport: match allocation.five_tuple.transport {
+                    Transport::Udp => ClientTransport::Udp,
+                    Transport::Tcp => ClientTransport::Tcp,
+                    Transport::Tls => ClientTransport::Tls,
+                } as i32,
+                client_address: allocation.five_tuple.client.to_string(),
+                relayed_address: relay.map(|r| r.advertised.to_string()).unwrap_or_default(),
+                expires_at_unix: relay.map_or(0, |r| core.unix_time(r.expires)),
+                permissions: u32::try_from(allocation.permission_count()).unwrap_or(u32::MAX),
+                channels: u32::try_from(allocation.channels().count()).unwrap_or(u32::MAX),
+                bytes_from_client: allocation.relayed.from_client + in_kernel.from_client,
+                bytes_to_client: allocation.relayed.to_client + in_kernel.to_client,
+            }
+        })
+        .collect();
+    let not_listed = core.allocation_count().saturating_sub(listed.len()) as u64;
+    (listed, not_listed)
 }
 
 fn relay_counters(counters: &Counters) -> RelayCounters {

@@ -6,12 +6,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use relay_common::PIN_LAYOUT_VERSION;
+use relay_common::{ChannelCounters, PIN_LAYOUT_VERSION};
 
 use tracing::{debug, info, warn};
 
 use crate::config::{XdpMode, XdpSettings};
-use crate::turn::allocation::{FastPathChannel, FastPathEvent};
+use crate::turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
 use crate::turn::{FiveTuple, Transport};
 use crate::xdp::{self, Attached, ChannelBinding, MapSizes, XdpError, XdpProgram};
 
@@ -182,13 +182,40 @@ impl FastPath {
         &self.program
     }
 
-    pub fn apply(&mut self, events: Vec<FastPathEvent>, now: Instant) {
+    /// Applies the core's changes; returns what the kernel had forwarded on each channel it
+    /// withdrew, for the allocation's totals.
+    pub fn apply(
+        &mut self,
+        events: Vec<FastPathEvent>,
+        now: Instant,
+    ) -> Vec<(FiveTuple, RelayedBytes)> {
+        let mut withdrawn = Vec::new();
         for event in events {
             match event {
                 FastPathEvent::Up(channel) => self.install(&channel, now),
-                FastPathEvent::Down(channel) => self.remove(&channel),
+                FastPathEvent::Down(channel) => {
+                    if let Some(counters) = self.remove(&channel) {
+                        withdrawn.push((channel.five_tuple, relayed_bytes(counters)));
+                    }
+                }
             }
         }
+        withdrawn
+    }
+
+    /// What the kernel has forwarded so far on the channels it forwards now, per allocation
+    /// (one map lookup per channel).
+    pub fn forwarded_bytes(&self) -> HashMap<FiveTuple, RelayedBytes> {
+        let mut totals: HashMap<FiveTuple, RelayedBytes> = HashMap::new();
+        for ((five_tuple, _), binding) in &self.bound {
+            if let Ok(counters) = self.program.channel_counters(binding.counter_id) {
+                let bytes = relayed_bytes(counters);
+                let total = totals.entry(*five_tuple).or_default();
+                total.from_client += bytes.from_client;
+                total.to_client += bytes.to_client;
+            }
+        }
+        totals
     }
 
     fn install(&mut self, channel: &FastPathChannel, now: Instant) {
@@ -243,27 +270,35 @@ impl FastPath {
         }
     }
 
-    fn remove(&mut self, channel: &FastPathChannel) {
-        let Some(binding) = self.bound.remove(&(channel.five_tuple, channel.channel)) else {
-            return;
-        };
-        self.unbind(&binding);
+    fn remove(&mut self, channel: &FastPathChannel) -> Option<ChannelCounters> {
+        let binding = self.bound.remove(&(channel.five_tuple, channel.channel))?;
+        self.unbind(&binding)
     }
 
-    fn unbind(&mut self, binding: &ChannelBinding) {
+    /// Removes a channel from the kernel; its last counters when they could be read.
+    fn unbind(&mut self, binding: &ChannelBinding) -> Option<ChannelCounters> {
+        if self.bound.len() < self.max_channels {
+            self.full_reported = false;
+        }
         match self.program.unbind_channel(binding) {
             Ok(counters) => {
                 self.stats.channels_removed += 1;
                 debug!(client = %binding.client, channel = binding.channel, ?counters, "channel removed from the kernel");
+                Some(counters)
             }
             Err(error) => {
                 self.stats.map_errors += 1;
                 warn!(client = %binding.client, channel = binding.channel, error = %error_chain(&error), "removing a channel from the kernel failed");
+                None
             }
         }
-        if self.bound.len() < self.max_channels {
-            self.full_reported = false;
-        }
+    }
+}
+
+fn relayed_bytes(counters: ChannelCounters) -> RelayedBytes {
+    RelayedBytes {
+        from_client: counters.to_peer_bytes,
+        to_client: counters.to_client_bytes,
     }
 }
 

@@ -80,7 +80,9 @@ impl State {
         if let Some(fast_path) = &mut self.fast_path
             && !events.is_empty()
         {
-            fast_path.apply(events, Instant::now());
+            for (five_tuple, bytes) in fast_path.apply(events, Instant::now()) {
+                self.core.credit_fast_path(&five_tuple, bytes);
+            }
         }
     }
 }
@@ -305,7 +307,7 @@ impl Edge {
         tasks.spawn(timers(shared.clone(), stats_every));
         if let Some((settings, registration)) = control {
             info!(
-                endpoint = format!("{}:{}", settings.host, settings.port),
+                endpoint = settings.link.endpoint(),
                 agent_id = settings.agent_id,
                 "control service link enabled"
             );

@@ -28,6 +28,13 @@ pub struct Relay {
     pub expires: Instant,
 }
 
+/// Payload bytes relayed for one allocation, each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayedBytes {
+    pub from_client: u64,
+    pub to_client: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Channel {
     pub peer: SocketAddr,
@@ -92,6 +99,10 @@ pub struct Allocation {
     /// Allocate over UDP gets the same answer, not 437 (RFC 8656 §7.2).
     pub allocate_transaction: TransactionId,
     pub allocate_response: Vec<u8>,
+    /// What the agent relayed in userspace, plus what the kernel had forwarded on channels
+    /// since withdrawn from the fast path (credited back by the shell); channels still in
+    /// the kernel are counted there.
+    pub relayed: RelayedBytes,
     /// The channels last handed to the fast path, to send it only what changed.
     published: HashMap<u16, FastPathChannel>,
 }
@@ -115,6 +126,7 @@ impl Allocation {
             cooling: Vec::new(),
             allocate_transaction,
             allocate_response: Vec::new(),
+            relayed: RelayedBytes::default(),
             published: HashMap::new(),
         }
     }
@@ -146,6 +158,11 @@ impl Allocation {
             .get(peer)
             .copied()
             .filter(|n| self.channel(*n, now).is_some())
+    }
+
+    /// Installed permissions (expired ones go at the next sweep).
+    pub fn permission_count(&self) -> usize {
+        self.permissions.len()
     }
 
     pub fn channels(&self) -> impl Iterator<Item = (u16, &Channel)> {

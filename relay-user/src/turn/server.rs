@@ -17,7 +17,7 @@ use crate::stun::{
     PasswordAlgorithm, TransactionId,
 };
 
-use super::allocation::{Allocation, FastPathEvent, Relay};
+use super::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
 use super::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, encode_channel_data};
 use super::peer_policy::PeerPolicy;
 use super::ports::{Parity, PortAllocator, RelayBinder};
@@ -163,6 +163,25 @@ impl Server {
         self.allocations.len()
     }
 
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.values()
+    }
+
+    /// `at` on the wall clock, in whole Unix seconds: kept with sub-second precision until
+    /// here so that it never lags the front-ends' clock by a rounding.
+    pub fn unix_time(&self, at: Instant) -> u64 {
+        (self.unix_at_epoch + at.saturating_duration_since(self.epoch)).as_secs()
+    }
+
+    /// Adds what the kernel forwarded on a channel of `five_tuple` that left the fast path,
+    /// so the allocation's totals stay whole (nothing if the allocation is gone).
+    pub fn credit_fast_path(&mut self, five_tuple: &FiveTuple, bytes: RelayedBytes) {
+        if let Some(allocation) = self.allocations.get_mut(five_tuple) {
+            allocation.relayed.from_client += bytes.from_client;
+            allocation.relayed.to_client += bytes.to_client;
+        }
+    }
+
     /// Revoke `user` (a static username or the user part of REST usernames): every allocation
     /// of theirs ends now, and their credentials expiring at or before `until_unix` are refused
     /// from now on. Returns how many allocations ended.
@@ -187,7 +206,7 @@ impl Server {
             user,
             allocations = theirs.len(),
             until_unix,
-            unix_now = self.unix_now(now),
+            unix_now = self.unix_time(now),
             "user revoked"
         );
         theirs.len()
@@ -267,7 +286,7 @@ impl Server {
             self.stats.no_allocation_dropped += 1;
             return None;
         };
-        let allocation = self.allocations.get(&five_tuple)?;
+        let allocation = self.allocations.get_mut(&five_tuple)?;
         if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
             return None;
@@ -294,6 +313,7 @@ impl Server {
                 b.finish()
             }
         };
+        allocation.relayed.to_client += bytes.len() as u64;
         self.stats.to_client_packets += 1;
         self.stats.to_client_bytes += bytes.len() as u64;
         Some(Transmit::ToClient {
@@ -341,7 +361,7 @@ impl Server {
             keep
         });
         self.limiter.sweep(now);
-        let unix_now = self.unix_now(now);
+        let unix_now = self.unix_time(now);
         self.config.credentials.prune_revocations(unix_now);
     }
 
@@ -439,7 +459,7 @@ impl Server {
                 return Err(self.refuse_small(five_tuple, request_len, response, now));
             }
         };
-        let unix_now = self.unix_now(now);
+        let unix_now = self.unix_time(now);
         let candidates = match self.config.credentials.candidates(username, unix_now) {
             Ok(candidates) => candidates,
             Err(error) => {
@@ -858,7 +878,7 @@ impl Server {
         data: &[u8],
         now: Instant,
     ) -> Option<Transmit> {
-        let Some(allocation) = self.allocations.get(&five_tuple) else {
+        let Some(allocation) = self.allocations.get_mut(&five_tuple) else {
             self.stats.no_allocation_dropped += 1;
             return None;
         };
@@ -872,6 +892,7 @@ impl Server {
             return None;
         }
         let relay = allocation.relay_for(&peer)?.bound;
+        allocation.relayed.from_client += data.len() as u64;
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += data.len() as u64;
         Some(Transmit::ToPeer {
@@ -941,12 +962,6 @@ impl Server {
         requested
             .max(self.config.default_lifetime)
             .min(self.config.max_lifetime)
-    }
-
-    /// Whole seconds of wall-clock time, kept with sub-second precision until here so that it
-    /// never lags the front-ends' clock by a rounding.
-    fn unix_now(&self, now: Instant) -> u64 {
-        (self.unix_at_epoch + now.saturating_duration_since(self.epoch)).as_secs()
     }
 
     fn success(

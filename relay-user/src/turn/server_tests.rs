@@ -956,3 +956,53 @@ fn control_plane_policy_adds_to_the_configured_networks() {
         assert_eq!(code(&response), None, "{peer}");
     }
 }
+
+#[test]
+fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() {
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[Attribute::Lifetime(3600)]);
+    let relay = bound_relay(&h, &alice);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let permission = [Attribute::XorPeerAddress(peer)];
+    alice.call(&mut h, Method::CREATE_PERMISSION, &permission);
+    let mut b = MessageBuilder::new(Class::Indication, Method::SEND, TransactionId([3; 12]));
+    b.add(&Attribute::XorPeerAddress(peer))
+        .add(&Attribute::Data(b"hello"));
+    assert!(h.input(alice.five_tuple, &b.finish()).is_some());
+    assert!(h.peer_sends(relay, PEER, b"hi back").is_some());
+    // Refused traffic is not the allocation's.
+    assert_eq!(h.peer_sends(relay, "8.8.4.4:9000", b"stranger"), None);
+
+    let relayed = |h: &Harness| h.server.allocation(&alice.five_tuple).unwrap().relayed;
+    assert_eq!(
+        relayed(&h),
+        RelayedBytes {
+            from_client: 5,
+            to_client: 7
+        }
+    );
+    h.server.credit_fast_path(
+        &alice.five_tuple,
+        RelayedBytes {
+            from_client: 1000,
+            to_client: 2000,
+        },
+    );
+    assert_eq!(
+        relayed(&h),
+        RelayedBytes {
+            from_client: 1005,
+            to_client: 2007
+        }
+    );
+    // Credit for an allocation that is gone goes nowhere.
+    h.server
+        .credit_fast_path(&five_tuple("192.0.2.9:1"), RelayedBytes::default());
+    let listed: Vec<_> = h.server.allocations().map(|a| a.username.clone()).collect();
+    assert_eq!(listed, ["alice"]);
+    assert_eq!(
+        h.server.unix_time(h.now + Duration::from_secs(3600)),
+        UNIX_T0 + 3600
+    );
+}

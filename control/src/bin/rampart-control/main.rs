@@ -11,6 +11,8 @@ use tracing_subscriber::EnvFilter;
 
 use control::Config;
 
+mod call;
+
 #[derive(Parser)]
 #[command(
     name = "rampart-control",
@@ -38,6 +40,28 @@ enum Command {
     },
     /// Print the development configuration (the one `cargo xtask certs` writes).
     PrintDevelopmentConfig,
+    /// Call an RPC of the control API over mutual TLS: the request is JSON (the proto3 JSON
+    /// mapping), the response is printed as JSON with every field. A failed RPC prints
+    /// {"error":{"code":..,"message":..}} on standard error and exits with status 1.
+    Call {
+        /// The client file: the control endpoint, its CA, and this client's certificate and
+        /// key, which decide its role (`cargo xtask certs` writes front-end-client.toml and
+        /// operator-client.toml).
+        #[arg(long, short, env = "RAMPART_CONTROL_CLIENT")]
+        client: PathBuf,
+        /// The RPC: Service/Method, or the method alone (`rampart-control rpcs` lists them).
+        rpc: String,
+        /// The request as JSON (default {}); `-` reads it from standard input. RPCs that
+        /// stream requests read one JSON object per line of standard input when this is
+        /// absent or `-`, and print one JSON object per line as responses arrive.
+        request: Option<String>,
+        /// Seconds to wait for the answer (0: no limit). Default: 10 for one-shot RPCs,
+        /// no limit for streams.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// List every RPC with its request and response types and an example request (JSON).
+    Rpcs,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +94,37 @@ fn run(command: Command) -> Result<()> {
                 config.database.display()
             );
             Ok(())
+        }
+        Command::Rpcs => {
+            let rpcs: Vec<_> = control::call::methods()?
+                .iter()
+                .map(|method| {
+                    serde_json::json!({
+                        "rpc": control::call::display_name(method),
+                        "request": method.input().full_name(),
+                        "response": method.output().full_name(),
+                        "clientStreaming": method.is_client_streaming(),
+                        "serverStreaming": method.is_server_streaming(),
+                        "exampleRequest": control::call::to_json(
+                            &prost_reflect::DynamicMessage::new(method.input())
+                        ),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rpcs)?);
+            Ok(())
+        }
+        Command::Call {
+            client,
+            rpc,
+            request,
+            timeout,
+        } => {
+            let method = control::call::find(&rpc)?;
+            let link = control::client::LinkFile::load(&client)
+                .with_context(|| format!("client file {}", client.display()))?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(call::run(link, method, request, timeout))
         }
         Command::Serve { config } => {
             let config = load(&config)?;
