@@ -199,9 +199,20 @@ impl TurnClient {
             inbox: Vec::new(),
             pending: VecDeque::new(),
             credentials: None,
-            // Transaction ids need only be unique per client; a seed keeps runs reproducible.
-            rng: StdRng::seed_from_u64(u64::from(local.port())),
+            // Random, not seeded by the port: a later client on the same port (a load test
+            // opens thousands) must not repeat an earlier one's transaction ids, which a
+            // server rightly takes for retransmissions of the earlier requests.
+            rng: StdRng::from_entropy(),
         })
+    }
+
+    /// The UDP socket, for driving media on an allocation made through this client (a load
+    /// generator); None for TCP and TLS.
+    pub fn into_udp_socket(self) -> Option<UdpSocket> {
+        match self.conn {
+            Conn::Udp(socket) => Some(socket),
+            Conn::Tcp(_) | Conn::Tls(_) => None,
+        }
     }
 
     pub fn proto(&self) -> Proto {

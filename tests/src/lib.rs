@@ -54,6 +54,18 @@ pub const REALM: &str = "rampart.test";
 /// A TURN REST API shared secret (the server wants at least 16 characters).
 pub const REST_SECRET: &str = "rampart-tests-rest-secret-0001";
 
+/// TURN REST API credentials for `user` with `secret`, valid for `valid_for` from now:
+/// `expiry:user` and base64(HMAC-SHA1(secret, username)).
+pub fn rest_credentials(secret: &str, user: &str, valid_for: Duration) -> (String, String) {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + valid_for;
+    let username = format!("{}:{user}", expiry.as_secs());
+    let password = rampart::auth::credentials::rest_password(secret.as_bytes(), &username);
+    (username, password)
+}
+
 /// Where an IPv4 test peer lives: on loopback, but not on the server's own address. The
 /// server refuses peers on its own addresses except at its relay ports (so the relay cannot
 /// be pointed at other services of the edge host), and the test servers use 127.0.0.1.

@@ -50,6 +50,10 @@ pub struct RampartConfig {
     pub netns: Option<String>,
     /// The `[control]` section; none by default (no control-service link).
     pub control: Option<ControlLink>,
+    /// Relay ports; by default a range of its own per test (see [`crate::ports`]).
+    pub relay_ports: Option<(u16, u16)>,
+    /// `--log`; by default info, and debug for rampart's own modules.
+    pub log: Option<String>,
 }
 
 /// The `[control]` section of a configuration: the agent's link to `rampart-control`.
@@ -103,6 +107,8 @@ impl RampartConfig {
             stats_interval: None,
             netns: None,
             control: None,
+            relay_ports: None,
+            log: None,
         }
     }
 
@@ -156,6 +162,18 @@ impl RampartConfig {
     /// A `[control]` section (see [`ControlLink`]).
     pub fn with_control(mut self, link: ControlLink) -> Self {
         self.control = Some(link);
+        self
+    }
+
+    /// Relay ports `min..=max` (a load test wants the whole unprivileged range).
+    pub fn with_relay_ports(mut self, min: u16, max: u16) -> Self {
+        self.relay_ports = Some((min, max));
+        self
+    }
+
+    /// The log filter (`--log`), e.g. "info" for a load test, where debug lines would cost.
+    pub fn with_log(mut self, filter: &str) -> Self {
+        self.log = Some(filter.to_owned());
         self
     }
 
@@ -387,7 +405,7 @@ impl Rampart {
                 .arg(&config_path)
                 .env_remove("RUST_LOG")
                 .arg("--log")
-                .arg("info,rampart=debug")
+                .arg(config.log.as_deref().unwrap_or("info,rampart=debug"))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -441,7 +459,7 @@ impl Rampart {
         for (proto, ip) in &config.listeners {
             listeners.push((*proto, SocketAddr::new(*ip, free_port(*proto, *ip)?)));
         }
-        let relay = relay_range();
+        let relay = config.relay_ports.unwrap_or_else(relay_range);
         let pki = config.wants_tls().then(certs::localhost).transpose()?;
         let tls_paths = match &pki {
             Some(pki) => {
@@ -579,6 +597,9 @@ impl Drop for Rampart {
             .filter(|_| !self.killed);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if exited_early.is_none() && !self.killed && !std::thread::panicking() {
+            return;
+        }
         // The test runner captures this and shows it only when the test fails.
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();

@@ -13,9 +13,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rampart::auth::credentials::rest_password;
 use rampart_tests::client::loopback;
 use rampart_tests::tools::{self, Finished};
 use rampart_tests::{PASSWORD, PEER_V4, Proto, REST_SECRET, Rampart, RampartConfig, USER};
@@ -130,13 +129,8 @@ fn aioice_binding_and_turn_over_udp_tcp_tls() {
     let script = server.dir().join("aioice_driver.py");
     std::fs::write(&script, SCRIPT).unwrap();
 
-    let expiry = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let rest_user = format!("{expiry}:aioice");
-    let rest_pass = rest_password(REST_SECRET.as_bytes(), &rest_user);
+    let (rest_user, rest_pass) =
+        rampart_tests::rest_credentials(REST_SECRET, "aioice", Duration::from_secs(600));
     let udp = server.loopback_addr(Proto::Udp, false);
     let tcp = server.loopback_addr(Proto::Tcp, false);
     let tls = server.loopback_addr(Proto::Tls, false);

@@ -160,13 +160,8 @@ fn scenario(proto: Proto, v6: bool, peer_ip: IpAddr) {
 fn rest_api_credentials() {
     let server = Rampart::start(&RampartConfig::single(Proto::Udp, false)).expect("start");
     let mut client = server.client(Proto::Udp, false).unwrap();
-    let expiry = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let username = format!("{expiry}:bob");
-    let password = rest_password(REST_SECRET.as_bytes(), &username);
+    let (username, password) =
+        rampart_tests::rest_credentials(REST_SECRET, "bob", Duration::from_secs(3600));
     let relayed = client
         .allocate(&username, &password, AddressFamily::V4)
         .expect("Allocate with REST credentials")

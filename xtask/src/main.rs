@@ -61,6 +61,18 @@ enum Task {
     /// Set up, then measure the XDP program's ns/packet in the kernel (BPF_PROG_TEST_RUN, in a
     /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
     BenchXdp,
+    /// Set up, build in release, then run the load test (needs root): the same TURN workload
+    /// against Rampart with XDP, Rampart in userspace and coturn, in network namespaces, with
+    /// the side-by-side table, target/loadtest/report.{json,svg,md}. Arguments after `--` go
+    /// to `rampart-loadgen suite` (e.g. `-- --size 1200 --burst 10`).
+    Loadtest {
+        /// The short run (under 5 minutes); without it, the full run.
+        #[arg(long)]
+        quick: bool,
+        /// Arguments for `rampart-loadgen suite`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Make a development CA and certificates for the control service's mutual TLS (server,
     /// front-end, relay agent, operator) and a control configuration that uses them. Keeps
     /// files that exist unless --force.
@@ -130,6 +142,10 @@ fn run(task: Task) -> Result<ExitCode> {
             let out = out.unwrap_or_else(|| util::target_dir().join("dev-certs"));
             certs::run(&certs::Options { out, force }).map(|()| ExitCode::SUCCESS)
         }
+        Task::Loadtest { quick, args } => {
+            setup::run()?;
+            loadtest(quick, &args)
+        }
         Task::BenchXdp => {
             setup::run()?;
             bench_xdp().map(|()| ExitCode::SUCCESS)
@@ -156,6 +172,39 @@ fn bench_xdp() -> Result<()> {
         "--test-threads=1",
     ]);
     util::run_checked(&mut cmd)
+}
+
+/// The load test runs release binaries: a debug build measures the compiler's checks.
+fn loadtest(quick: bool, args: &[OsString]) -> Result<ExitCode> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "relay-user",
+        "--bin",
+        "rampart",
+        "--package",
+        "rampart-loadgen",
+        "--bin",
+        "rampart-loadgen",
+    ]);
+    util::run_checked(&mut cmd)?;
+    let binary = util::target_dir().join("release").join("rampart-loadgen");
+    let status = std::process::Command::new(&binary)
+        .arg("suite")
+        .args(["--profile", if quick { "quick" } else { "full" }])
+        .arg("--out")
+        .arg(util::target_dir().join("loadtest"))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {}", binary.display()))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn build(args: &BuildArgs) -> Result<()> {

@@ -120,16 +120,17 @@ impl State {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
-    udp_listeners: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
+    udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
     limits: ConnectionLimits,
     idle_timeout: Duration,
 }
 
-/// Where a transmit goes, resolved under the lock and sent after it. Datagrams leave through
-/// the plain socket: tokio's `try_send_to` reports a fresh socket unwritable until its reactor
-/// has seen it, which would drop the first packets of every new allocation.
+/// Where a transmit goes, resolved under the lock and sent after it. Datagrams leave with a
+/// plain `sendto` on the socket's descriptor: tokio's `try_send_to` reports a fresh socket
+/// unwritable until its reactor has seen it, which would drop the first packets of every new
+/// allocation.
 enum Route {
-    Datagram(Arc<std::net::UdpSocket>, SocketAddr, Vec<u8>),
+    Datagram(Arc<UdpSocket>, SocketAddr, Vec<u8>),
     Stream(mpsc::Sender<Vec<u8>>, Vec<u8>),
 }
 
@@ -178,7 +179,9 @@ impl Shared {
         let failed = match route {
             None => false,
             // UDP is best effort: a full socket buffer drops, like the network would.
-            Some(Route::Datagram(socket, to, payload)) => socket.send_to(&payload, to).is_err(),
+            Some(Route::Datagram(socket, to, payload)) => socket2::SockRef::from(&*socket)
+                .send_to(&payload, &to.into())
+                .is_err(),
             Some(Route::Stream(tx, payload)) => tx.try_send(payload).is_err(),
         };
         if failed {
@@ -235,8 +238,7 @@ impl Edge {
             };
             match listener.transport {
                 Transport::Udp => {
-                    let (sender, receiver) = udp_socket(listener.address).map_err(error)?;
-                    udp.push((sender, receiver));
+                    udp.push(udp_socket(listener.address).map_err(error)?);
                 }
                 Transport::Tcp | Transport::Tls => {
                     let socket = TcpListener::bind(listener.address).await.map_err(error)?;
@@ -261,10 +263,10 @@ impl Edge {
         let mut local_addresses = Vec::new();
         let mut receivers = Vec::new();
         let mut udp_listeners = HashMap::new();
-        for (sender, receiver) in udp {
-            if let Ok(address) = sender.local_addr() {
-                udp_listeners.insert(address, sender);
-                receivers.push((address, receiver));
+        for socket in udp {
+            if let Ok(address) = socket.local_addr() {
+                udp_listeners.insert(address, socket.clone());
+                receivers.push((address, socket));
             }
         }
         let shared = Arc::new(Shared {
@@ -340,7 +342,7 @@ impl Edge {
     }
 }
 
-async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: UdpSocket) {
+async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (len, client) = match socket.recv_from(&mut buf).await {
@@ -482,11 +484,12 @@ where
 }
 
 /// A bound UDP socket as a plain, non-blocking sending half and a tokio receiving half.
-pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<(Arc<std::net::UdpSocket>, UdpSocket)> {
+/// A non-blocking UDP socket for both directions: received through tokio, sent with a plain
+/// `sendto` on the same descriptor (see [`Route`]), so each relay costs one descriptor.
+pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<Arc<UdpSocket>> {
     let socket = std::net::UdpSocket::bind(address)?;
     socket.set_nonblocking(true)?;
-    let sender = socket.try_clone()?;
-    Ok((Arc::new(sender), UdpSocket::from_std(socket)?))
+    Ok(Arc::new(UdpSocket::from_std(socket)?))
 }
 
 async fn timers(shared: Arc<Shared>, stats_every: Duration) {

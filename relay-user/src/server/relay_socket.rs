@@ -16,7 +16,7 @@ use crate::turn::ports::RelayBinder;
 use super::{Shared, udp_socket};
 
 pub(crate) struct RelaySocket {
-    pub sender: Arc<std::net::UdpSocket>,
+    pub sender: Arc<UdpSocket>,
     receiver: AbortHandle,
 }
 
@@ -36,20 +36,26 @@ impl<'a> SocketBinder<'a> {
 
 impl RelayBinder for SocketBinder<'_> {
     fn bind(&mut self, addr: SocketAddr, dont_fragment: bool) -> bool {
-        let (sender, receiver) = match udp_socket(addr) {
-            Ok(halves) => halves,
+        let socket = match udp_socket(addr) {
+            Ok(socket) => socket,
             Err(error) => {
                 debug!(%addr, %error, "relay port unavailable");
                 return false;
             }
         };
-        if dont_fragment && let Err(error) = set_dont_fragment(&sender, addr.is_ipv6()) {
+        if dont_fragment && let Err(error) = set_dont_fragment(&*socket, addr.is_ipv6()) {
             warn!(%addr, %error, "cannot set DONT-FRAGMENT on relay socket");
             return false;
         }
         let receiver =
-            tokio::spawn(relay_receiver(self.shared.clone(), addr, receiver)).abort_handle();
-        self.relays.insert(addr, RelaySocket { sender, receiver });
+            tokio::spawn(relay_receiver(self.shared.clone(), addr, socket.clone())).abort_handle();
+        self.relays.insert(
+            addr,
+            RelaySocket {
+                sender: socket,
+                receiver,
+            },
+        );
         true
     }
 
@@ -61,7 +67,7 @@ impl RelayBinder for SocketBinder<'_> {
 }
 
 /// Datagrams from peers, into the state machine.
-pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socket: UdpSocket) {
+pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (len, peer) = match socket.recv_from(&mut buf).await {
@@ -79,7 +85,7 @@ pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socke
 
 /// RFC 8656 §14.8 DONT-FRAGMENT: datagrams to the peer leave with DF set (path MTU
 /// discovery "do"), so oversized ones fail instead of being fragmented.
-fn set_dont_fragment(socket: &std::net::UdpSocket, ipv6: bool) -> std::io::Result<()> {
+fn set_dont_fragment(socket: &impl AsRawFd, ipv6: bool) -> std::io::Result<()> {
     let (level, option, value) = if ipv6 {
         (
             libc::IPPROTO_IPV6,

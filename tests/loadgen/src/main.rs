@@ -1,0 +1,116 @@
+//! `rampart-loadgen`: the side-by-side load test (`suite`, what `cargo xtask loadtest` runs).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+use rampart_loadgen::suite::{self, Profile};
+use rampart_loadgen::systems::System;
+
+#[derive(Parser)]
+#[command(
+    name = "rampart-loadgen",
+    about = "Rampart's TURN load generator and load test"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the same workload against each system in network namespaces (needs root) and
+    /// print the side-by-side table; write report.json and report.svg.
+    Suite {
+        /// tiny (seconds: proves the harness works), quick (under 5 minutes) or full.
+        #[arg(long, default_value = "quick")]
+        profile: String,
+        /// Which systems, comma-separated: rampart-xdp, rampart-userspace, coturn.
+        #[arg(long, default_value = "rampart-xdp,rampart-userspace,coturn")]
+        systems: String,
+        /// Media payload bytes per packet (default: the profile's, 160: audio-like).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Packets per flow and direction sent back to back (default 1; 8-16: video-like).
+        #[arg(long)]
+        burst: Option<usize>,
+        /// Flows (allocations carrying media); default: the profile's.
+        #[arg(long)]
+        flows: Option<usize>,
+        /// Where report.json, report.svg and report.md go.
+        #[arg(long, default_value = "target/loadtest")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("rampart-loadgen: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Suite {
+            profile,
+            systems,
+            size,
+            burst,
+            flows,
+            out,
+        } => {
+            let Some(mut profile) = Profile::named(&profile) else {
+                bail!("no profile {profile:?}: tiny, quick or full");
+            };
+            if let Some(size) = size {
+                profile.workload.size = size;
+            }
+            if let Some(burst) = burst {
+                profile.workload.burst = burst;
+            }
+            if let Some(flows) = flows {
+                profile.flows = flows;
+            }
+            let systems = systems
+                .split(',')
+                .map(|name| {
+                    System::parse(name.trim()).with_context(|| {
+                        format!("no system {name:?}: rampart-xdp, rampart-userspace, coturn")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let report = suite::run(&profile, &systems)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let table = report.table();
+            std::fs::write(
+                out.join("report.json"),
+                serde_json::to_string_pretty(&report)?,
+            )?;
+            std::fs::write(out.join("report.svg"), report.svg())?;
+            std::fs::write(out.join("report.md"), &table)?;
+            println!(
+                "\nRampart load test, profile {}: {} flows, {} bytes, burst {}, {:.0} s on {} CPUs ({}, Linux {})\n",
+                report.profile,
+                report.flows,
+                report.packet_size,
+                report.burst,
+                report.seconds,
+                report.machine.cpus,
+                report.machine.cpu_model,
+                report.machine.kernel
+            );
+            println!("{table}");
+            println!(
+                "written: {}/report.json, report.svg, report.md",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
