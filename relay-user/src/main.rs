@@ -9,7 +9,7 @@ use rampart::config::{Config, EMBEDDED_DEFAULT};
 use rampart::server::Edge;
 use rampart::turn::Transport;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Rampart edge agent: STUN/TURN relay for an enterprise communications perimeter.
@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    raise_open_files_limit(config.turn.allocations_total);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -76,6 +77,32 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every relay is a socket (two for a dual-stack allocation), and shells start processes with
+/// 1024 open files: raise the soft limit to the hard one, and say when even that cannot hold
+/// `limits.allocations_total` (allocations past it would fail with 508).
+fn raise_open_files_limit(allocations_total: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "open files limit raised"),
+            Err(error) => warn!(soft, hard, %error, "cannot raise the open files limit"),
+        }
+    }
+    // Listeners, TCP clients and the control link need some too.
+    let needed = u64::try_from(allocations_total).unwrap_or(u64::MAX).saturating_add(1024);
+    if hard < needed {
+        warn!(
+            limit = hard,
+            allocations_total,
+            "the open files limit is below limits.allocations_total + 1024: allocations past \
+             it fail with 508; raise LimitNOFILE (systemd) or `ulimit -Hn`"
+        );
     }
 }
 
