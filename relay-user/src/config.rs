@@ -59,6 +59,78 @@ struct RawConfig {
     limits: RawLimits,
     xdp: Option<RawXdp>,
     control: Option<RawControl>,
+    conferencing: Option<RawConferencing>,
+}
+
+/// `[conferencing]`: the Web Conferencing Edge.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConferencing {
+    external: SocketAddr,
+    certificate: PathBuf,
+    private_key: PathBuf,
+    internal: SocketAddr,
+    internal_certificate: PathBuf,
+    internal_private_key: PathBuf,
+    internal_client_ca: PathBuf,
+    #[serde(default = "conferencing_pool")]
+    pool: u16,
+    #[serde(default = "conferencing_wait")]
+    wait_for_server: u64,
+    #[serde(default = "conferencing_join_timeout")]
+    join_timeout: u64,
+    #[serde(default = "conferencing_idle_timeout")]
+    idle_timeout: u64,
+    #[serde(default = "connections_per_source")]
+    connections_per_source: usize,
+    #[serde(default = "conferencing_connections_total")]
+    connections_total: usize,
+}
+
+fn conferencing_pool() -> u16 {
+    4
+}
+fn conferencing_wait() -> u64 {
+    10
+}
+fn conferencing_join_timeout() -> u64 {
+    10
+}
+fn conferencing_idle_timeout() -> u64 {
+    600
+}
+fn conferencing_connections_total() -> usize {
+    4096
+}
+
+/// The Web Conferencing Edge's listeners and limits (`[conferencing]`).
+#[derive(Clone)]
+pub struct ConferencingSettings {
+    /// TLS for outside participants.
+    pub external: SocketAddr,
+    pub external_tls: Arc<rustls::ServerConfig>,
+    /// Mutual TLS for internal conferencing servers (they dial in).
+    pub internal: SocketAddr,
+    pub internal_tls: Arc<rustls::ServerConfig>,
+    /// Idle internal connections the edge asks the servers to keep.
+    pub pool: u16,
+    /// How long an admitted participant waits for an internal connection.
+    pub wait_for_server: Duration,
+    /// TLS handshake plus the join frame, on either leg.
+    pub join_timeout: Duration,
+    /// A relayed session with no bytes either way for this long ends.
+    pub idle_timeout: Duration,
+    pub connections_per_source: usize,
+    pub connections_total: usize,
+}
+
+impl fmt::Debug for ConferencingSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConferencingSettings")
+            .field("external", &self.external)
+            .field("internal", &self.internal)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[control]`: the keys of a control client file, and the agent's identifier.
@@ -292,6 +364,8 @@ pub struct Config {
     pub xdp: Option<XdpSettings>,
     /// The control-service link; `None` when the agent runs on its configuration alone.
     pub control: Option<ControlSettings>,
+    /// The Web Conferencing Edge; `None` when off.
+    pub conferencing: Option<ConferencingSettings>,
 }
 
 impl fmt::Debug for Config {
@@ -472,6 +546,17 @@ impl RawConfig {
             .as_ref()
             .map(|c| c.validate(base_dir))
             .transpose()?;
+        let conferencing = self
+            .conferencing
+            .as_ref()
+            .map(|c| c.validate(base_dir))
+            .transpose()?;
+        if conferencing.is_some() && control.is_none() {
+            return Err(invalid(
+                "conferencing",
+                "the Web Conferencing Edge admits participants to conferences registered through the control plane: add a [control] section",
+            ));
+        }
         let users: HashMap<String, String> = auth.users.clone().into_iter().collect();
         Ok(Config {
             listeners,
@@ -502,6 +587,7 @@ impl RawConfig {
             static_users: auth.users.keys().cloned().collect(),
             xdp,
             control,
+            conferencing,
         })
     }
 }
@@ -697,6 +783,108 @@ fn relay_address(
         bind,
         advertised: bind,
     }))
+}
+
+impl RawConferencing {
+    fn validate(&self, base_dir: &Path) -> Result<ConferencingSettings, ConfigError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let external_tls = {
+            let certs = pem_certificates(
+                "conferencing.certificate",
+                &read_file("conferencing.certificate", base_dir, &self.certificate)?,
+            )?;
+            let key = pem_private_key(
+                "conferencing.private_key",
+                &read_file("conferencing.private_key", base_dir, &self.private_key)?,
+            )?;
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid("conferencing", e.to_string()))?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| {
+                    invalid(
+                        "conferencing.private_key",
+                        format!("does not fit conferencing.certificate: {e}"),
+                    )
+                })?
+        };
+        let internal_tls = {
+            let certs = pem_certificates(
+                "conferencing.internal_certificate",
+                &read_file(
+                    "conferencing.internal_certificate",
+                    base_dir,
+                    &self.internal_certificate,
+                )?,
+            )?;
+            let key = pem_private_key(
+                "conferencing.internal_private_key",
+                &read_file(
+                    "conferencing.internal_private_key",
+                    base_dir,
+                    &self.internal_private_key,
+                )?,
+            )?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in pem_certificates(
+                "conferencing.internal_client_ca",
+                &read_file(
+                    "conferencing.internal_client_ca",
+                    base_dir,
+                    &self.internal_client_ca,
+                )?,
+            )? {
+                roots.add(cert).map_err(|e| {
+                    invalid(
+                        "conferencing.internal_client_ca",
+                        format!("unusable CA certificate: {e}"),
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| invalid("conferencing.internal_client_ca", e.to_string()))?;
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| invalid("conferencing", e.to_string()))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)
+                .map_err(|e| {
+                    invalid(
+                        "conferencing.internal_private_key",
+                        format!("does not fit conferencing.internal_certificate: {e}"),
+                    )
+                })?
+        };
+        if self.external == self.internal {
+            return Err(invalid(
+                "conferencing.internal",
+                "the internal port must differ from the external one (8057 by convention)",
+            ));
+        }
+        if self.pool == 0 || self.wait_for_server == 0 || self.join_timeout == 0 {
+            return Err(invalid(
+                "conferencing",
+                "pool, wait_for_server and join_timeout must be at least 1",
+            ));
+        }
+        Ok(ConferencingSettings {
+            external: self.external,
+            external_tls: Arc::new(external_tls),
+            internal: self.internal,
+            internal_tls: Arc::new(internal_tls),
+            pool: self.pool,
+            wait_for_server: Duration::from_secs(self.wait_for_server),
+            join_timeout: Duration::from_secs(self.join_timeout),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            connections_per_source: self.connections_per_source.max(1),
+            connections_total: self.connections_total.max(1),
+        })
+    }
 }
 
 impl RawTls {

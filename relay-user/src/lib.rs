@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod psom;
 pub mod server;
 pub mod stun;
 pub mod turn;

@@ -95,7 +95,9 @@ fn raise_open_files_limit(allocations_total: usize) {
         }
     }
     // Listeners, TCP clients and the control link need some too.
-    let needed = u64::try_from(allocations_total).unwrap_or(u64::MAX).saturating_add(1024);
+    let needed = u64::try_from(allocations_total)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1024);
     if hard < needed {
         warn!(
             limit = hard,

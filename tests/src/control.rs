@@ -36,7 +36,9 @@ pub struct ControlPki {
 }
 
 impl ControlPki {
-    /// Writes `ca.pem`, and `.pem`/`.key` of `server`, `front-end`, `agent` and `operator`.
+    /// Writes `ca.pem`, and `.pem`/`.key` of `server`, `front-end`, `agent` and `operator`,
+    /// and of the Web Conferencing Edge (`conferencing-edge`) and an internal conferencing
+    /// server (`conference-server`).
     pub fn create(dir: &Path) -> anyhow::Result<ControlPki> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -47,7 +49,25 @@ impl ControlPki {
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key)?;
         std::fs::write(dir.join("ca.pem"), ca.pem())?;
-        let leaves: [(&str, Vec<SanType>, bool); 4] = [
+        let leaves: [(&str, Vec<SanType>, bool); 6] = [
+            (
+                // The Web Conferencing Edge, both legs (outside: `localhost`; inside: its
+                // internal name).
+                "conferencing-edge",
+                vec![
+                    SanType::DnsName(crate::certs::SERVER_NAME.try_into()?),
+                    SanType::DnsName(crate::conferencing::EDGE_INTERNAL_NAME.try_into()?),
+                    SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
+                ],
+                true,
+            ),
+            (
+                "conference-server",
+                vec![SanType::DnsName(
+                    crate::conferencing::CONFERENCE_SERVER_NAME.try_into()?,
+                )],
+                false,
+            ),
             (
                 "server",
                 vec![
@@ -165,6 +185,16 @@ impl ControlService {
         state_dir: &Path,
         address: SocketAddr,
     ) -> anyhow::Result<ControlService> {
+        Self::start_in(pki, state_dir, address, None)
+    }
+
+    /// [`ControlService::start`] inside the network namespace `netns` (`ip netns exec`).
+    pub fn start_in(
+        pki: &ControlPki,
+        state_dir: &Path,
+        address: SocketAddr,
+        netns: Option<&str>,
+    ) -> anyhow::Result<ControlService> {
         std::fs::create_dir_all(state_dir)?;
         let config_path = state_dir.join("control.toml");
         let pem = |name: &str| {
@@ -189,7 +219,15 @@ impl ControlService {
         ));
         let log = File::create(&log_path)?;
         let binary = binary();
-        let child = crate::tools::die_with_parent(&mut Command::new(&binary))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let child = crate::tools::die_with_parent(&mut command)
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -207,7 +245,12 @@ impl ControlService {
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+            let probe = || TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok();
+            let up = match netns {
+                Some(ns) => crate::netns::run_in(ns, probe),
+                None => probe(),
+            };
+            if up {
                 return Ok(service);
             }
             if let Ok(Some(status)) = service.child.try_wait() {

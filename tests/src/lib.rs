@@ -7,6 +7,8 @@
 //!   Rampart's sans-IO codec. The interop tests use clients we did not write as well.
 //! - [`control`]: the `rampart-control` binary as a child process, its PKI and a front-end
 //!   client, for the agent's control-link tests.
+//! - [`conferencing`]: participants of the Web Conferencing Edge, and the reference
+//!   conferencing server dialling its internal port.
 //! - [`certs`]: a throw-away CA and a `localhost` certificate for the TLS listeners.
 //! - [`netns`]: private network namespaces, for tests whose failure mode would send traffic
 //!   somewhere other than loopback.
@@ -30,6 +32,7 @@ use std::time::Duration;
 pub mod bpf;
 pub mod certs;
 pub mod client;
+pub mod conferencing;
 pub mod control;
 pub mod coturn;
 pub mod media;

@@ -54,6 +54,20 @@ pub struct RampartConfig {
     pub relay_ports: Option<(u16, u16)>,
     /// `--log`; by default info, and debug for rampart's own modules.
     pub log: Option<String>,
+    /// The `[conferencing]` section; none by default.
+    pub conferencing: Option<ConferencingConfig>,
+}
+
+/// The `[conferencing]` section: the Web Conferencing Edge's listeners and PEM files
+/// (absolute paths; one certificate for both legs, one CA for internal servers).
+#[derive(Clone, Debug)]
+pub struct ConferencingConfig {
+    pub external: SocketAddr,
+    pub internal: SocketAddr,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub internal_client_ca: PathBuf,
+    pub wait_for_server: u64,
 }
 
 /// The `[control]` section of a configuration: the agent's link to `rampart-control`.
@@ -109,6 +123,7 @@ impl RampartConfig {
             control: None,
             relay_ports: None,
             log: None,
+            conferencing: None,
         }
     }
 
@@ -162,6 +177,12 @@ impl RampartConfig {
     /// A `[control]` section (see [`ControlLink`]).
     pub fn with_control(mut self, link: ControlLink) -> Self {
         self.control = Some(link);
+        self
+    }
+
+    /// The Web Conferencing Edge (it needs `[control]` too).
+    pub fn with_conferencing(mut self, conferencing: ConferencingConfig) -> Self {
+        self.conferencing = Some(conferencing);
         self
     }
 
@@ -258,6 +279,21 @@ impl RampartConfig {
             if let Some(path) = &xdp.pin_path {
                 let _ = writeln!(t, "pin_path = {}", quote(&path.display().to_string()));
             }
+        }
+        if let Some(c) = &self.conferencing {
+            let path = |p: &Path| quote(&p.display().to_string());
+            let _ = writeln!(
+                t,
+                "\n[conferencing]\nexternal = {}\ninternal = {}\ncertificate = {}\nprivate_key = {}\ninternal_certificate = {}\ninternal_private_key = {}\ninternal_client_ca = {}\nwait_for_server = {}",
+                quote(&c.external.to_string()),
+                quote(&c.internal.to_string()),
+                path(&c.certificate),
+                path(&c.private_key),
+                path(&c.certificate),
+                path(&c.private_key),
+                path(&c.internal_client_ca),
+                c.wait_for_server,
+            );
         }
         if let Some(control) = &self.control {
             let path = |p: &Path| quote(&p.display().to_string());

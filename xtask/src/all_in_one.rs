@@ -1,7 +1,8 @@
 //! `cargo xtask run`: the all-in-one edge: the control service on its development
-//! configuration and the agent on the embedded default with a `[control]` link to it, both
-//! over mutual TLS with the certificates of `cargo xtask certs`. Runs until one of them stops
-//! or the task gets SIGINT or SIGTERM, and then stops the other.
+//! configuration, the agent on the embedded default with a `[control]` link to it and the
+//! Web Conferencing Edge on, and the reference conferencing server dialling the agent's
+//! internal port, all over mutual TLS with the certificates of `cargo xtask certs`. Runs until
+//! one of them stops or the task gets SIGINT or SIGTERM, and then stops the others.
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpStream};
@@ -131,8 +132,26 @@ pub fn run(options: Options) -> Result<ExitCode> {
             .arg(options.certs.join(certs::AGENT_CONFIG));
     }
     let mut agent = Supervised::spawn("rampart", agent_command.args(&options.agent_args))?;
+    // The reference conferencing server dials the agent's internal conferencing port (it
+    // retries until the agent listens there).
+    let certs_dir = &options.certs;
+    let mut conference_server = Supervised::spawn(
+        "rampart-conference-server",
+        Command::new(binary(&options.binaries, "rampart-conference-server")?)
+            .args(["--edge", certs::CONFERENCING_INTERNAL])
+            .args(["--server-name", certs::CONFERENCING_EDGE_NAME])
+            .arg("--ca")
+            .arg(certs_dir.join("ca.pem"))
+            .arg("--certificate")
+            .arg(certs_dir.join("conference-server.pem"))
+            .arg("--private-key")
+            .arg(certs_dir.join("conference-server.key")),
+    )?;
     print_banner(&options.binaries, &options.certs);
-    supervise(&stop, &mut [&mut control, &mut agent])
+    supervise(
+        &stop,
+        &mut [&mut control, &mut agent, &mut conference_server],
+    )
 }
 
 fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -210,8 +229,13 @@ fn print_banner(binaries: &Path, certs: &Path) {
          xtask: agents and their allocations, as an operator:\n  \
          {call} call -c {operator} ListAgents\n  \
          {call} call -c {operator} ListAllocations\n\
-         xtask: every RPC: {call} rpcs. Ctrl-C stops both.",
+         xtask: Web Conferencing Edge: participants on {conferencing} (TLS), the reference \
+         conferencing server dialled in on {internal}; register a conference with \
+         RegisterConference, then join with its key.\n\
+         xtask: every RPC: {call} rpcs. Ctrl-C stops everything.",
         endpoint = certs::CONTROL_ENDPOINT,
+        conferencing = certs::CONFERENCING_EXTERNAL,
+        internal = certs::CONFERENCING_INTERNAL,
         front_end = front_end.display(),
         operator = operator.display(),
     );

@@ -77,7 +77,29 @@ const LEAVES: &[Leaf] = &[
         sans: &[San::Uri("spiffe://rampart.test/operator")],
         server: false,
     },
+    // The Web Conferencing Edge: its listeners (outside: localhost; inside: its internal
+    // name), and the reference conferencing server's client certificate.
+    Leaf {
+        stem: "conferencing-edge",
+        sans: &[
+            San::Dns("localhost"),
+            San::Dns(CONFERENCING_EDGE_NAME),
+            San::Ip("127.0.0.1"),
+        ],
+        server: true,
+    },
+    Leaf {
+        stem: "conference-server",
+        sans: &[San::Dns("conference-server.rampart.test")],
+        server: false,
+    },
 ];
+
+/// The name on the edge's internal (8057) certificate.
+pub const CONFERENCING_EDGE_NAME: &str = "edge.conferencing.rampart.test";
+/// The all-in-one's Web Conferencing Edge: participants (TLS) and internal servers (mTLS).
+pub const CONFERENCING_EXTERNAL: &str = "127.0.0.1:8443";
+pub const CONFERENCING_INTERNAL: &str = "127.0.0.1:8057";
 
 /// What to do with each file.
 pub struct Options {
@@ -168,7 +190,18 @@ fn configs() -> [(&'static str, String); 4] {
          ca = \"ca.pem\"\n\
          certificate = \"agent.pem\"\n\
          private_key = \"agent.key\"\n\
-         agent_id = \"edge-1\"\n"
+         agent_id = \"edge-1\"\n\
+         \n\
+         # The Web Conferencing Edge: participants join on {CONFERENCING_EXTERNAL} (443 in\n\
+         # production), internal conferencing servers dial {CONFERENCING_INTERNAL}.\n\
+         [conferencing]\n\
+         external = \"{CONFERENCING_EXTERNAL}\"\n\
+         certificate = \"conferencing-edge.pem\"\n\
+         private_key = \"conferencing-edge.key\"\n\
+         internal = \"{CONFERENCING_INTERNAL}\"\n\
+         internal_certificate = \"conferencing-edge.pem\"\n\
+         internal_private_key = \"conferencing-edge.key\"\n\
+         internal_client_ca = \"ca.pem\"\n"
     );
     [
         ("control.toml", CONTROL_CONFIG.to_owned()),

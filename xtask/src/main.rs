@@ -219,6 +219,10 @@ fn build(args: &BuildArgs) -> Result<()> {
         "control",
         "--bin",
         "rampart-control",
+        "--package",
+        "rampart-psom",
+        "--bin",
+        "rampart-conference-server",
     ]);
     if args.release {
         cmd.arg("--release");

@@ -54,6 +54,10 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "an established TURN server and its turnutils_* clients: real peers for interop tests \
          and the baseline for benchmarks",
     ),
+    (
+        "nftables",
+        "`nft`, for the test in which the internal host drops connections from the edge",
+    ),
     ("python3-pip", "pip, to install the Python packages below"),
 ];
 

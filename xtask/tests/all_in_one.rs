@@ -223,6 +223,35 @@ fn all_in_one_runs_with_mutual_tls_and_the_cli_drives_it() {
         "RegisterConference",
         r#"{"conferenceId": "weekly", "key": "c2VjcmV0LWtleS1vZi0zMi1ieXRlcy1sb25nLi4uLi4=", "expiresAtUnix": "4102444800", "maxParticipants": 10}"#,
     ));
+    // A participant joins it on the Web Conferencing Edge with its key, served by the
+    // reference conferencing server the all-in-one started.
+    let pki = rampart_tests::control::ControlPki { dir: certs.clone() };
+    let external: std::net::SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let joined = runtime.block_on(async {
+        let started = Instant::now();
+        loop {
+            let join = rampart_tests::conferencing::request(
+                "weekly",
+                b"secret-key-of-32-bytes-long.....",
+                false,
+            );
+            match rampart_tests::conferencing::join(&pki, external, join).await {
+                Ok(rampart_tests::conferencing::Joined::Accepted(_)) => return Ok(()),
+                Ok(rampart_tests::conferencing::Joined::Refused(frame))
+                    if started.elapsed() > CONVERGE =>
+                {
+                    return Err(format!("{frame:?}"));
+                }
+                Err(error) if started.elapsed() > CONVERGE => return Err(error.to_string()),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    assert_eq!(joined, Ok(()), "{}", edge.log());
     let conferences = json_of(&call(&operator, "ListConferences", "{}"));
     assert!(
         conferences.to_string().contains("\"weekly\""),
@@ -255,4 +284,9 @@ fn all_in_one_runs_with_mutual_tls_and_the_cli_drives_it() {
         edge.log()
     );
     assert!(UdpSocket::bind("127.0.0.1:3478").is_ok(), "{}", edge.log());
+    assert!(
+        TcpListener::bind("127.0.0.1:8057").is_ok(),
+        "{}",
+        edge.log()
+    );
 }

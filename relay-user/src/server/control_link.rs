@@ -8,7 +8,7 @@
 //! stream starts with. An outage is logged once, and reported in the health sent once the
 //! link is back (`stale_since_unix`) until the snapshot has been applied.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use proto::control::v1::relay_agent_client::RelayAgentClient;
 use proto::control::v1::{
     AccessPolicy, AddressRole, AgentAddress, AgentCapacity, AgentHealth, AgentHello, AgentReport,
-    AgentStatus, AllocationSummary, ClientTransport, Conference, ControlUpdate, HealthState,
+    AgentStatus, AllocationSummary, ClientTransport, ControlUpdate, HealthState,
     RegisterAgentRequest, RelayCounters, UserRevocation, agent_report, control_update,
 };
 use rand::Rng;
@@ -46,8 +46,6 @@ const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub(super) struct ControlState {
     /// The highest control revision applied.
     pub(super) revision: u64,
-    /// Conferences the Web Conferencing Edge may admit outside participants to, by id.
-    pub(super) conferences: HashMap<String, Conference>,
     /// Revocations already applied (user, revoked_at): a snapshot repeats every revocation
     /// still in force, and re-applying one would end allocations made since with fresh
     /// credentials.
@@ -241,13 +239,14 @@ fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
     match update.update {
         Some(control_update::Update::Snapshot(snapshot)) => {
             apply_policy(state, snapshot.policy.unwrap_or_default());
-            state.control.conferences = snapshot
-                .conferences
-                .into_iter()
-                .map(|c| (c.conference_id.clone(), c))
-                .collect();
+            let gone = state
+                .conferencing
+                .replace_all(snapshot.conferences, unix_now());
+            for conference in gone {
+                disconnect(state, &conference);
+            }
             info!(
-                conferences = state.control.conferences.len(),
+                conferences = state.conferencing.conference_count(),
                 revocations = snapshot.revocations.len(),
                 revision = update.revision,
                 "control snapshot applied"
@@ -272,19 +271,33 @@ fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
                 conference = conference.conference_id,
                 "conference key updated"
             );
-            state
-                .control
-                .conferences
-                .insert(conference.conference_id.clone(), conference);
+            state.conferencing.upsert(conference);
         }
         Some(control_update::Update::ConferenceRemoved(removed)) => {
-            debug!(conference = removed.conference_id, "conference removed");
-            state.control.conferences.remove(&removed.conference_id);
+            info!(conference = removed.conference_id, "conference removed");
+            if state
+                .conferencing
+                .remove(&removed.conference_id, unix_now())
+            {
+                disconnect(state, &removed.conference_id);
+            }
+            state.conference_sessions.remove(&removed.conference_id);
         }
         Some(control_update::Update::UserRevoked(revocation)) => revoke(shared, state, revocation),
         None => debug!(revision = update.revision, "empty control update ignored"),
     }
     state.control.revision = state.control.revision.max(update.revision);
+}
+
+/// Ends the sessions of a conference's participants (it was revoked).
+fn disconnect(state: &mut State, conference_id: &str) {
+    if let Some(token) = state.conference_sessions.remove(conference_id) {
+        info!(
+            conference = conference_id,
+            "disconnecting the conference's participants"
+        );
+        token.cancel();
+    }
 }
 
 fn apply_policy(state: &mut State, policy: AccessPolicy) {
@@ -322,7 +335,7 @@ fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
 const MAX_LISTED_ALLOCATIONS: usize = 5000;
 
 fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
-    let (counters, revision, allocations, allocations_not_listed) = {
+    let (counters, revision, allocations, allocations_not_listed, conferences) = {
         let state = shared.lock();
         let (allocations, not_listed) = allocation_summaries(&state);
         (
@@ -330,6 +343,7 @@ fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
             state.control.revision,
             allocations,
             not_listed,
+            state.conferencing.conference_counters(),
         )
     };
     let health = match stale_since {
@@ -352,7 +366,7 @@ fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
             health: Some(health),
             counters: Some(relay_counters(&counters)),
             allocations,
-            conferences: Vec::new(),
+            conferences,
             allocations_not_listed,
         })),
     }
@@ -499,6 +513,7 @@ allocations_total = 500
                 ("forwarded_to_client", 30, 3000),
                 ("pass_stun", 50, 5000),
             ],
+            conferencing: None,
         };
         assert_eq!(
             relay_counters(&counters),

@@ -4,6 +4,7 @@
 //! One lock guards the state machine, the relay sockets and the stream connections; it is
 //! held only for the synchronous call into the state machine, never across an `.await`.
 
+mod conferencing;
 mod control_link;
 mod fast_path;
 mod relay_socket;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConnectionLimits};
+use crate::psom::{Admission, ConferencingCounters};
 use crate::turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
 use crate::turn::{FiveTuple, Server, Stats, Transmit, Transport};
 use crate::xdp::XdpError;
@@ -49,6 +51,11 @@ pub enum ServerError {
         "cannot start the XDP fast path (xdp.mode asks for it; use mode = \"auto\" to fall back to userspace)"
     )]
     Xdp(#[from] XdpError),
+    #[error("cannot listen for the Web Conferencing Edge on {address}")]
+    ListenConferencing {
+        address: SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// Counters of the shell itself (what the state machine never saw).
@@ -70,6 +77,11 @@ struct State {
     shell: ShellStats,
     /// What the control service sent (empty without `[control]`).
     control: control_link::ControlState,
+    /// Who may join which conference (Web Conferencing Edge), fed by the control link.
+    conferencing: Admission,
+    /// Per conference, what disconnects its participants when it is revoked.
+    conference_sessions: HashMap<String, CancellationToken>,
+    conferencing_enabled: bool,
 }
 
 impl State {
@@ -97,6 +109,8 @@ pub struct Counters {
     pub fast_path: Option<FastPathStats>,
     /// What the XDP program counted (packets, bytes), by slot.
     pub xdp: Vec<(&'static str, u64, u64)>,
+    /// The Web Conferencing Edge; `None` when it is off.
+    pub conferencing: Option<ConferencingCounters>,
 }
 
 impl State {
@@ -114,6 +128,9 @@ impl State {
                 .into_iter()
                 .map(|(stat, c)| (stat.name(), c.packets, c.bytes))
                 .collect(),
+            conferencing: self
+                .conferencing_enabled
+                .then(|| self.conferencing.counters.clone()),
         }
     }
 }
@@ -246,6 +263,21 @@ impl Edge {
                 }
             }
         }
+        let conferencing = match &config.conferencing {
+            Some(settings) => {
+                let bind = |address: SocketAddr| async move {
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| ServerError::ListenConferencing { address, source })
+                };
+                Some((
+                    settings.clone(),
+                    bind(settings.external).await?,
+                    bind(settings.internal).await?,
+                ))
+            }
+            None => None,
+        };
         let now = Instant::now();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -279,6 +311,9 @@ impl Edge {
                 connections: 0,
                 shell: ShellStats::default(),
                 control: control_link::ControlState::default(),
+                conferencing: Admission::default(),
+                conference_sessions: HashMap::new(),
+                conferencing_enabled: conferencing.is_some(),
             }),
             udp_listeners,
             limits: config.connections,
@@ -307,6 +342,27 @@ impl Edge {
             ));
         }
         tasks.spawn(timers(shared.clone(), stats_every));
+        if let Some((settings, external, internal)) = conferencing {
+            let service = conferencing::Conferencing::new(settings);
+            for (listener, what) in [
+                (&external, "participants (TLS)"),
+                (&internal, "internal conferencing servers (mutual TLS)"),
+            ] {
+                if let Ok(address) = listener.local_addr() {
+                    info!(%address, "Web Conferencing Edge listening for {what}");
+                }
+            }
+            tasks.spawn(conferencing::external_listener(
+                shared.clone(),
+                service.clone(),
+                external,
+            ));
+            tasks.spawn(conferencing::internal_listener(
+                shared.clone(),
+                service,
+                internal,
+            ));
+        }
         if let Some((settings, registration)) = control {
             info!(
                 endpoint = settings.link.endpoint(),
