@@ -66,6 +66,7 @@ struct RawConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConferencing {
+    #[serde(default = "conferencing_external")]
     external: SocketAddr,
     certificate: PathBuf,
     private_key: PathBuf,
@@ -87,6 +88,9 @@ struct RawConferencing {
     connections_total: usize,
 }
 
+fn conferencing_external() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
+}
 fn conferencing_pool() -> u16 {
     4
 }

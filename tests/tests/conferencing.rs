@@ -272,6 +272,12 @@ fn revoking_a_conference_disconnects_its_participants() {
         };
         assert_eq!(unavailable, RejectReason::ServiceUnavailable);
 
+        // Operators can check the internal port with nc: a text line comes before TLS.
+        let mut internal = tokio::net::TcpStream::connect(edge.internal).await.unwrap();
+        let banner = read_exactly(&mut internal, 29).await;
+        assert_eq!(banner, b"Rampart Web Conferencing Edge");
+        drop(internal);
+
         let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
         let (_server, shutdown) = conferencing::start_reference_server(link, 2);
         let mut participant = admitted(&edge, "board", true, Duration::from_secs(5)).await;
