@@ -666,6 +666,30 @@ impl RawControl {
     }
 }
 
+/// A certificate chain and its private key, from the PEM files of two keys.
+#[allow(clippy::type_complexity)]
+fn certificate_and_key(
+    base_dir: &Path,
+    (certificate_key, certificate): (&str, &Path),
+    (private_key_key, private_key): (&str, &Path),
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    ConfigError,
+> {
+    let certs = pem_certificates(
+        certificate_key,
+        &read_file(certificate_key, base_dir, certificate)?,
+    )?;
+    let key = pem_private_key(
+        private_key_key,
+        &read_file(private_key_key, base_dir, private_key)?,
+    )?;
+    Ok((certs, key))
+}
+
 /// The file at `path` (relative to the configuration's directory), named by its `key`.
 fn read_file(key: &str, base_dir: &Path, path: &Path) -> Result<Vec<u8>, ConfigError> {
     let path = base_dir.join(path);
@@ -793,13 +817,10 @@ impl RawConferencing {
     fn validate(&self, base_dir: &Path) -> Result<ConferencingSettings, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let external_tls = {
-            let certs = pem_certificates(
-                "conferencing.certificate",
-                &read_file("conferencing.certificate", base_dir, &self.certificate)?,
-            )?;
-            let key = pem_private_key(
-                "conferencing.private_key",
-                &read_file("conferencing.private_key", base_dir, &self.private_key)?,
+            let (certs, key) = certificate_and_key(
+                base_dir,
+                ("conferencing.certificate", &self.certificate),
+                ("conferencing.private_key", &self.private_key),
             )?;
             rustls::ServerConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
@@ -814,21 +835,16 @@ impl RawConferencing {
                 })?
         };
         let internal_tls = {
-            let certs = pem_certificates(
-                "conferencing.internal_certificate",
-                &read_file(
+            let (certs, key) = certificate_and_key(
+                base_dir,
+                (
                     "conferencing.internal_certificate",
-                    base_dir,
                     &self.internal_certificate,
-                )?,
-            )?;
-            let key = pem_private_key(
-                "conferencing.internal_private_key",
-                &read_file(
+                ),
+                (
                     "conferencing.internal_private_key",
-                    base_dir,
                     &self.internal_private_key,
-                )?,
+                ),
             )?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in pem_certificates(
@@ -894,15 +910,12 @@ impl RawConferencing {
 impl RawTls {
     fn load(&self, base_dir: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
         use rustls::pki_types::ServerName;
-        let certs = pem_certificates(
-            "tls.certificate",
-            &read_file("tls.certificate", base_dir, &self.certificate)?,
+        let (certs, key) = certificate_and_key(
+            base_dir,
+            ("tls.certificate", &self.certificate),
+            ("tls.private_key", &self.private_key),
         )?;
         let leaf = &certs[0];
-        let key = pem_private_key(
-            "tls.private_key",
-            &read_file("tls.private_key", base_dir, &self.private_key)?,
-        )?;
         if self.fqdn.trim().is_empty() {
             return Err(invalid(
                 "tls.fqdn",

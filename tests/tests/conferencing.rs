@@ -76,6 +76,18 @@ fn registration(id: &str, expires_in: u64, anonymous_allowed: bool) -> RegisterC
     }
 }
 
+/// The reference conferencing server, dialling the edge with a pool of `pool` connections.
+fn reference_server(
+    edge: &Edge,
+    pool: usize,
+) -> (
+    std::sync::Arc<rampart_psom::reference::ConferenceServer>,
+    tokio_util::sync::CancellationToken,
+) {
+    let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
+    conferencing::start_reference_server(link, pool)
+}
+
 /// Joins until admitted (the agent learns of a conference from its control stream shortly
 /// after registration), for at most `within`.
 async fn admitted(
@@ -134,8 +146,7 @@ fn a_registered_conference_is_joinable_within_a_second_and_shares_state() {
     let edge = start_edge();
     let rt = runtime();
     rt.block_on(async {
-        let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
-        let (server, shutdown) = conferencing::start_reference_server(link, 2);
+        let (server, shutdown) = reference_server(&edge, 2);
         let mut front_end = edge.pki.front_end(edge.control.address).await.unwrap();
         front_end
             .register_conference(registration("weekly", 600, true))
@@ -171,8 +182,7 @@ fn refused_joins_say_why_and_nothing_reaches_the_internal_side() {
     let edge = start_edge();
     let rt = runtime();
     rt.block_on(async {
-        let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
-        let (server, shutdown) = conferencing::start_reference_server(link, 2);
+        let (server, shutdown) = reference_server(&edge, 2);
         let mut front_end = edge.pki.front_end(edge.control.address).await.unwrap();
         for (id, expires_in, anonymous) in [
             ("members", 600, false),
@@ -278,8 +288,7 @@ fn revoking_a_conference_disconnects_its_participants() {
         assert_eq!(banner, b"Rampart Web Conferencing Edge");
         drop(internal);
 
-        let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
-        let (_server, shutdown) = conferencing::start_reference_server(link, 2);
+        let (_server, shutdown) = reference_server(&edge, 2);
         let mut participant = admitted(&edge, "board", true, Duration::from_secs(5)).await;
         front_end
             .revoke_conference(RevokeConferenceRequest {
@@ -310,8 +319,7 @@ fn bench_conferencing() {
     let edge = start_edge();
     let rt = runtime();
     rt.block_on(async {
-        let link = conferencing::edge_link(&edge.pki, edge.internal).unwrap();
-        let (server, shutdown) = conferencing::start_reference_server(link, 8);
+        let (server, shutdown) = reference_server(&edge, 8);
         let mut front_end = edge.pki.front_end(edge.control.address).await.unwrap();
         front_end
             .register_conference(registration("bench", 3600, true))

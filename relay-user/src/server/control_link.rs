@@ -94,7 +94,8 @@ pub(super) fn registration(config: &Config, agent_id: &str) -> RegisterAgentRequ
     }
 }
 
-fn unix_now() -> u64 {
+/// Wall-clock seconds, as the control plane's times are.
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
