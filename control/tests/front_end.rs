@@ -251,6 +251,7 @@ async fn conferences_and_policy_round_trip() {
                     enabled: true,
                     allowed_domains: vec!["Partner.Example".into()],
                     blocked_domains: vec![],
+                    partner_requests_per_second: 0,
                 }),
                 anonymous_users_enabled: true,
                 internal_peer_networks: vec!["10.20.0.0/16".into()],

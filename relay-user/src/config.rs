@@ -18,6 +18,9 @@ use crate::turn::peer_policy::PeerPolicy;
 use crate::turn::rate_limit::RateLimit;
 use crate::turn::{RelayAddress, ServerConfig, Transport};
 
+mod sip;
+pub use sip::{PartnerTls, SipPeer, SipSettings};
+
 /// The configuration `rampart` runs with when given no `--config`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
 
@@ -60,6 +63,7 @@ struct RawConfig {
     xdp: Option<RawXdp>,
     control: Option<RawControl>,
     conferencing: Option<RawConferencing>,
+    sip: Option<sip::RawSip>,
 }
 
 /// `[conferencing]`: the Web Conferencing Edge.
@@ -370,6 +374,8 @@ pub struct Config {
     pub control: Option<ControlSettings>,
     /// The Web Conferencing Edge; `None` when off.
     pub conferencing: Option<ConferencingSettings>,
+    /// The Access Edge (SIP); `None` when off.
+    pub sip: Option<SipSettings>,
 }
 
 impl fmt::Debug for Config {
@@ -561,6 +567,11 @@ impl RawConfig {
                 "the Web Conferencing Edge admits participants to conferences registered through the control plane: add a [control] section",
             ));
         }
+        let sip = self
+            .sip
+            .as_ref()
+            .map(|s| s.validate(base_dir))
+            .transpose()?;
         let users: HashMap<String, String> = auth.users.clone().into_iter().collect();
         Ok(Config {
             listeners,
@@ -592,6 +603,7 @@ impl RawConfig {
             xdp,
             control,
             conferencing,
+            sip,
         })
     }
 }
@@ -957,7 +969,7 @@ impl RawTls {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    pub(super) const MINIMAL: &str = r#"
 realm = "example.org"
 [[listen]]
 transport = "udp"

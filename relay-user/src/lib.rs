@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod psom;
 pub mod server;
+pub mod sip;
 pub mod stun;
 pub mod turn;
 pub mod xdp;

@@ -16,6 +16,9 @@
 //!   fast path's end-to-end tests; [`media`]: channel media between them and its accounting;
 //!   [`bpf`]: a bpffs of the test's own, and the agent's pinned maps and links through
 //!   `bpftool`.
+//! - [`sip`]: real SIP peers for the SIP-over-TLS Access Edge: sipp callers and servers
+//!   (through TLS bridges: Debian's sipp has no TLS), Kamailio as the reference TLS proxy,
+//!   and a throughput measurement.
 //! - [`ports`], [`tools`]: free ports and relay port ranges; external programs.
 //!
 //! Everything talks to loopback or to a namespace the test created, and every wait is
@@ -29,6 +32,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+pub mod access_edge;
 pub mod bpf;
 pub mod certs;
 pub mod client;
@@ -39,6 +43,7 @@ pub mod media;
 pub mod netns;
 pub mod ports;
 pub mod process;
+pub mod sip;
 pub mod tools;
 pub mod topology;
 

@@ -56,6 +56,8 @@ pub struct RampartConfig {
     pub log: Option<String>,
     /// The `[conferencing]` section; none by default.
     pub conferencing: Option<ConferencingConfig>,
+    /// Further sections as TOML text (the Access Edge's `[sip]`, for one).
+    pub sections: Vec<String>,
 }
 
 /// The `[conferencing]` section: the Web Conferencing Edge's listeners and PEM files
@@ -124,6 +126,7 @@ impl RampartConfig {
             relay_ports: None,
             log: None,
             conferencing: None,
+            sections: Vec::new(),
         }
     }
 
@@ -195,6 +198,12 @@ impl RampartConfig {
     /// The log filter (`--log`), e.g. "info" for a load test, where debug lines would cost.
     pub fn with_log(mut self, filter: &str) -> Self {
         self.log = Some(filter.to_owned());
+        self
+    }
+
+    /// Appends a section written as TOML text.
+    pub fn with_section(mut self, toml: String) -> Self {
+        self.sections.push(toml);
         self
     }
 
@@ -307,6 +316,9 @@ impl RampartConfig {
                 path(&control.private_key),
                 quote(&control.agent_id)
             );
+        }
+        for section in &self.sections {
+            t.push_str(section);
         }
         t
     }

@@ -6,6 +6,7 @@
 
 mod all_in_one;
 mod certs;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -56,11 +57,34 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, then `cargo fmt --check`, clippy with warnings denied, and every test.
-    Test,
+    /// Set up, then `cargo fmt --check`, clippy with warnings denied, every test, and a bounded
+    /// run of the SIP parser's fuzz target (see `fuzz`).
+    Test {
+        /// Seconds to fuzz the SIP parser after the tests; 0 skips it.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        fuzz_seconds: u64,
+    },
+    /// Set up, then fuzz the SIP parser and stream framer (relay-user/fuzz: cargo-fuzz on the
+    /// nightly toolchain) for N seconds. Fails, naming the input, if it finds a crash.
+    Fuzz {
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set up, then measure the XDP program's ns/packet in the kernel (BPF_PROG_TEST_RUN, in a
     /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
     BenchXdp,
+    /// Set up, build the agent in release, then run the SIP benchmark (`sip_bench` in
+    /// rampart-tests, release): the same sipp load over TLS through the Access Edge, Kamailio
+    /// stateless and Kamailio with tm, side by side; target/sip-bench/report.{md,json}.
+    BenchSip {
+        /// Seconds of offered calls per run (RAMPART_SIP_BENCH_SECONDS; default 10).
+        #[arg(long, value_name = "N")]
+        seconds: Option<u64>,
+        /// New calls per second offered (RAMPART_SIP_BENCH_RATE; default 3000, above what
+        /// two vCPUs carry, so the concurrency cap paces sipp).
+        #[arg(long, value_name = "R")]
+        rate: Option<f64>,
+    },
     /// Set up, build in release, then run the load test (needs root): the same TURN workload
     /// against Rampart with XDP, Rampart in userspace and coturn, in network namespaces, with
     /// the side-by-side table, target/loadtest/report.{json,svg,md}. Arguments after `--` go
@@ -137,7 +161,11 @@ fn run(task: Task) -> Result<ExitCode> {
                 agent_args,
             })
         }
-        Task::Test => test(),
+        Task::Test { fuzz_seconds } => test(fuzz_seconds),
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds).map(|()| ExitCode::SUCCESS)
+        }
         Task::Certs { out, force } => {
             let out = out.unwrap_or_else(|| util::target_dir().join("dev-certs"));
             certs::run(&certs::Options { out, force }).map(|()| ExitCode::SUCCESS)
@@ -149,6 +177,10 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::BenchXdp => {
             setup::run()?;
             bench_xdp().map(|()| ExitCode::SUCCESS)
+        }
+        Task::BenchSip { seconds, rate } => {
+            setup::run()?;
+            bench_sip(seconds, rate).map(|()| ExitCode::SUCCESS)
         }
     }
 }
@@ -171,6 +203,43 @@ fn bench_xdp() -> Result<()> {
         "--nocapture",
         "--test-threads=1",
     ]);
+    util::run_checked(&mut cmd)
+}
+
+/// The SIP benchmark is an ignored test of rampart-tests (`tests/sip_bench.rs`), run in
+/// release next to a release agent (the test starts the `rampart` of its own profile).
+fn bench_sip(seconds: Option<u64>, rate: Option<f64>) -> Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "relay-user",
+        "--bin",
+        "rampart",
+    ]);
+    util::run_checked(&mut build)?;
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "--package",
+        "rampart-tests",
+        "--test",
+        "sip_bench",
+        "--",
+        "--ignored",
+        "--exact",
+        "access_edge_vs_kamailio",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    if let Some(seconds) = seconds {
+        cmd.env("RAMPART_SIP_BENCH_SECONDS", seconds.to_string());
+    }
+    if let Some(rate) = rate {
+        cmd.env("RAMPART_SIP_BENCH_RATE", rate.to_string());
+    }
     util::run_checked(&mut cmd)
 }
 
@@ -231,7 +300,7 @@ fn build(args: &BuildArgs) -> Result<()> {
 }
 
 /// Runs every check even when an earlier one failed, so one run shows everything to fix.
-fn test() -> Result<ExitCode> {
+fn test(fuzz_seconds: u64) -> Result<ExitCode> {
     setup::run()?;
     let steps: [(&str, &[&str]); 3] = [
         ("fmt", &["fmt", "--all", "--check"]),
@@ -258,6 +327,18 @@ fn test() -> Result<ExitCode> {
             .status()
             .with_context(|| format!("running cargo {name}"))?;
         results.push((name, status.success(), started.elapsed()));
+    }
+    if fuzz_seconds > 0 {
+        eprintln!("\nxtask: ==> fuzz {} for {fuzz_seconds} s", fuzz::TARGET);
+        let started = Instant::now();
+        let ok = match fuzz::run(fuzz_seconds) {
+            Ok(()) => true,
+            Err(error) => {
+                eprintln!("xtask: fuzz: {error:#}");
+                false
+            }
+        };
+        results.push(("fuzz", ok, started.elapsed()));
     }
 
     eprintln!("\nxtask: summary");

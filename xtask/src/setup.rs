@@ -59,6 +59,16 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "`nft`, for the test in which the internal host drops connections from the edge",
     ),
     ("python3-pip", "pip, to install the Python packages below"),
+    (
+        "sip-tester",
+        "sipp: real SIP clients and servers (UAC/UAS) for the Access Edge tests and the SIP \
+         benchmark (Debian builds it without TLS: the tests put a TLS bridge in front of it)",
+    ),
+    (
+        "kamailio",
+        "an established SIP proxy: the baseline TLS proxy of the SIP benchmark",
+    ),
+    ("kamailio-tls-modules", "Kamailio's TLS transport (tls.so)"),
 ];
 
 /// Python packages (import name, pip requirement, reason).
@@ -84,6 +94,8 @@ pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
 /// The rustup toolchain name under which relay-user's build script finds the Debian compiler.
 const DEBIAN_TOOLCHAIN: &str = "debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Runs the SIP parser's fuzz target (`relay-user/fuzz`) on the nightly toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_DIR: &str = "/usr/lib/llvm-22";
 
 /// One thing to install, with why.
@@ -92,6 +104,7 @@ enum Step {
     RustupLink,
     RustComponents(Vec<&'static str>),
     BpfLinker { found: Option<String> },
+    CargoFuzz,
     Pip(Vec<&'static str>),
 }
 
@@ -119,6 +132,10 @@ impl Step {
                 "bpf-linker {BPF_LINKER_VERSION} built against LLVM 22 (found: {}): links the \
                  XDP program's LLVM bitcode into a BPF object",
                 found.as_deref().unwrap_or("none")
+            ),
+            Step::CargoFuzz => format!(
+                "cargo-fuzz {CARGO_FUZZ_VERSION}: `cargo xtask test` fuzzes the SIP parser and framer \
+                 with it (relay-user/fuzz, libFuzzer on the nightly toolchain)"
             ),
             Step::Pip(requirements) => {
                 let mut text = String::from("Python packages:");
@@ -171,6 +188,13 @@ impl Step {
                     .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
                     .args(["--locked", "--force", "--no-default-features"])
                     .args(["--features", "llvm-22"]);
+                vec![install]
+            }
+            Step::CargoFuzz => {
+                let mut install = cargo();
+                install
+                    .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+                    .arg("--locked");
                 vec![install]
             }
             Step::Pip(requirements) => {
@@ -266,10 +290,8 @@ pub fn run() -> Result<()> {
                 }
             }
         }
-        if let Step::Apt(packages) = step
-            && packages.contains(&"coturn")
-        {
-            keep_coturn_service_off();
+        if let Step::Apt(packages) = step {
+            keep_services_off(packages);
         }
         eprintln!("xtask: setup: done in {}", secs(step_started.elapsed()));
     }
@@ -325,6 +347,10 @@ fn plan() -> Result<Vec<Step>> {
     let wanted = format!("bpf-linker {}", minor_prefix(BPF_LINKER_VERSION));
     if !found.as_deref().is_some_and(|v| v.starts_with(&wanted)) {
         plan.push(Step::BpfLinker { found });
+    }
+
+    if !probe(cargo().args(["fuzz", "--version"])).is_some_and(|out| out.status.success()) {
+        plan.push(Step::CargoFuzz);
     }
 
     let requirements: Vec<&str> = PYTHON_PACKAGES
@@ -386,18 +412,33 @@ fn pip_install(step: &Step) -> Result<()> {
     Ok(())
 }
 
-/// Installing coturn on a systemd machine may start `turnserver` on UDP 3478, the port the
-/// agent's default configuration uses. The project only uses coturn's binaries, started by the
-/// tests themselves, so the service is switched off right after the install.
-fn keep_coturn_service_off() {
+/// Packages whose install may start a system service (on a systemd machine) that takes a
+/// port the tests or the agent use, with that port. The project only uses their binaries,
+/// started by the tests themselves.
+const SERVICES_OFF: &[(&str, &str)] = &[
+    // turnserver on UDP 3478, the port the agent's default configuration uses.
+    ("coturn", "coturn"),
+    // kamailio's packaged configuration listens on SIP's 5060 (UDP and TCP).
+    ("kamailio", "kamailio"),
+];
+
+/// Switches off, right after the install, the services of [`SERVICES_OFF`] that it started.
+/// (On a machine without systemd, such as a container whose policy-rc.d forbids starting
+/// services, nothing was started.)
+fn keep_services_off(installed: &[&str]) {
     if !std::path::Path::new("/run/systemd/system").is_dir() {
         return;
     }
-    let active = probe(Command::new("systemctl").args(["is-active", "--quiet", "coturn"]))
-        .is_some_and(|out| out.status.success());
-    if active {
-        eprintln!("xtask: setup: stopping the coturn service (tests start their own turnserver)");
-        let _ = run_checked(Command::new("systemctl").args(["disable", "--now", "coturn"]));
+    for (package, service) in SERVICES_OFF {
+        if !installed.contains(package) {
+            continue;
+        }
+        let active = probe(Command::new("systemctl").args(["is-active", "--quiet", service]))
+            .is_some_and(|out| out.status.success());
+        if active {
+            eprintln!("xtask: setup: stopping the {service} service (tests start their own)");
+            let _ = run_checked(Command::new("systemctl").args(["disable", "--now", service]));
+        }
     }
 }
 

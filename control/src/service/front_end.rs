@@ -133,6 +133,7 @@ fn normalise_policy(policy: AccessPolicy) -> Result<AccessPolicy, Status> {
             enabled: federation.enabled,
             allowed_domains: allowed,
             blocked_domains: blocked,
+            partner_requests_per_second: federation.partner_requests_per_second,
         }),
         anonymous_users_enabled: policy.anonymous_users_enabled,
         internal_peer_networks: networks.iter().map(ToString::to_string).collect(),
@@ -385,6 +386,7 @@ mod tests {
                 enabled: true,
                 allowed_domains: vec!["Partner.Example".into(), "partner.example".into()],
                 blocked_domains: vec!["bad.example".into()],
+                partner_requests_per_second: 0,
             }),
             anonymous_users_enabled: false,
             internal_peer_networks: vec!["10.1.2.3/8".into(), "fd00::/8".into()],
@@ -418,6 +420,7 @@ mod tests {
                         enabled: true,
                         allowed_domains: vec!["not a domain".into()],
                         blocked_domains: vec![],
+                        partner_requests_per_second: 0,
                     }),
                     ..Default::default()
                 },
@@ -429,6 +432,7 @@ mod tests {
                         enabled: true,
                         allowed_domains: vec!["a.example".into()],
                         blocked_domains: vec!["A.example".into()],
+                        partner_requests_per_second: 0,
                     }),
                     ..Default::default()
                 },

@@ -29,7 +29,9 @@ use super::fast_path::FastPath;
 use super::relay_socket::SocketBinder;
 use super::{Counters, Shared, State};
 use crate::config::{Config, ControlSettings};
+use crate::sip;
 use crate::turn::Transport;
+use crate::turn::rate_limit::RateLimit;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -302,6 +304,9 @@ fn disconnect(state: &mut State, conference_id: &str) {
 }
 
 fn apply_policy(state: &mut State, policy: AccessPolicy) {
+    if let Some(edge) = &state.sip {
+        edge.set_policy(sip_policy(edge.configured_policy(), &policy));
+    }
     let networks: Vec<IpNet> = policy
         .internal_peer_networks
         .iter()
@@ -314,6 +319,32 @@ fn apply_policy(state: &mut State, policy: AccessPolicy) {
         })
         .collect();
     state.core.set_allowed_peer_networks(networks);
+}
+
+/// The Access Edge's view of a control policy; the partner rate falls back to the agent's
+/// configured one when the control plane leaves it unset.
+fn sip_policy(
+    configured: &sip::policy::AccessPolicy,
+    policy: &AccessPolicy,
+) -> sip::policy::AccessPolicy {
+    let federation = policy.federation.clone().unwrap_or_default();
+    let partner_rate = match federation.partner_requests_per_second {
+        0 => configured.federation.partner_rate,
+        rate => RateLimit {
+            per_second: f64::from(rate),
+            burst: f64::from(rate) * 5.0,
+        },
+    };
+    sip::policy::AccessPolicy {
+        remote_users: policy.remote_users_enabled,
+        anonymous_users: policy.anonymous_users_enabled,
+        federation: sip::policy::FederationPolicy {
+            enabled: federation.enabled,
+            allowed_domains: federation.allowed_domains.into_iter().collect(),
+            blocked_domains: federation.blocked_domains.into_iter().collect(),
+            partner_rate,
+        },
+    }
 }
 
 fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
@@ -515,6 +546,7 @@ allocations_total = 500
                 ("pass_stun", 50, 5000),
             ],
             conferencing: None,
+            sip: None,
         };
         assert_eq!(
             relay_counters(&counters),

@@ -8,6 +8,7 @@ mod conferencing;
 mod control_link;
 mod fast_path;
 mod relay_socket;
+mod sip;
 
 use std::collections::HashMap;
 use std::io;
@@ -56,6 +57,11 @@ pub enum ServerError {
         address: SocketAddr,
         source: io::Error,
     },
+    #[error("cannot listen for the Access Edge (SIP) on {address}")]
+    ListenSip {
+        address: SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// Counters of the shell itself (what the state machine never saw).
@@ -82,6 +88,8 @@ struct State {
     /// Per conference, what disconnects its participants when it is revoked.
     conference_sessions: HashMap<String, CancellationToken>,
     conferencing_enabled: bool,
+    /// The Access Edge, whose policy the control link sets.
+    sip: Option<Arc<sip::SipEdge>>,
 }
 
 impl State {
@@ -111,6 +119,8 @@ pub struct Counters {
     pub xdp: Vec<(&'static str, u64, u64)>,
     /// The Web Conferencing Edge; `None` when it is off.
     pub conferencing: Option<ConferencingCounters>,
+    /// The Access Edge; `None` when it is off.
+    pub sip: Option<sip::SipStats>,
 }
 
 impl State {
@@ -131,6 +141,7 @@ impl State {
             conferencing: self
                 .conferencing_enabled
                 .then(|| self.conferencing.counters.clone()),
+            sip: self.sip.as_ref().map(|edge| edge.stats()),
         }
     }
 }
@@ -278,6 +289,15 @@ impl Edge {
             }
             None => None,
         };
+        let sip = match &config.sip {
+            Some(settings) => Some((
+                sip::SipEdge::new(settings.clone()),
+                sip::bind(settings)
+                    .await
+                    .map_err(|(address, source)| ServerError::ListenSip { address, source })?,
+            )),
+            None => None,
+        };
         let now = Instant::now();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -314,6 +334,7 @@ impl Edge {
                 conferencing: Admission::default(),
                 conference_sessions: HashMap::new(),
                 conferencing_enabled: conferencing.is_some(),
+                sip: sip.as_ref().map(|(edge, _)| edge.clone()),
             }),
             udp_listeners,
             limits: config.connections,
@@ -362,6 +383,9 @@ impl Edge {
                 service,
                 internal,
             ));
+        }
+        if let Some((edge, listeners)) = sip {
+            sip::start(&edge, listeners, &mut tasks);
         }
         if let Some((settings, registration)) = control {
             info!(

@@ -1,7 +1,9 @@
 //! Per-source token buckets for unauthenticated requests: a flood of Binding requests or
 //! auth challenges from one address must not turn the relay into an amplifier or eat its CPU.
+//! The SIP edge keys the same buckets by source address and by partner domain.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -22,12 +24,12 @@ struct Bucket {
 }
 
 #[derive(Debug)]
-pub struct SourceRateLimiter {
+pub struct SourceRateLimiter<K = IpAddr> {
     limit: RateLimit,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
-impl SourceRateLimiter {
+impl<K: Hash + Eq> SourceRateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         SourceRateLimiter {
             limit,
@@ -36,7 +38,7 @@ impl SourceRateLimiter {
     }
 
     /// Take one token for `source`; false when it has none left.
-    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+    pub fn allow(&mut self, source: K, now: Instant) -> bool {
         if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_TRACKED_SOURCES {
             self.sweep(now);
             if self.buckets.len() >= MAX_TRACKED_SOURCES {
@@ -81,7 +83,7 @@ mod tests {
     #[test]
     fn burst_then_refill_at_the_configured_rate() {
         let t0 = Instant::now();
-        let mut rl = SourceRateLimiter::new(RateLimit {
+        let mut rl = SourceRateLimiter::<IpAddr>::new(RateLimit {
             per_second: 10.0,
             burst: 5.0,
         });
