@@ -97,6 +97,8 @@ impl SipPki {
 #[derive(Clone, Debug)]
 pub struct EdgeSection {
     pub external: SocketAddr,
+    /// A plain-TCP listener too (labs).
+    pub external_tcp: Option<SocketAddr>,
     pub internal: SocketAddr,
     pub external_host: String,
     pub internal_host: String,
@@ -131,6 +133,9 @@ impl EdgeSection {
             "\n[sip]\nexternal = [{}]",
             quote(&self.external.to_string())
         );
+        if let Some(tcp) = self.external_tcp {
+            let _ = writeln!(t, "external_tcp = [{}]", quote(&tcp.to_string()));
+        }
         let _ = writeln!(
             t,
             "external_host = {}\ninternal_host = {}",
@@ -424,9 +429,16 @@ impl ScriptedNextHop {
     }
 }
 
+impl ScriptedNextHop {
+    /// Stops listening and closes its connections (within a fraction of a second).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for ScriptedNextHop {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop();
     }
 }
 
@@ -538,6 +550,7 @@ impl Site {
         let localhost = IpAddr::from([127, 0, 0, 1]);
         let section = EdgeSection {
             external: free_port(localhost)?,
+            external_tcp: None,
             internal: free_port(localhost)?,
             external_leaf: public.issue(&format!("{name}-edge"), &[&external_host])?,
             internal_leaf: pki.issue("edge-internal", &[&internal_host])?,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rampart::sip::HeaderName;
 use rampart::sip::uri::NameAddr;
 use rampart_tests::access_edge::{
-    DOMAIN, INTERNAL_CONTACT, SipConnection, SipPki, Site, request, status,
+    DOMAIN, INTERNAL_CONTACT, ScriptedNextHop, SipConnection, SipPki, Site, request, status,
 };
 use rampart_tests::{Proto, Rampart, RampartConfig};
 
@@ -470,4 +470,104 @@ fn keep_alives_are_answered_and_slow_senders_are_cut() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(cut(), 1, "counted");
+}
+
+#[test]
+fn the_next_hop_fails_over_in_order_and_must_prove_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = SipPki::new(dir.path(), "public").unwrap();
+    let mut site = Site::new(dir.path(), "corp", DOMAIN, &pki).unwrap();
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    let nobody = rampart_tests::access_edge::free_port(localhost).unwrap();
+    // A server with a certificate for another name, then nothing, then the real pool.
+    let impostor_leaf = site.pki.issue("impostor", &["other.corp.local"]).unwrap();
+    let impostor =
+        ScriptedNextHop::start((localhost, 0).into(), &impostor_leaf, site.pki.ca_der()).unwrap();
+    let pool = site.section.next_hops[0].clone();
+    site.section.next_hops = vec![
+        (pool.0.clone(), impostor.address),
+        (pool.0.clone(), nobody),
+        pool,
+    ];
+    let _edge = Rampart::start(
+        &RampartConfig::single(Proto::Udp, false).with_section(site.section.to_toml()),
+    )
+    .unwrap();
+    let mut client = site.outside_client(&pki).unwrap();
+    assert_eq!(register(&mut client, "alice", "failover-1"), 200);
+    assert_eq!(site.next_hop.requests("REGISTER").len(), 1);
+    assert!(
+        impostor.received.lock().unwrap().is_empty(),
+        "a next hop must name the configured host"
+    );
+
+    // With no next hop left, requests get 503 at once rather than waiting.
+    site.next_hop.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut answers = Vec::new();
+    for n in 0..2 {
+        let mut client = site.outside_client(&pki).unwrap();
+        let aor = format!("sip:alice@{DOMAIN}");
+        let register = request(
+            "REGISTER",
+            &format!("sip:{DOMAIN}"),
+            &aor,
+            &aor,
+            &format!("failover-{}", n + 2),
+            "",
+        );
+        client.send_message(&register).unwrap();
+        answers
+            .push(status(&client.recv().unwrap()).map(|(code, reason)| (code, reason.to_owned())));
+    }
+    assert!(
+        answers
+            .iter()
+            .any(|answer| answer
+                == &Some((503, "Service Unavailable: next hop unreachable".to_owned()))),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn a_lab_tcp_listener_serves_plain_sip_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = SipPki::new(dir.path(), "public").unwrap();
+    let mut site = Site::new(dir.path(), "corp", DOMAIN, &pki).unwrap();
+    let tcp =
+        rampart_tests::access_edge::free_port(std::net::IpAddr::from([127, 0, 0, 1])).unwrap();
+    site.section.external_tcp = Some(tcp);
+    let edge = Rampart::start(
+        &RampartConfig::single(Proto::Udp, false).with_section(site.section.to_toml()),
+    )
+    .unwrap();
+    let aor = format!("sip:alice@{DOMAIN}");
+    let register = request(
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        &aor,
+        &aor,
+        "tcp-1",
+        "",
+    );
+    let mut stream = std::net::TcpStream::connect(tcp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, &register.to_bytes()).unwrap();
+    let mut framer = rampart::sip::Framer::new(rampart::sip::Limits::default());
+    let mut buffer = [0u8; 4096];
+    let response = loop {
+        if let Some(rampart::sip::Frame::Message(message)) = framer.next_frame().unwrap() {
+            break message;
+        }
+        let count = std::io::Read::read(&mut stream, &mut buffer).unwrap();
+        assert!(count > 0, "closed");
+        framer.push(&buffer[..count]);
+    };
+    assert_eq!(status(&response), Some((200, "OK")));
+    assert!(
+        edge.log().contains("plain TCP (labs only)"),
+        "the log warns about it"
+    );
 }

@@ -74,13 +74,15 @@ enum Task {
     /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
     BenchXdp,
     /// Set up, build the agent in release, then run the SIP benchmark (`sip_bench` in
-    /// rampart-tests, release): the same sipp load over TLS through the Access Edge, Kamailio
-    /// stateless and Kamailio with tm, side by side; target/sip-bench/report.{md,json}.
+    /// rampart-tests, release): the same sipp load over TLS through the Access Edge and
+    /// Kamailio (stateless, with tm, and stateless on its default allocator), side by side;
+    /// target/sip-bench/report.{md,json}. Other RAMPART_SIP_BENCH_* variables pass through.
     BenchSip {
-        /// Seconds of offered calls per run (RAMPART_SIP_BENCH_SECONDS; default 10).
+        /// Seconds of offered calls per run: `rate * seconds` calls (RAMPART_SIP_BENCH_SECONDS;
+        /// default 5).
         #[arg(long, value_name = "N")]
         seconds: Option<u64>,
-        /// New calls per second offered (RAMPART_SIP_BENCH_RATE; default 3000, above what
+        /// New calls per second offered (RAMPART_SIP_BENCH_RATE; default 20000, above what
         /// two vCPUs carry, so the concurrency cap paces sipp).
         #[arg(long, value_name = "R")]
         rate: Option<f64>,
