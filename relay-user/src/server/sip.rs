@@ -403,26 +403,26 @@ impl SipEdge {
     }
 
     async fn deliver(self: &Arc<Self>, to: Destination, message: Message) {
-        let failure = match to {
+        let sent = match to {
             Destination::Connection { id, partner } => {
                 if self.send(id, message.to_bytes()) {
                     return;
                 }
                 match partner {
-                    Some(domain) => self.to_partner(domain, &message).await,
-                    None => (430, "Flow Failed"),
+                    Some(domain) => self.to_partner(&domain, &message).await,
+                    None => Err((430, "Flow Failed")),
                 }
             }
             Destination::NextHop => match self.next_hop_connection().await {
-                Some(id) if self.send(id, message.to_bytes()) => return,
-                _ => (503, "Service Unavailable: next hop unreachable"),
+                Some(id) if self.send(id, message.to_bytes()) => Ok(()),
+                _ => Err((503, "Service Unavailable: next hop unreachable")),
             },
-            Destination::Partner(domain) => self.to_partner(domain, &message).await,
+            Destination::Partner(domain) => self.to_partner(&domain, &message).await,
         };
-        if failure.0 == 0 {
+        let Err((status, reason)) = sent else {
             return;
-        }
-        let answer = lock(&self.proxy).undeliverable(&message, failure.0, failure.1);
+        };
+        let answer = lock(&self.proxy).undeliverable(&message, status, reason);
         if let Some(Action::Forward {
             to: Destination::Connection { id, .. },
             message,
@@ -433,15 +433,15 @@ impl SipEdge {
         }
     }
 
-    /// Sends to a partner edge; `(0, "")` when sent, else the status to answer with.
+    /// Sends to a partner edge; the status to answer with when it cannot be reached.
     async fn to_partner(
         self: &Arc<Self>,
-        domain: String,
+        domain: &str,
         message: &Message,
-    ) -> (u16, &'static str) {
-        match self.partner_connection(&domain).await {
-            Some(id) if self.send(id, message.to_bytes()) => (0, ""),
-            _ => (503, "Service Unavailable: partner edge unreachable"),
+    ) -> Result<(), (u16, &'static str)> {
+        match self.partner_connection(domain).await {
+            Some(id) if self.send(id, message.to_bytes()) => Ok(()),
+            _ => Err((503, "Service Unavailable: partner edge unreachable")),
         }
     }
 
