@@ -359,17 +359,22 @@ fn rfc4475_torture_messages_over_tls() {
     assert_eq!(status(&client.recv().unwrap()), Some((200, "OK")));
 }
 
-fn register(client: &mut SipConnection, user: &str, call_id: &str) -> u16 {
+/// A remote user's REGISTER.
+fn register_request(user: &str, call_id: &str) -> rampart::sip::Message {
     let aor = format!("sip:{user}@{DOMAIN}");
+    request(
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        &aor,
+        &aor,
+        call_id,
+        "",
+    )
+}
+
+fn register(client: &mut SipConnection, user: &str, call_id: &str) -> u16 {
     client
-        .send_message(&request(
-            "REGISTER",
-            &format!("sip:{DOMAIN}"),
-            &aor,
-            &aor,
-            call_id,
-            "",
-        ))
+        .send_message(&register_request(user, call_id))
         .unwrap();
     status(&client.recv().unwrap()).unwrap().0
 }
@@ -507,15 +512,7 @@ fn the_next_hop_fails_over_in_order_and_must_prove_its_name() {
     let mut answers = Vec::new();
     for n in 0..2 {
         let mut client = site.outside_client(&pki).unwrap();
-        let aor = format!("sip:alice@{DOMAIN}");
-        let register = request(
-            "REGISTER",
-            &format!("sip:{DOMAIN}"),
-            &aor,
-            &aor,
-            &format!("failover-{}", n + 2),
-            "",
-        );
+        let register = register_request("alice", &format!("failover-{}", n + 2));
         client.send_message(&register).unwrap();
         answers
             .push(status(&client.recv().unwrap()).map(|(code, reason)| (code, reason.to_owned())));
@@ -541,15 +538,7 @@ fn a_lab_tcp_listener_serves_plain_sip_too() {
         &RampartConfig::single(Proto::Udp, false).with_section(site.section.to_toml()),
     )
     .unwrap();
-    let aor = format!("sip:alice@{DOMAIN}");
-    let register = request(
-        "REGISTER",
-        &format!("sip:{DOMAIN}"),
-        &aor,
-        &aor,
-        "tcp-1",
-        "",
-    );
+    let register = register_request("alice", "tcp-1");
     let mut stream = std::net::TcpStream::connect(tcp).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
