@@ -106,6 +106,8 @@ pub struct EdgeSection {
     pub external_leaf: Leaf,
     pub internal_leaf: Leaf,
     pub internal_ca: PathBuf,
+    /// `token_secret`: a file with the secret routing tokens are sealed with.
+    pub token_secret: Option<PathBuf>,
     /// (host, address) in failover order.
     pub next_hops: Vec<(String, SocketAddr)>,
     pub partner_ca: Option<PathBuf>,
@@ -133,6 +135,9 @@ impl EdgeSection {
             "\n[sip]\nexternal = [{}]",
             quote(&self.external.to_string())
         );
+        if let Some(secret) = &self.token_secret {
+            let _ = writeln!(t, "token_secret = {}", path(secret));
+        }
         if let Some(tcp) = self.external_tcp {
             let _ = writeln!(t, "external_tcp = [{}]", quote(&tcp.to_string()));
         }
@@ -558,6 +563,7 @@ impl Site {
             internal_host,
             domains: vec![domain.to_owned()],
             internal_ca: pki.ca_path(),
+            token_secret: None,
             next_hops: vec![(next_hop_host, next_hop.address)],
             partner_ca: None,
             routes: Vec::new(),

@@ -560,3 +560,53 @@ fn a_lab_tcp_listener_serves_plain_sip_too() {
         "the log warns about it"
     );
 }
+
+#[test]
+fn with_a_token_secret_calls_survive_an_edge_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = SipPki::new(dir.path(), "public").unwrap();
+    let mut site = Site::new(dir.path(), "corp", DOMAIN, &pki).unwrap();
+    let secret = dir.path().join("token.secret");
+    std::fs::write(
+        &secret,
+        "an operator's secret shared by every edge of the pool\n",
+    )
+    .unwrap();
+    site.section.token_secret = Some(secret);
+    let config = RampartConfig::single(Proto::Udp, false).with_section(site.section.to_toml());
+    let edge = Rampart::start(&config).unwrap();
+    let mut client = site.outside_client(&pki).unwrap();
+    let (alice, bob) = (format!("sip:alice@{DOMAIN}"), format!("sip:bob@{DOMAIN}"));
+    client
+        .send_message(&request("INVITE", &bob, &alice, &bob, "restart-1", ""))
+        .unwrap();
+    let ok = client.recv().unwrap();
+    assert_eq!(status(&ok), Some((200, "OK")));
+    let route = ok.header(&HeaderName::RecordRoute).unwrap().to_owned();
+    let target = uri_of(ok.header(&HeaderName::Contact).unwrap());
+    drop(client);
+    drop(edge);
+
+    let _edge = Rampart::start(&config).unwrap();
+    let mut client = site.outside_client(&pki).unwrap();
+    let bye = request(
+        "BYE",
+        &target,
+        &alice,
+        &bob,
+        "restart-1",
+        &format!("Route: {route}\r\n"),
+    );
+    client.send_message(&bye).unwrap();
+    assert_eq!(status(&client.recv().unwrap()), Some((200, "OK")));
+    let byes = site.next_hop.requests("BYE");
+    assert_eq!(byes.len(), 1);
+    assert_eq!(
+        byes[0].start,
+        rampart::sip::StartLine::Request {
+            method: "BYE".into(),
+            uri: INTERNAL_CONTACT.into()
+        },
+        "the restarted edge still reads the tokens it handed out"
+    );
+}

@@ -34,6 +34,7 @@ pub(super) struct RawSip {
     internal_certificate: PathBuf,
     internal_private_key: PathBuf,
     internal_ca: PathBuf,
+    token_secret: Option<PathBuf>,
     #[serde(default)]
     next_hop: Vec<RawPeer>,
     #[serde(default)]
@@ -186,6 +187,8 @@ pub struct SipSettings {
     /// Name servers for SRV/A/AAAA lookups; empty: the system's.
     pub dns_servers: Vec<SocketAddr>,
     pub proxy: ProxySettings,
+    /// The secret the edge's routing tokens are sealed with; `None`: a random one per start.
+    pub token_secret: Option<Arc<[u8]>>,
     pub policy: AccessPolicy,
     pub limits: Limits,
     pub guard: GuardSettings,
@@ -362,6 +365,19 @@ impl RawSip {
                 )?,
             );
         }
+        let token_secret = match &self.token_secret {
+            Some(path) => {
+                let secret = read_file("sip.token_secret", base_dir, path)?;
+                if secret.trim_ascii().len() < 32 {
+                    return Err(invalid(
+                        "sip.token_secret",
+                        "the file must hold at least 32 bytes of secret (e.g. `head -c 48 /dev/urandom | base64`)",
+                    ));
+                }
+                Some(Arc::from(secret.trim_ascii()))
+            }
+            None => None,
+        };
         let policy = self.policy.validate()?;
         if partner_roots.is_none() && (policy.federation.enabled || !routes.is_empty()) {
             return Err(invalid(
@@ -416,6 +432,7 @@ impl RawSip {
                 internal_port: self.internal.port(),
                 domains,
             },
+            token_secret,
             policy,
             limits: Limits {
                 max_message_bytes: limits.max_message_bytes,
@@ -512,6 +529,15 @@ mod tests {
         assert!(e.contains("sip.domains"), "{e}");
         let e = error(&format!("{section}[sip.limits]\nmessage_timeout = 0\n"));
         assert!(e.contains("sip.limits.message_timeout"), "{e}");
+        std::fs::write(dir.join("short.secret"), "too short").unwrap();
+        let e = error(&section.replace(
+            "[[sip.next_hop]]",
+            "token_secret = \"short.secret\"\n[[sip.next_hop]]",
+        ));
+        assert!(
+            e.contains("sip.token_secret") && e.contains("32 bytes"),
+            "{e}"
+        );
         let e = error(&format!("{section}[sip.limits]\nno_such_limit = 1\n"));
         assert!(e.contains("no_such_limit"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -85,7 +85,10 @@ impl SipEdge {
             proxy: Mutex::new(Proxy::new(
                 settings.proxy.clone(),
                 settings.policy.clone(),
-                Sealer::random(),
+                match &settings.token_secret {
+                    Some(secret) => Sealer::from_secret(secret),
+                    None => Sealer::random(),
+                },
             )),
             guard: Mutex::new(SourceGuard::new(settings.guard.clone())),
             settings,

@@ -30,6 +30,25 @@ impl Sealer {
         Sealer::from_keys(&key_bytes, &nonce_bytes)
     }
 
+    /// A sealer whose keys derive from a shared secret: tokens survive a restart and are
+    /// understood by every edge holding the same secret (several edges behind one name).
+    pub fn from_secret(secret: &[u8]) -> Sealer {
+        let derive = |label: &[u8]| -> [u8; 32] {
+            let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+            context.update(label);
+            context.update(secret);
+            context
+                .finish()
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes")
+        };
+        Sealer::from_keys(
+            &derive(b"rampart sip token key\0"),
+            &derive(b"rampart sip token nonce\0"),
+        )
+    }
+
     pub fn from_keys(key: &[u8; 32], nonce_key: &[u8; 32]) -> Sealer {
         let unbound = UnboundKey::new(&aead::CHACHA20_POLY1305, key).expect("a 32-byte key");
         Sealer {
@@ -103,6 +122,15 @@ mod tests {
                 .is_none()
         );
         assert!(Sealer::random().open::<(u64, String)>("AAAA").is_none());
+        let shared = Sealer::from_secret(b"a secret of the operator's").seal(&7u64);
+        assert_eq!(
+            Sealer::from_secret(b"a secret of the operator's").open::<u64>(&shared),
+            Some(7)
+        );
+        assert_eq!(
+            Sealer::from_secret(b"another secret").open::<u64>(&shared),
+            None
+        );
         assert!(sealer.open::<(u64, String)>("not base64 !").is_none());
     }
 }
