@@ -135,6 +135,10 @@ struct ViaState {
     /// The received top branch, so that each transaction gets its own branch.
     branch: String,
     hidden: Vec<String>,
+    /// A REGISTER's own Contact URIs: its response may show them; any other binding it
+    /// lists (registered from inside, say) is rewritten like every Contact leaving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    own_contacts: Vec<String>,
 }
 
 /// Sealed in the edge's Record-Route and Path entries.
@@ -279,9 +283,8 @@ impl Proxy {
         }
         match state.side {
             Side::External => {
-                let register = message.cseq_method() == "REGISTER";
                 self.outward_record_route(&mut message, None);
-                self.hide_outward(&mut message, !register);
+                self.hide_outward(&mut message, &state.own_contacts);
             }
             Side::Internal => {
                 message.remove_headers(&trust_header());
@@ -394,6 +397,11 @@ impl Proxy {
             }
         }
         let branch = top_branch(&message);
+        let own_contacts = if message.method() == Some("REGISTER") {
+            contact_uris(&message)
+        } else {
+            Vec::new()
+        };
         let via = self.own_via(
             Side::Internal,
             &ViaState {
@@ -401,6 +409,7 @@ impl Proxy {
                 side: Side::External,
                 branch,
                 hidden: Vec::new(),
+                own_contacts,
             },
         );
         message.push_front(HeaderName::Via, via);
@@ -482,6 +491,7 @@ impl Proxy {
                 side: Side::Internal,
                 branch,
                 hidden,
+                own_contacts: Vec::new(),
             },
         );
         message.push_front(HeaderName::Via, via);
@@ -492,7 +502,7 @@ impl Proxy {
             Destination::NextHop => None,
         };
         self.outward_record_route(&mut message, add_record_route.then_some(partner));
-        self.hide_outward(&mut message, true);
+        self.hide_outward(&mut message, &[]);
         self.counters.requests_forwarded += 1;
         Ok(Action::Forward {
             to: destination,
@@ -786,18 +796,15 @@ impl Proxy {
     }
 
     /// What leaves towards the outside names no internal host: Contacts point at the edge
-    /// (unless they are the outside party's own, as in a REGISTER response), and Server,
+    /// (but for `keep`, the outside party's own bindings in a REGISTER response), and Server,
     /// Warning and the trust header are removed.
-    fn hide_outward(&self, message: &mut Message, rewrite_contacts: bool) {
+    fn hide_outward(&self, message: &mut Message, keep: &[String]) {
         for name in [
             HeaderName::Server,
             HeaderName::Other("Warning".to_owned()),
             trust_header(),
         ] {
             message.remove_headers(&name);
-        }
-        if !rewrite_contacts {
-            return;
         }
         let (host, port) = self.facing(Side::External);
         for header in message
@@ -811,7 +818,10 @@ impl Proxy {
             let rewritten: Vec<String> = entries
                 .iter()
                 .map(|entry| match NameAddr::parse(entry) {
-                    Some(name_addr) if SipUri::parse(name_addr.uri).is_some() => {
+                    Some(name_addr)
+                        if SipUri::parse(name_addr.uri).is_some()
+                            && !keep.iter().any(|own| own == name_addr.uri) =>
+                    {
                         let token = self.sealer.seal(&name_addr.uri);
                         name_addr.with_uri(&format!(
                             "sip:{host}:{port};transport=tls;{CONTACT_PARAM}={token}"
@@ -823,6 +833,16 @@ impl Proxy {
             header.value = rewritten.join(", ");
         }
     }
+}
+
+/// The URIs of every Contact of a message.
+fn contact_uris(message: &Message) -> Vec<String> {
+    message
+        .header_values(&HeaderName::Contact)
+        .filter_map(|value| split_list(value).ok())
+        .flatten()
+        .filter_map(|entry| NameAddr::parse(entry).map(|name_addr| name_addr.uri.to_owned()))
+        .collect()
 }
 
 fn trust_header() -> HeaderName {
@@ -982,7 +1002,12 @@ mod tests {
         );
         assert_eq!(inward.header(&HeaderName::MaxForwards), Some("69"));
 
-        let ok = answer(&inward, 200, "Server: FrontEnd/7.0 fe01.corp.local\n");
+        // The registrar lists the client's binding and one registered from inside.
+        let ok = answer(
+            &inward,
+            200,
+            "Server: FrontEnd/7.0 fe01.corp.local\nContact: <sip:u@198.51.100.7:40000;transport=tls>;expires=3600, <sip:alice@10.0.0.44:5061>;expires=300\n",
+        );
         let (to, outward) = forwarded(proxy.handle(&inside(), ok, now));
         assert_eq!(
             to,
@@ -996,6 +1021,14 @@ mod tests {
             ["SIP/2.0/TLS 198.51.100.7:40000;branch=z9hG4bKc1"]
         );
         assert!(outward.header(&HeaderName::Server).is_none());
+        let contacts = outward.header(&HeaderName::Contact).unwrap();
+        assert!(
+            contacts.starts_with(
+                "<sip:u@198.51.100.7:40000;transport=tls>;expires=3600, <sip:sip.corp.example:5061"
+            ),
+            "{contacts}"
+        );
+        assert!(!contacts.contains("10.0.0.44"), "{contacts}");
     }
 
     #[test]
