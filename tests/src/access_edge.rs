@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use rampart::sip::{Frame, Framer, HeaderName, Limits, Message, StartLine};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -197,18 +197,13 @@ impl EdgeSection {
 }
 
 /// A free TCP port on `ip`.
-pub fn free_port(ip: IpAddr) -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?.local_addr()?)
-}
-
 fn load_leaf(
     leaf: &Leaf,
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let certs = rustls_pemfile::certs(&mut &std::fs::read(&leaf.certificate)?[..])
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(&leaf.private_key)?[..])?
-        .context("no key")?;
-    Ok((certs, key))
+    crate::certs::certificate_and_key(
+        &std::fs::read(&leaf.certificate)?,
+        &std::fs::read(&leaf.private_key)?,
+    )
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -554,9 +549,9 @@ impl Site {
         let internal_host = format!("edge-int.{name}.local");
         let localhost = IpAddr::from([127, 0, 0, 1]);
         let section = EdgeSection {
-            external: free_port(localhost)?,
+            external: crate::ports::free_tcp_address(localhost)?,
             external_tcp: None,
-            internal: free_port(localhost)?,
+            internal: crate::ports::free_tcp_address(localhost)?,
             external_leaf: public.issue(&format!("{name}-edge"), &[&external_host])?,
             internal_leaf: pki.issue("edge-internal", &[&internal_host])?,
             external_host,
@@ -772,7 +767,7 @@ impl Federation {
         let control = crate::control::ControlService::start(
             &control_pki,
             &dir.join("control"),
-            free_port(localhost)?,
+            crate::ports::free_tcp_address(localhost)?,
         )?;
         let mut front_end = rt.block_on(control_pki.front_end(control.address))?;
         rt.block_on(front_end.set_access_policy(federation_policy(true)))?;

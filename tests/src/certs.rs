@@ -2,11 +2,12 @@
 //! clients verify the server the way they would in production (chain to a trust anchor, name
 //! match) instead of switching verification off.
 
+use anyhow::Context as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The name in the server certificate; also the `[tls] fqdn` of test configurations.
 pub const SERVER_NAME: &str = "localhost";
@@ -49,4 +50,18 @@ pub fn localhost() -> anyhow::Result<TestPki> {
         cert_pem: leaf.pem(),
         key_pem: leaf_key.serialize_pem(),
     })
+}
+
+/// A certificate chain and its private key from PEM text.
+pub fn certificate_and_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading PEM certificates")?;
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .context("reading a PEM private key")?
+        .context("no private key in the PEM")?;
+    Ok((certs, key))
 }

@@ -29,6 +29,11 @@ pub fn free_port(proto: Proto, ip: IpAddr) -> io::Result<u16> {
     }
 }
 
+/// A free TCP address on `ip`, for a listener the test's server will bind.
+pub fn free_tcp_address(ip: IpAddr) -> io::Result<SocketAddr> {
+    Ok(SocketAddr::new(ip, free_port(Proto::Tcp, ip)?))
+}
+
 /// A relay port range for one server. Ranges differ between the servers of one process
 /// (a counter) and most likely between processes (the process id picks the starting range).
 /// An overlap is harmless anyway: the server skips ports it cannot bind.

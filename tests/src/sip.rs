@@ -151,11 +151,9 @@ impl TlsBridge {
         .with_root_certificates(roots);
         let config = match client {
             Some((cert_pem, key_pem)) => {
-                let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .context("reading the bridge's client certificate")?;
-                let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
-                    .context("no private key for the bridge's client certificate")?;
+                let (certs, key) =
+                    crate::certs::certificate_and_key(cert_pem.as_bytes(), key_pem.as_bytes())
+                        .context("the bridge's client certificate")?;
                 builder.with_client_auth_cert(certs, key)?
             }
             None => builder.with_no_client_auth(),
@@ -196,12 +194,9 @@ impl TlsBridge {
         cert_pem: &str,
         key_pem: &str,
     ) -> anyhow::Result<TlsBridge> {
-        let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading the bridge's certificate")?;
-        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-            .context("reading the bridge's private key")?
-            .context("no private key in the PEM")?;
+        let (certs, key) =
+            crate::certs::certificate_and_key(cert_pem.as_bytes(), key_pem.as_bytes())
+                .context("the bridge's certificate")?;
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

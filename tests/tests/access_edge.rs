@@ -483,7 +483,7 @@ fn the_next_hop_fails_over_in_order_and_must_prove_its_name() {
     let pki = SipPki::new(dir.path(), "public").unwrap();
     let mut site = Site::new(dir.path(), "corp", DOMAIN, &pki).unwrap();
     let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
-    let nobody = rampart_tests::access_edge::free_port(localhost).unwrap();
+    let nobody = rampart_tests::ports::free_tcp_address(localhost).unwrap();
     // A server with a certificate for another name, then nothing, then the real pool.
     let impostor_leaf = site.pki.issue("impostor", &["other.corp.local"]).unwrap();
     let impostor =
@@ -532,7 +532,7 @@ fn a_lab_tcp_listener_serves_plain_sip_too() {
     let pki = SipPki::new(dir.path(), "public").unwrap();
     let mut site = Site::new(dir.path(), "corp", DOMAIN, &pki).unwrap();
     let tcp =
-        rampart_tests::access_edge::free_port(std::net::IpAddr::from([127, 0, 0, 1])).unwrap();
+        rampart_tests::ports::free_tcp_address(std::net::IpAddr::from([127, 0, 0, 1])).unwrap();
     site.section.external_tcp = Some(tcp);
     let edge = Rampart::start(
         &RampartConfig::single(Proto::Udp, false).with_section(site.section.to_toml()),

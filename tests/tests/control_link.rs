@@ -14,7 +14,7 @@ use proto::control::v1::{
 use rampart::stun::AddressFamily;
 use rampart_tests::control::{AGENT_ID, ControlPki, ControlService, temp_dir};
 use rampart_tests::coturn::{EchoPeer, MESSAGES, assert_all_echoed, uclient};
-use rampart_tests::ports::free_port;
+use rampart_tests::ports::free_tcp_address;
 use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
 
 /// How long an agent may take to (re)connect to control: its reconnection backoff is capped
@@ -29,8 +29,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn control_address() -> SocketAddr {
-    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    SocketAddr::new(ip, free_port(Proto::Tcp, ip).unwrap())
+    free_tcp_address(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap()
 }
 
 /// Waits until `condition` holds, polling every 20 ms, for at most `limit`.

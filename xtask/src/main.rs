@@ -208,19 +208,20 @@ fn bench_xdp() -> Result<()> {
     util::run_checked(&mut cmd)
 }
 
+/// Builds these (package, binary) pairs in release: benchmarks measure optimised code.
+fn build_release(binaries: &[(&str, &str)]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release"]);
+    for (package, binary) in binaries {
+        cmd.args(["--package", package, "--bin", binary]);
+    }
+    util::run_checked(&mut cmd)
+}
+
 /// The SIP benchmark is an ignored test of rampart-tests (`tests/sip_bench.rs`), run in
 /// release next to a release agent (the test starts the `rampart` of its own profile).
 fn bench_sip(seconds: Option<u64>, rate: Option<f64>) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--package",
-        "relay-user",
-        "--bin",
-        "rampart",
-    ]);
-    util::run_checked(&mut build)?;
+    build_release(&[("relay-user", "rampart")])?;
     let mut cmd = cargo();
     cmd.args([
         "test",
@@ -247,20 +248,10 @@ fn bench_sip(seconds: Option<u64>, rate: Option<f64>) -> Result<()> {
 
 /// The load test runs release binaries: a debug build measures the compiler's checks.
 fn loadtest(quick: bool, args: &[OsString]) -> Result<ExitCode> {
-    let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--release",
-        "--package",
-        "relay-user",
-        "--bin",
-        "rampart",
-        "--package",
-        "rampart-loadgen",
-        "--bin",
-        "rampart-loadgen",
-    ]);
-    util::run_checked(&mut cmd)?;
+    build_release(&[
+        ("relay-user", "rampart"),
+        ("rampart-loadgen", "rampart-loadgen"),
+    ])?;
     let binary = util::target_dir().join("release").join("rampart-loadgen");
     let status = std::process::Command::new(&binary)
         .arg("suite")

@@ -17,7 +17,10 @@ pub enum Frame {
 pub struct Framer {
     limits: Limits,
     buffer: Vec<u8>,
-    /// Where to resume looking for the end of the headers.
+    /// Where the unconsumed bytes start: consumed ones are dropped in one move when the
+    /// buffer runs dry or grows, not once per message.
+    start: usize,
+    /// Where to resume looking for the end of the headers, relative to `start`.
     scanned: usize,
 }
 
@@ -26,50 +29,57 @@ impl Framer {
         Framer {
             limits,
             buffer: Vec::new(),
+            start: 0,
             scanned: 0,
         }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
         self.buffer.extend_from_slice(bytes);
     }
 
     /// Bytes of a message that has begun but not ended (a slow sender holds these).
     pub fn pending(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() - self.start
     }
 
     /// The next frame, `Ok(None)` when more bytes are needed. An error means the stream
     /// cannot be followed any further (the connection is to be closed); it carries the
     /// request's identity when a response can still be sent.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ParseError> {
-        if self.buffer.starts_with(b"\r\n\r\n") {
+        let start = self.start;
+        let buffered = &self.buffer[start..];
+        if buffered.starts_with(b"\r\n\r\n") {
             self.consume(4);
             return Ok(Some(Frame::Ping));
         }
-        if self.buffer.starts_with(b"\r\n") && self.buffer.get(2).is_some_and(|b| *b != b'\r') {
+        if buffered.starts_with(b"\r\n") && buffered.get(2).is_some_and(|b| *b != b'\r') {
             self.consume(2);
             return Ok(Some(Frame::Pong));
         }
-        if self.buffer.starts_with(b"\r") && self.buffer.len() < 4 {
+        if buffered.starts_with(b"\r") && buffered.len() < 4 {
             return Ok(None);
         }
         let from = self.scanned.saturating_sub(3);
-        let Some(head_end) = find(&self.buffer[from..], b"\r\n\r\n").map(|at| at + from) else {
-            self.scanned = self.buffer.len();
-            if self.buffer.len() > self.limits.max_message_bytes {
+        let Some(head_end) = find(&buffered[from..], b"\r\n\r\n").map(|at| at + from) else {
+            self.scanned = buffered.len();
+            if buffered.len() > self.limits.max_message_bytes {
                 return Err(too_large());
             }
             return Ok(None);
         };
-        let content_length = content_length(&self.buffer[..head_end]).map_err(|reason| {
+        let content_length = content_length(&buffered[..head_end]).map_err(|reason| {
             // The whole head is here: answer with the request's identity if it has one.
             let mut error = ParseError {
                 status: 400,
                 reason,
                 request: None,
             };
-            let mut head = self.buffer[..head_end].to_vec();
+            let mut head = buffered[..head_end].to_vec();
             head.extend_from_slice(b"\r\n\r\n");
             if let Err(parsed) = Message::parse(&head, &self.limits) {
                 error.request = parsed.request;
@@ -80,11 +90,11 @@ impl Framer {
         if total > self.limits.max_message_bytes {
             return Err(too_large());
         }
-        if self.buffer.len() < total {
+        if buffered.len() < total {
             self.scanned = head_end;
             return Ok(None);
         }
-        let frame = match Message::parse(&self.buffer[..total], &self.limits) {
+        let frame = match Message::parse(&buffered[..total], &self.limits) {
             Ok(message) => Frame::Message(message),
             Err(error) => Frame::Invalid(error),
         };
@@ -93,8 +103,12 @@ impl Framer {
     }
 
     fn consume(&mut self, count: usize) {
-        self.buffer.drain(..count);
+        self.start += count;
         self.scanned = 0;
+        if self.start == self.buffer.len() {
+            self.buffer.clear();
+            self.start = 0;
+        }
     }
 }
 
