@@ -30,6 +30,9 @@
 //! than received (not relayed at 1: userspace handles it), DSCP/ECN copied, IPv6 flow label 0;
 //! IPv4 goes out with DF and identification 0, as the userspace relay's sockets send.
 //!
+//! The object also holds [`reference`], the fixed minimal forwarder that `cargo xtask bench-xdp`
+//! measures beside this program; the agent never loads it.
+//!
 //! This crate is built for `bpfel-unknown-none` by `relay-user`'s build script (aya-build). On
 //! the host it still compiles (as an empty binary), so that `cargo clippy --workspace` lints the
 //! program's code too.
@@ -45,6 +48,7 @@ mod ipv4;
 mod ipv6;
 mod maps;
 mod packet;
+mod reference;
 mod to_client;
 mod to_peer;
 mod udp;

@@ -46,7 +46,7 @@ use aya::{
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ClientChannelKey, ClientChannelValue,
     DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, EGRESS_MAP, Endpoint, PEER_CHANNELS_MAP,
-    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, STATS_MAP,
+    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_PROGRAM_NAME, STATS_MAP,
 };
 pub use relay_common::{ChannelCounters, Counter, Stat};
 
@@ -65,14 +65,12 @@ pub enum XdpError {
         "loading the XDP object into the kernel failed (it needs root, or CAP_BPF and CAP_NET_ADMIN)"
     )]
     Load(#[source] aya::EbpfError),
-    #[error(
-        "the XDP object has no program named {PROGRAM_NAME}; relay-ebpf and relay-common disagree"
-    )]
-    ProgramMissing,
+    #[error("the XDP object has no program named {0}; relay-ebpf and relay-common disagree")]
+    ProgramMissing(&'static str),
     #[error("the XDP object has no map named {0}; relay-ebpf and relay-common disagree")]
     MapMissing(&'static str),
-    #[error("{PROGRAM_NAME} did not pass the kernel verifier or could not be loaded")]
-    Verify(#[source] ProgramError),
+    #[error("{0} did not pass the kernel verifier or could not be loaded")]
+    Verify(&'static str, #[source] ProgramError),
     #[error(
         "attaching XDP to interface {interface} in mode {mode:?} failed (does the interface exist \
          in this network namespace? does its driver support that mode? loopback, bridges and \
@@ -311,7 +309,9 @@ impl XdpProgram {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(XdpError::Load)?;
-        program(&mut ebpf)?.load().map_err(XdpError::Verify)?;
+        program(&mut ebpf)?
+            .load()
+            .map_err(|e| XdpError::Verify(PROGRAM_NAME, e))?;
         Ok(Self {
             ebpf,
             links: Vec::new(),
@@ -593,12 +593,43 @@ impl XdpProgram {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutput, XdpError> {
+        self.test_run_program(PROGRAM_NAME, frame, ingress_ifindex, repeat)
+    }
+
+    /// Loads the benchmark's reference program (`rampart_reference`, in the same object: it
+    /// parses Ethernet/IP/UDP, swaps the MACs and redirects through the same devmap, nothing
+    /// else) so that [`XdpProgram::reference_test_run`] can measure it beside this program.
+    /// The agent never calls this.
+    pub fn load_reference(&mut self) -> Result<(), XdpError> {
+        program_named(&mut self.ebpf, REFERENCE_PROGRAM_NAME)?
+            .load()
+            .map_err(|e| XdpError::Verify(REFERENCE_PROGRAM_NAME, e))
+    }
+
+    /// [`XdpProgram::test_run`] of the reference program (after
+    /// [`XdpProgram::load_reference`]).
+    pub fn reference_test_run(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, XdpError> {
+        self.test_run_program(REFERENCE_PROGRAM_NAME, frame, ingress_ifindex, repeat)
+    }
+
+    fn test_run_program(
+        &self,
+        name: &'static str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, XdpError> {
         let program: &Xdp = self
             .ebpf
-            .program(PROGRAM_NAME)
-            .ok_or(XdpError::ProgramMissing)?
+            .program(name)
+            .ok_or(XdpError::ProgramMissing(name))?
             .try_into()
-            .map_err(|_: ProgramError| XdpError::ProgramMissing)?;
+            .map_err(|_: ProgramError| XdpError::ProgramMissing(name))?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. The kernel wants data = data_meta = 0 and data_end = the frame length.
         let fields = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
@@ -731,10 +762,14 @@ fn ifindex(interface: &str) -> Result<u32, XdpError> {
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
-    ebpf.program_mut(PROGRAM_NAME)
-        .ok_or(XdpError::ProgramMissing)?
+    program_named(ebpf, PROGRAM_NAME)
+}
+
+fn program_named<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
+    ebpf.program_mut(name)
+        .ok_or(XdpError::ProgramMissing(name))?
         .try_into()
-        .map_err(|_: ProgramError| XdpError::ProgramMissing)
+        .map_err(|_: ProgramError| XdpError::ProgramMissing(name))
 }
 
 #[cfg(test)]

@@ -1175,6 +1175,47 @@ fn bindings_are_validated_and_unbinding_returns_the_counters() {
     );
 }
 
+/// The benchmark's yardstick does what docs/benchmarks.md says it does, and nothing more: a
+/// UDP frame of either family leaves redirected with its MACs swapped and nothing else
+/// changed; anything else is passed untouched.
+#[test]
+fn the_reference_program_swaps_macs_and_redirects_udp() {
+    with_topology(
+        "the_reference_program_swaps_macs_and_redirects_udp",
+        |xdp, t| {
+            xdp.load_reference()
+                .unwrap_or_else(|e| panic!("{}", report(e)));
+            for family in [Family::V4, Family::V6] {
+                let b = binding(family, family, 1);
+                let frame = from_client(&b, channel_data(b.channel, &data(60, 1), &[])).build();
+                let out = xdp
+                    .reference_test_run(&frame, t.ext, 1)
+                    .unwrap_or_else(|e| panic!("{}", report(e)));
+                let mut expected = frame.clone();
+                expected[..6].copy_from_slice(&frame[6..12]);
+                expected[6..12].copy_from_slice(&frame[..6]);
+                assert_frame(
+                    &format!("{family:?} UDP"),
+                    &out,
+                    action::REDIRECT,
+                    &expected,
+                );
+            }
+            let b = binding(Family::V4, Family::V4, 1);
+            let mut arp = from_client(&b, data(60, 0)).build();
+            arp[12..14].copy_from_slice(&[0x08, 0x06]);
+            let mut tcp = from_client(&b, data(60, 0)).build();
+            tcp[14 + 9] = 6;
+            for (what, frame) in [("ARP", arp), ("TCP", tcp)] {
+                let out = xdp
+                    .reference_test_run(&frame, t.ext, 1)
+                    .unwrap_or_else(|e| panic!("{}", report(e)));
+                assert_frame(what, &out, action::PASS, &frame);
+            }
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Micro-benchmark
 // ---------------------------------------------------------------------------------------------
@@ -1188,8 +1229,9 @@ const BENCH_SAMPLES: usize = 20_000;
 const BENCH_PING_PONG_CALLS: usize = 200;
 const BENCH_PAYLOADS: [usize; 3] = [100, 500, 1200];
 
-/// ns/packet of the program in the kernel, by direction, family and payload size
-/// (`cargo xtask bench-xdp`; results in docs/benchmarks.md).
+/// ns/packet of the program in the kernel, by direction, family and payload size, beside the
+/// reference program measured on the same frames in the same run (`cargo xtask bench-xdp`;
+/// results in docs/benchmarks.md, and as JSON where `RAMPART_BENCH_XDP_JSON` says).
 ///
 /// `BPF_PROG_TEST_RUN` with `repeat` runs the program again on its own output, so a rewrite
 /// cannot simply be repeated. Two ways around it:
@@ -1198,27 +1240,31 @@ const BENCH_PAYLOADS: [usize; 3] = [100, 500, 1200];
 ///   kernel's average is the mean of one client -> peer and one peer -> client rewrite. Every
 ///   rewrite takes one from the TTL, as it must (it bounds relay loops), so a run is 250
 ///   rewrites of a frame starting at TTL 255; the median over many such runs is reported.
+///   The reference runs 250 times on each of the two input frames the same way (its output
+///   is a valid input again), and its cost for the pair is the mean of the two.
 /// - single runs of each direction on the original frame, median of many; these include the
 ///   test-run timer's own overhead, shown by the same measurement of a frame passed at the
-///   first check (ARP).
+///   first check (ARP), and so does the reference's single run beside them.
 ///
 /// Frames the program leaves unchanged (not forwarded) are measured with plain `repeat`.
 #[test]
 #[ignore = "a benchmark: cargo xtask bench-xdp"]
 fn bench_xdp() {
     with_topology("bench_xdp", |xdp, t| {
+        xdp.load_reference()
+            .unwrap_or_else(|e| panic!("{}", report(e)));
+        let machine = Machine::read();
         println!(
-            "\nBPF_PROG_TEST_RUN, {} CPUs, kernel {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
+            "\nBPF_PROG_TEST_RUN, {} CPUs ({}), kernel {}",
+            machine.cpus, machine.cpu_model, machine.kernel
         );
         println!(
-            "\n| client / peer | payload | ping-pong, mean of c->p and p->c | c->p, single run | \
-             p->c, single run |"
+            "\n| client / peer | payload | Rampart, ping-pong mean of c->p and p->c | reference, \
+             same frames | Rampart / reference | c->p, single run | p->c, single run | \
+             reference, single run (c->p frame / p->c frame) |"
         );
-        println!("|---|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        let mut results = Vec::new();
         for (n, (client, peer)) in FAMILIES.into_iter().enumerate() {
             let c = addr(client, CLIENT4, CLIENT6, CLIENT_PORT);
             let s = addr(client, BENCH_SERVER4, BENCH_SERVER6, TURN_PORT);
@@ -1258,18 +1304,53 @@ fn bench_xdp() {
                     .macs(PEER_MAC, INT_MAC)
                     .build();
                 to_peer.ttl = 255;
-                let ping_pong = median_run(xdp, &to_peer.build(), t.ext, BENCH_PING_PONG, None);
-                let before = counters(xdp, forward.counter_id);
                 let to_peer = to_peer.build();
-                let c2p = median_run(xdp, &to_peer, t.ext, 1, Some(action::REDIRECT));
-                let p2c = median_run(xdp, &to_client, t.int, 1, Some(action::REDIRECT));
+                let ping_pong =
+                    median_run(xdp, Bench::Rampart, &to_peer, t.ext, BENCH_PING_PONG, None);
+                let reference = (median_run(
+                    xdp,
+                    Bench::Reference,
+                    &to_peer,
+                    t.ext,
+                    BENCH_PING_PONG,
+                    REDIRECT,
+                ) + median_run(
+                    xdp,
+                    Bench::Reference,
+                    &to_client,
+                    t.int,
+                    BENCH_PING_PONG,
+                    REDIRECT,
+                )) / 2.0;
+                let before = counters(xdp, forward.counter_id);
+                let c2p = median_run(xdp, Bench::Rampart, &to_peer, t.ext, 1, REDIRECT);
+                let p2c = median_run(xdp, Bench::Rampart, &to_client, t.int, 1, REDIRECT);
                 let after = counters(xdp, forward.counter_id);
                 assert_eq!(
                     after.to_peer_packets - before.to_peer_packets,
                     BENCH_SAMPLES as u64,
                     "every single run was forwarded"
                 );
-                println!("| {client:?} / {peer:?} | {size} | {ping_pong} | {c2p} | {p2c} |");
+                let reference_c2p = median_run(xdp, Bench::Reference, &to_peer, t.ext, 1, REDIRECT);
+                let reference_p2c =
+                    median_run(xdp, Bench::Reference, &to_client, t.int, 1, REDIRECT);
+                println!(
+                    "| {client:?} / {peer:?} | {size} | {ping_pong:.0} | {reference:.0} | \
+                     {:.2} | {c2p:.0} | {p2c:.0} | {reference_c2p:.0} / {reference_p2c:.0} |",
+                    ping_pong / reference
+                );
+                results.push(serde_json::json!({
+                    "client": family_name(client),
+                    "peer": family_name(peer),
+                    "payload": size,
+                    "rampart_ping_pong_ns": ping_pong,
+                    "reference_ping_pong_ns": reference,
+                    "ratio": ping_pong / reference,
+                    "rampart_c2p_single_ns": c2p,
+                    "rampart_p2c_single_ns": p2c,
+                    "reference_c2p_single_ns": reference_c2p,
+                    "reference_p2c_single_ns": reference_p2c,
+                }));
             }
             // The ping-pong really alternated: both bindings forwarded in both directions.
             let f = counters(xdp, forward.counter_id);
@@ -1327,6 +1408,7 @@ fn bench_xdp() {
              single run, median |"
         );
         println!("|---|---:|---:|");
+        let mut passed = Vec::new();
         for (what, frame, ingress) in [
             ("ARP (first check)", &arp, t.ext),
             ("UDP, unknown 5-tuple (one map lookup)", &unknown, t.int),
@@ -1346,35 +1428,140 @@ fn bench_xdp() {
                 .test_run(frame, ingress, BENCH_REPEAT)
                 .unwrap_or_else(|e| panic!("{}", report(e)));
             assert_eq!(repeated.action, action::PASS);
-            let single = median_run(xdp, frame, ingress, 1, Some(action::PASS));
-            println!(
-                "| {what} | {:.1} | {single} |",
-                repeated.duration.as_nanos() as f64
-            );
+            let single = median_run(xdp, Bench::Rampart, frame, ingress, 1, Some(action::PASS));
+            let mean = repeated.duration.as_nanos() as f64;
+            println!("| {what} | {mean:.1} | {single:.0} |");
+            passed.push(serde_json::json!({
+                "frame": what,
+                "repeat_mean_ns": mean,
+                "single_run_median_ns": single,
+            }));
+        }
+        if let Some(path) = std::env::var_os("RAMPART_BENCH_XDP_JSON") {
+            let json = bench_json(&machine, &results, &passed);
+            std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap() + "\n")
+                .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            println!("\nwritten: {}", path.display());
         }
     });
 }
 
+const REDIRECT: Option<u32> = Some(action::REDIRECT);
+
+/// Which program a benchmark measurement runs.
+#[derive(Clone, Copy)]
+enum Bench {
+    Rampart,
+    Reference,
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    }
+}
+
+/// What the numbers were measured on.
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    kernel: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map_or_else(
+                    || "unknown".to_owned(),
+                    |(_, model)| model.trim().to_owned(),
+                ),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+/// docs/benchmarks/xdp.json: the headline numbers (ping-pong means at the smallest payload,
+/// where the per-packet work is all there is) and every row behind them.
+fn bench_json(
+    machine: &Machine,
+    results: &[serde_json::Value],
+    passed: &[serde_json::Value],
+) -> serde_json::Value {
+    let headline = |client: &str, peer: &str, key: &str| {
+        results
+            .iter()
+            .find(|r| {
+                r["client"] == client && r["peer"] == peer && r["payload"] == BENCH_PAYLOADS[0]
+            })
+            .map(|r| r[key].clone())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    serde_json::json!({
+        "machine": {
+            "cpus": machine.cpus,
+            "cpu_model": machine.cpu_model,
+            "kernel": machine.kernel,
+        },
+        "method": "BPF_PROG_TEST_RUN in a network namespace; ping-pong means (250 alternating \
+                   rewrites per call, median of 200 calls) of Rampart's program and of the \
+                   reference program (parse Ethernet/IP/UDP, swap MACs, redirect through the \
+                   same devmap) on the same frames, in the same run",
+        "payload": BENCH_PAYLOADS[0],
+        "next_hop": "fib_lookup",
+        "reference_ns": {
+            "ipv4": headline("ipv4", "ipv4", "reference_ping_pong_ns"),
+            "ipv6": headline("ipv6", "ipv6", "reference_ping_pong_ns"),
+        },
+        "rampart_ns": {
+            "ipv4_ipv4": headline("ipv4", "ipv4", "rampart_ping_pong_ns"),
+            "ipv6_ipv6": headline("ipv6", "ipv6", "rampart_ping_pong_ns"),
+            "ipv4_ipv6": headline("ipv4", "ipv6", "rampart_ping_pong_ns"),
+            "ipv6_ipv4": headline("ipv6", "ipv4", "rampart_ping_pong_ns"),
+        },
+        "ratio_to_reference": {
+            "ipv4_ipv4": headline("ipv4", "ipv4", "ratio"),
+            "ipv6_ipv6": headline("ipv6", "ipv6", "ratio"),
+            "ipv4_ipv6": headline("ipv4", "ipv6", "ratio"),
+            "ipv6_ipv4": headline("ipv6", "ipv4", "ratio"),
+        },
+        "rows": results,
+        "not_forwarded": passed,
+    })
+}
+
 /// The median over many calls of the kernel's time per run of `frame` (each call starts from
-/// the original frame; `repeat` runs per call), in ns.
+/// the original frame; `repeat` runs per call), in ns. Rampart's runs must forward (or, for
+/// frames it does not own, pass) as `expected` says, where it says.
 fn median_run(
     xdp: &XdpProgram,
+    bench: Bench,
     frame: &[u8],
     ingress: u32,
     repeat: u32,
     expected: Option<u32>,
-) -> u128 {
+) -> f64 {
     let calls = if repeat == 1 {
         BENCH_SAMPLES
     } else {
         BENCH_PING_PONG_CALLS
     };
-
     let mut samples: Vec<Duration> = (0..calls)
         .map(|_| {
-            let out = xdp
-                .test_run(frame, ingress, repeat)
-                .unwrap_or_else(|e| panic!("{}", report(e)));
+            let out = match bench {
+                Bench::Rampart => xdp.test_run(frame, ingress, repeat),
+                Bench::Reference => xdp.reference_test_run(frame, ingress, repeat),
+            }
+            .unwrap_or_else(|e| panic!("{}", report(e)));
             if let Some(expected) = expected {
                 assert_eq!(out.action, expected);
             }
@@ -1382,5 +1569,5 @@ fn median_run(
         })
         .collect();
     samples.sort();
-    samples[samples.len() / 2].as_nanos()
+    samples[samples.len() / 2].as_nanos() as f64
 }

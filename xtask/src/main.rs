@@ -71,7 +71,8 @@ enum Task {
         seconds: u64,
     },
     /// Set up, then measure the XDP program's ns/packet in the kernel (BPF_PROG_TEST_RUN, in a
-    /// network namespace of its own; needs root). Results belong in docs/benchmarks.md.
+    /// network namespace of its own; needs root) beside a minimal reference program on the
+    /// same frames; writes docs/benchmarks/xdp.json. Tables belong in docs/benchmarks.md.
     BenchXdp,
     /// Set up, build the agent in release, then run the SIP benchmark (`sip_bench` in
     /// rampart-tests, release): the same sipp load over TLS through the Access Edge and
@@ -189,9 +190,18 @@ fn run(task: Task) -> Result<ExitCode> {
 
 /// The benchmark is an ignored test of relay-user (`tests/xdp_datapath.rs`), so it shares the
 /// namespace topology of the datapath tests. The program is always built in release mode by
-/// aya-build; the test's own profile does not matter for the numbers.
+/// aya-build; the test's own profile does not matter for the numbers. It writes
+/// docs/benchmarks/xdp.json, committed beside the tables of docs/benchmarks.md.
 fn bench_xdp() -> Result<()> {
+    let json = workspace_root()
+        .join("docs")
+        .join("benchmarks")
+        .join("xdp.json");
+    if let Some(dir) = json.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let mut cmd = cargo();
+    cmd.env("RAMPART_BENCH_XDP_JSON", &json);
     cmd.args([
         "test",
         "--package",

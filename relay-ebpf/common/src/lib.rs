@@ -17,6 +17,9 @@ pub const PIN_LAYOUT_VERSION: &str = "v1";
 
 /// Name of the XDP program in the object file (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "rampart_xdp";
+/// Name of the benchmark's reference program in the same object: parse, swap MACs, redirect
+/// through [`EGRESS_MAP`], nothing else. The agent never loads it.
+pub const REFERENCE_PROGRAM_NAME: &str = "rampart_reference";
 
 /// Name of the per-CPU array of [`Counter`]s, indexed by [`Stat`].
 pub const STATS_MAP: &str = "RAMPART_STATS";
