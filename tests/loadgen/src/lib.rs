@@ -18,3 +18,4 @@ pub mod stats;
 pub mod suite;
 pub mod systems;
 pub mod traffic;
+pub mod xdp;

@@ -1,13 +1,15 @@
 //! What each media packet carries so that the receiving side can count it: which step of the
 //! run, flow and direction it belongs to, its sequence number in that flow and direction, and
 //! when it was sent (both ends are in this process, on one monotonic clock, so the delay is a
-//! true one-way latency).
+//! true one-way latency). The layout is `loadgen_common`'s stamp, which the injector's XDP
+//! program writes and the counter reads: both generators' packets look alike.
 
-/// Marks our packets; anything else arriving is counted as foreign and ignored.
-const MAGIC: u32 = 0x5241_4d4c; // "RAML"
+use loadgen_common::{
+    MAGIC, STAMP_DIRECTION, STAMP_FLOW, STAMP_LEN, STAMP_SENT_NS, STAMP_SEQ, STAMP_STEP,
+};
 
 /// The header's size; a packet is at least this long.
-pub const HEADER: usize = 4 + 4 + 4 + 1 + 8 + 8;
+pub const HEADER: usize = STAMP_LEN;
 
 /// Which way a packet travels through the relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,11 +35,11 @@ impl Header {
     /// left as it is: padding up to the packet size).
     pub fn write(&self, packet: &mut [u8]) {
         packet[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        packet[4..8].copy_from_slice(&self.step.to_be_bytes());
-        packet[8..12].copy_from_slice(&self.flow.to_be_bytes());
-        packet[12] = self.direction as u8;
-        packet[13..21].copy_from_slice(&self.seq.to_be_bytes());
-        packet[21..29].copy_from_slice(&self.sent_ns.to_be_bytes());
+        packet[STAMP_STEP..STAMP_STEP + 4].copy_from_slice(&self.step.to_be_bytes());
+        packet[STAMP_FLOW..STAMP_FLOW + 4].copy_from_slice(&self.flow.to_be_bytes());
+        packet[STAMP_DIRECTION..STAMP_SEQ].copy_from_slice(&[self.direction as u8, 0, 0, 0]);
+        packet[STAMP_SEQ..STAMP_SEQ + 8].copy_from_slice(&self.seq.to_be_bytes());
+        packet[STAMP_SENT_NS..STAMP_SENT_NS + 8].copy_from_slice(&self.sent_ns.to_be_bytes());
     }
 
     /// The header of a received packet; None for anything that is not one of ours.
@@ -49,20 +51,20 @@ impl Header {
         let u64_at = |at: usize| {
             field(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
         };
-        if u32_at(0)? != MAGIC {
+        if u32_at(0)? != MAGIC || packet.len() < HEADER {
             return None;
         }
-        let direction = match *packet.get(12)? {
+        let direction = match *packet.get(STAMP_DIRECTION)? {
             0 => Direction::ToPeer,
             1 => Direction::ToClient,
             _ => return None,
         };
         Some(Header {
-            step: u32_at(4)?,
-            flow: u32_at(8)?,
+            step: u32_at(STAMP_STEP)?,
+            flow: u32_at(STAMP_FLOW)?,
             direction,
-            seq: u64_at(13)?,
-            sent_ns: u64_at(21)?,
+            seq: u64_at(STAMP_SEQ)?,
+            sent_ns: u64_at(STAMP_SENT_NS)?,
         })
     }
 }
@@ -88,7 +90,7 @@ mod tests {
         packet[0] ^= 1;
         assert_eq!(Header::read(&packet), None);
         packet[0] ^= 1;
-        packet[12] = 2;
+        packet[STAMP_DIRECTION] = 2;
         assert_eq!(Header::read(&packet), None);
         assert_eq!(Header::read(&[]), None);
     }

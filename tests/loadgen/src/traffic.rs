@@ -273,7 +273,7 @@ fn receive(
 /// The shape of the traffic.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
-    /// Media payload bytes per packet (at least the header, 29).
+    /// Media payload bytes per packet (at least the header, 32).
     pub size: usize,
     /// Packets sent back to back per flow and direction before moving on (1: evenly paced,
     /// audio-like; 8-16: video-like bursts).

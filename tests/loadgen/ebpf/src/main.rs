@@ -1,0 +1,138 @@
+//! The load generator's XDP programs (see `loadgen-common` for what each does and the maps).
+//!
+//! Built for `bpfel-unknown-none` by `rampart-loadgen`'s build script (aya-build, as
+//! `relay-ebpf` is); on the host it compiles as an empty binary so that clippy lints it.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
+
+mod frame;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use loadgen_common::{
+    CountConfig, FlowStats, InjectConfig, InjectFlow, InjectState, LATENCY_BUCKETS, MAX_FLOWS,
+    latency_bucket,
+};
+
+use crate::frame::{Stamp, find_stamp, write_frame};
+
+#[map(name = "LOADGEN_INJECT_CONFIG")]
+static INJECT_CONFIG: Array<InjectConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "LOADGEN_INJECT_FLOWS")]
+static INJECT_FLOWS: Array<InjectFlow> = Array::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "LOADGEN_INJECT_STATE")]
+static INJECT_STATE: Array<InjectState> = Array::with_max_entries(1, 0);
+
+#[map(name = "LOADGEN_COUNT_CONFIG")]
+static COUNT_CONFIG: Array<CountConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "LOADGEN_FLOW_STATS")]
+static FLOW_STATS: Array<FlowStats> = Array::with_max_entries(MAX_FLOWS * 2, 0);
+
+#[map(name = "LOADGEN_LATENCY")]
+static LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(LATENCY_BUCKETS, 0);
+
+/// Run by `BPF_PROG_RUN` in live-frames mode: the frame is the template (pages are recycled
+/// without it being copied again, and the relay rewrote the headers of the last frame that used
+/// this page), so every field but the payload after the stamp is written on every run.
+#[xdp]
+pub fn loadgen_inject(ctx: XdpContext) -> u32 {
+    // One injecting thread per loaded object: nothing else writes these.
+    let (Some(config), Some(state)) = (INJECT_CONFIG.get(0), INJECT_STATE.get_ptr_mut(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if config.flows == 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: index 0 exists; the injecting thread is the only writer.
+    let n = unsafe { (*state).stamped };
+    let flows = u64::from(config.flows);
+    let flow = (n % flows) as u32;
+    let Some(addressing) = INJECT_FLOWS.get(flow) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let stamp = Stamp {
+        step: config.step,
+        flow,
+        direction: config.direction as u8,
+        seq: n / flows,
+        // SAFETY: no preconditions.
+        sent_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if write_frame(&ctx, config, addressing, &stamp).is_err() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: as above.
+    unsafe { (*state).stamped = n + 1 };
+    xdp_action::XDP_TX
+}
+
+/// On the receiving hosts: counts the step's stamped frames and drops them; passes the rest.
+#[xdp]
+pub fn loadgen_count(ctx: XdpContext) -> u32 {
+    let Some(stamp) = find_stamp(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(config) = COUNT_CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if stamp.step != config.step || stamp.flow >= config.flows || stamp.direction > 1 {
+        // A straggler of an earlier step, or a stranger: the stack drops it (no socket).
+        return xdp_action::XDP_PASS;
+    }
+    let index = stamp.flow * 2 + u32::from(stamp.direction);
+    if let Some(stats) = FLOW_STATS.get_ptr_mut(index) {
+        // SAFETY: each flow and direction arrives on one receiving interface, whose NAPI runs
+        // on one CPU at a time.
+        unsafe { (*stats).record(stamp.seq) };
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bucket = latency_bucket(now.saturating_sub(stamp.sent_ns));
+    if let Some(count) = LATENCY.get_ptr_mut(bucket) {
+        // SAFETY: this CPU's slot; XDP is not preempted.
+        unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+/// The instrument's ceiling: in place of a relay on the edge, sends stamped frames straight
+/// back out of the interface they came in on (MACs swapped); passes the rest.
+#[xdp]
+pub fn loadgen_reflect(ctx: XdpContext) -> u32 {
+    if find_stamp(&ctx).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    if frame::swap_macs(&ctx).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    xdp_action::XDP_TX
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never run.
+    loop {}
+}
+
+/// `bpf_ktime_get_ns` and the rest are GPL-only helpers for some program types.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!(
+        "loadgen-ebpf holds XDP programs: rampart-loadgen's build script builds them for \
+         bpfel-unknown-none and embeds them; this host binary does nothing"
+    );
+}
