@@ -44,10 +44,10 @@ pub const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 2, 0, 0, 0, 0, 2);
 /// The internal subnets: where peers may be (`relay.allowed_peer_networks`).
 pub const INTERNAL_NETS: [&str; 2] = ["10.201.2.0/24", "fd00:201:2::/64"];
 
-const EDGE_EXT_MAC: &str = "02:00:00:c9:01:01";
-const CLIENT_MAC: &str = "02:00:00:c9:01:02";
-const EDGE_INT_MAC: &str = "02:00:00:c9:02:01";
-const PEER_MAC: &str = "02:00:00:c9:02:02";
+pub const EDGE_EXT_MAC: &str = "02:00:00:c9:01:01";
+pub const CLIENT_MAC: &str = "02:00:00:c9:01:02";
+pub const EDGE_INT_MAC: &str = "02:00:00:c9:02:01";
+pub const PEER_MAC: &str = "02:00:00:c9:02:02";
 
 /// What the UDP checksums of the datagrams the client and the peer send look like when they
 /// reach the edge.
@@ -222,6 +222,24 @@ impl EdgeTopology {
 }
 
 impl EdgeTopology {
+    /// Detaches the programs that make the client's and the peer's veths receive redirected
+    /// frames, for a caller that attaches receiving programs of its own there (native XDP
+    /// holds one program per interface).
+    pub fn detach_receivers(&mut self) {
+        self._receivers.clear();
+    }
+
+    /// Turns GRO on for the edge's two veths. A veth serves frames redirected into it from
+    /// its peer (by XDP, or by `BPF_PROG_RUN` in live-frames mode) only with NAPI, which it
+    /// runs while an XDP program is attached or GRO is on: an edge whose relay attaches no
+    /// program would otherwise drop them (see `build`).
+    pub fn enable_edge_gro(&self) -> anyhow::Result<()> {
+        for dev in [EDGE_EXT_IF, EDGE_INT_IF] {
+            set_gro(self.edge.name(), dev, true)?;
+        }
+        Ok(())
+    }
+
     /// The agent's configuration for this topology: UDP listeners on the edge's external
     /// addresses, relays on its internal ones (peers on the internal subnets allowed), XDP in
     /// `xdp_mode` on both edge interfaces, counters every second, run in the edge namespace.
@@ -311,13 +329,26 @@ fn pick(v6: bool, v4: Ipv4Addr, v6_addr: Ipv6Addr) -> IpAddr {
 /// Switches TX checksum offload of `dev` in namespace `ns` on or off (`ethtool -K <dev> tx
 /// on|off`, through the ioctl, so no tool is needed).
 fn set_tx_checksum_offload(ns: &str, dev: &str, on: bool) -> anyhow::Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    set_ethtool_value(ns, dev, ETHTOOL_STXCSUM, on)
+        .with_context(|| format!("`ethtool -K {dev} tx {on}` in {ns}"))
+}
+
+/// Switches GRO of `dev` in namespace `ns` on or off (`ethtool -K <dev> gro on|off`).
+fn set_gro(ns: &str, dev: &str, on: bool) -> anyhow::Result<()> {
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    set_ethtool_value(ns, dev, ETHTOOL_SGRO, on)
+        .with_context(|| format!("`ethtool -K {dev} gro {on}` in {ns}"))
+}
+
+/// An `ETHTOOL_S*` command that takes a `struct ethtool_value`, through SIOCETHTOOL.
+fn set_ethtool_value(ns: &str, dev: &str, cmd: u32, on: bool) -> anyhow::Result<()> {
     /// `struct ethtool_value` (include/uapi/linux/ethtool.h).
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    const ETHTOOL_STXCSUM: u32 = 0x17;
     netns::run_in(ns, || {
         // SAFETY: plain socket(2); the result is checked and owned below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -327,7 +358,7 @@ fn set_tx_checksum_offload(ns: &str, dev: &str, on: bool) -> anyhow::Result<()> 
         // SAFETY: a fresh descriptor nothing else owns.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut value = EthtoolValue {
-            cmd: ETHTOOL_STXCSUM,
+            cmd,
             data: u32::from(on),
         };
         // SAFETY: all-zero is a valid `ifreq` (a name and a union of integers and pointers).
@@ -342,8 +373,7 @@ fn set_tx_checksum_offload(ns: &str, dev: &str, on: bool) -> anyhow::Result<()> 
         // SAFETY: `request` names the device and points at a live `ethtool_value`.
         let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut request) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("`ethtool -K {dev} tx {on}` in {ns}"));
+            return Err(std::io::Error::last_os_error()).context("SIOCETHTOOL");
         }
         Ok(())
     })

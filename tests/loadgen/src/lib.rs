@@ -11,6 +11,7 @@
 //! the relay and of the kernel's softirq ([`cpu`]), and reports ([`report`]).
 
 pub mod cpu;
+pub mod injection;
 pub mod payload;
 pub mod report;
 pub mod signalling;

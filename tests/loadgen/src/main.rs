@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
-use rampart_loadgen::suite::{self, Profile};
+use rampart_loadgen::suite::{self, Generator, Profile};
 use rampart_loadgen::systems::System;
 
 #[derive(Parser)]
@@ -27,6 +27,10 @@ enum Command {
         /// tiny (seconds: proves the harness works), quick (under 5 minutes) or full.
         #[arg(long, default_value = "quick")]
         profile: String,
+        /// Where the media comes from: injector (in the kernel, BPF_PROG_RUN live frames) or
+        /// sockets (a system call per packet; what a peer's tools would do).
+        #[arg(long, default_value = "injector")]
+        generator: String,
         /// Which systems, comma-separated: rampart-xdp, rampart-userspace, coturn.
         #[arg(long, default_value = "rampart-xdp,rampart-userspace,coturn")]
         systems: String,
@@ -59,6 +63,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Suite {
             profile,
+            generator,
             systems,
             size,
             burst,
@@ -68,6 +73,8 @@ fn run(command: Command) -> Result<()> {
             let Some(mut profile) = Profile::named(&profile) else {
                 bail!("no profile {profile:?}: tiny, quick or full");
             };
+            profile.generator = Generator::parse(&generator)
+                .with_context(|| format!("no generator {generator:?}: injector or sockets"))?;
             if let Some(size) = size {
                 profile.workload.size = size;
             }
@@ -95,8 +102,9 @@ fn run(command: Command) -> Result<()> {
             std::fs::write(out.join("report.svg"), report.svg())?;
             std::fs::write(out.join("report.md"), &table)?;
             println!(
-                "\nRampart load test, profile {}: {} flows, {} bytes, burst {}, {:.0} s on {} CPUs ({}, Linux {})\n",
+                "\nRampart load test, profile {}, {} generator: {} flows, {} bytes, burst {}, {:.0} s on {} CPUs ({}, Linux {})\n",
                 report.profile,
+                report.generator.name(),
                 report.flows,
                 report.packet_size,
                 report.burst,

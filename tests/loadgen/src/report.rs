@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::signalling::{Churn, Memory};
 use crate::stats::Step;
+use crate::suite::Generator;
 use crate::systems::System;
 
 /// Loss below this at a step counts as "delivered" (the saturation criterion).
@@ -42,6 +43,8 @@ impl SystemResult {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// Where the media came from: "injector" or "sockets".
+    pub generator: Generator,
     pub profile: String,
     pub flows: usize,
     pub packet_size: usize,
@@ -90,6 +93,7 @@ impl Machine {
 
 impl Report {
     pub fn new(
+        generator: Generator,
         profile: &str,
         flows: usize,
         packet_size: usize,
@@ -100,6 +104,7 @@ impl Report {
         let common_rate_pps = common_rate(&systems);
         let mut report = Report {
             machine: Machine::describe(),
+            generator,
             profile: profile.to_owned(),
             flows,
             packet_size,

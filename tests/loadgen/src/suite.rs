@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use rampart_tests::topology::{EdgeTopology, PEER4, SenderChecksums};
 
 use crate::cpu::{self, Snapshot};
+use crate::injection::Instrument;
 use crate::report::{LOSS_THRESHOLD, Report, SystemResult};
 use crate::signalling::{self, Held};
 use crate::stats::{Step, StepInput};
@@ -20,10 +21,39 @@ const PEER_PORT: u16 = 40_000;
 /// Packets still in flight when a step's sending stops.
 const DRAIN: Duration = Duration::from_millis(300);
 
+/// Where the media comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// Injected in the kernel (`BPF_PROG_RUN` live frames) and counted there: millions of
+    /// packets per second from one core ([`crate::injection`]).
+    Injector,
+    /// Sent and received on sockets, a system call per packet ([`crate::traffic`]).
+    Sockets,
+}
+
+impl Generator {
+    pub fn parse(name: &str) -> Option<Generator> {
+        match name {
+            "injector" => Some(Generator::Injector),
+            "sockets" => Some(Generator::Sockets),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::Injector => "injector",
+            Generator::Sockets => "sockets",
+        }
+    }
+}
+
 /// How big and how long a run is.
 #[derive(Clone, Debug)]
 pub struct Profile {
     pub name: &'static str,
+    pub generator: Generator,
     pub flows: usize,
     pub workload: Workload,
     /// Target rates (packets per second, both directions together), ascending.
@@ -46,6 +76,7 @@ impl Profile {
         Some(match name {
             "tiny" => Profile {
                 name: "tiny",
+                generator: Generator::Injector,
                 flows: 4,
                 workload: audio,
                 rates: vec![200.0, 400.0],
@@ -57,6 +88,7 @@ impl Profile {
             },
             "quick" => Profile {
                 name: "quick",
+                generator: Generator::Injector,
                 flows: 200,
                 workload: audio,
                 rates: vec![10e3, 20e3, 40e3, 80e3, 160e3, 320e3],
@@ -68,6 +100,7 @@ impl Profile {
             },
             "full" => Profile {
                 name: "full",
+                generator: Generator::Injector,
                 flows: 1000,
                 workload: audio,
                 rates: vec![
@@ -97,6 +130,7 @@ pub fn run(profile: &Profile, systems: &[System]) -> Result<Report> {
         results.push(result);
     }
     Ok(Report::new(
+        profile.generator,
         profile.name,
         profile.flows,
         profile.workload.size,
@@ -110,7 +144,7 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
     // Complete checksums, as in frames from a wire: the client and the peer stand for hosts
     // across a network (a frame with a checksum left for offload goes to userspace, where
     // the kernel completes it; see SenderChecksums).
-    let Some(topology) = EdgeTopology::create("loadtest", SenderChecksums::Complete)? else {
+    let Some(mut topology) = EdgeTopology::create("loadtest", SenderChecksums::Complete)? else {
         bail!("the load test builds network namespaces and needs root");
     };
     // Tens of thousands of client sockets on one address.
@@ -130,8 +164,18 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
     // meet their allocation (437).
     let flows = Flows::set_up(&target, profile.flows)
         .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?;
-    let (steps, generator_limited) = rate_steps(profile, system, &flows, &running)
-        .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?;
+    let (steps, generator_limited) = match profile.generator {
+        Generator::Sockets => rate_steps(profile, system, &flows, &running),
+        Generator::Injector => Instrument::attach(
+            &mut topology,
+            &flows,
+            running.server,
+            target.peer,
+            profile.workload.size,
+        )
+        .and_then(|mut instrument| injected_steps(profile, system, &mut instrument, &running)),
+    }
+    .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?;
     let saturation_pps = steps
         .iter()
         .filter(|s| s.loss < LOSS_THRESHOLD && s.delivered > 0)
@@ -235,6 +279,61 @@ fn rate_steps(
         if offered < 0.9 * rate {
             eprintln!(
                 "loadtest: {}: the generator offered only {offered:.0} pps of {rate:.0}: stopping here",
+                system.name()
+            );
+            generator_limited = loss < LOSS_THRESHOLD;
+            break;
+        }
+        if loss >= LOSS_THRESHOLD {
+            lossy += 1;
+            if lossy == 2 {
+                break;
+            }
+        }
+    }
+    Ok((steps, generator_limited))
+}
+
+/// [`rate_steps`] with the kernel-speed generator.
+fn injected_steps(
+    profile: &Profile,
+    system: System,
+    instrument: &mut Instrument,
+    running: &Running,
+) -> Result<(Vec<Step>, bool)> {
+    let mut steps = Vec::new();
+    let mut lossy = 0;
+    let mut generator_limited = false;
+    for (index, &rate) in profile.rates.iter().enumerate() {
+        let before = Snapshot::take(running.pid)?;
+        let injected = instrument.step(index as u32 + 1, rate, profile.step)?;
+        let cpu = Snapshot::take(running.pid)?.since(&before);
+        if injected.inconsistent > 0 {
+            bail!(
+                "{} flows counted more packets than were sent: the instrument is broken",
+                injected.inconsistent
+            );
+        }
+        let step = injected.into_step(rate, instrument.payload(), cpu);
+        eprintln!(
+            "loadtest: {}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss {:.3}%, \
+             p50/p99 {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay {:.2}), injector CPU {:.2} s",
+            system.name(),
+            rate,
+            step.offered_pps,
+            step.delivered_pps,
+            step.loss * 100.0,
+            step.latency_p50_us,
+            step.latency_p99_us,
+            step.cpu_per_packet_us,
+            step.relay_cpu_per_packet_us,
+            step.cpu.generator,
+        );
+        let (offered, loss) = (step.offered_pps, step.loss);
+        steps.push(step);
+        if offered < 0.9 * rate {
+            eprintln!(
+                "loadtest: {}: the injector offered only {offered:.0} pps of {rate:.0}: stopping here",
                 system.name()
             );
             generator_limited = loss < LOSS_THRESHOLD;

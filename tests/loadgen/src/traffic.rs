@@ -21,7 +21,7 @@ use crate::payload::{Direction, HEADER, Header};
 use crate::stats::Received;
 
 /// Every flow binds this channel (each flow is an allocation of its own).
-const CHANNEL: u16 = 0x4000;
+pub const CHANNEL: u16 = 0x4000;
 /// Socket buffers of the generator's sockets: bursts must not be lost in our own buffers.
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -123,6 +123,15 @@ impl Flows {
 
     pub fn len(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Each flow's client address (its socket) and relayed address.
+    pub fn addresses(&self) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+        self.clients
+            .iter()
+            .zip(&self.relayed)
+            .map(|(client, relayed)| Ok((client.local_addr()?, *relayed)))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
