@@ -231,37 +231,21 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
 }
 
 /// Steps the rate up until loss passes the threshold twice, or the generator cannot offer
-/// the rate asked for.
-fn rate_steps(
+/// the rate asked for; `measure(step id, rate)` runs one step. Also says whether the
+/// generator ran out before the system lost anything.
+fn step_up(
     profile: &Profile,
     system: System,
-    flows: &Flows,
-    running: &Running,
+    mut measure: impl FnMut(u32, f64) -> Result<Step>,
 ) -> Result<(Vec<Step>, bool)> {
-    let clock = Clock::start();
-    let receivers = Receivers::start(flows, clock)?;
     let mut steps = Vec::new();
     let mut lossy = 0;
     let mut generator_limited = false;
     for (index, &rate) in profile.rates.iter().enumerate() {
-        let step_id = index as u32 + 1;
-        receivers.reset(step_id);
-        let before = Snapshot::take(running.pid)?;
-        let sent = traffic::send(flows, profile.workload, rate, profile.step, step_id, clock)?;
-        std::thread::sleep(DRAIN);
-        let cpu = Snapshot::take(running.pid)?.since(&before);
-        let received = receivers.total();
-        let step = Step::from_counts(StepInput {
-            target_pps: rate,
-            sent: sent.sent,
-            generator_drops: sent.generator_drops,
-            seconds: sent.seconds,
-            received: &received,
-            cpu,
-        });
+        let step = measure(index as u32 + 1, rate)?;
         eprintln!(
             "loadtest: {}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss {:.3}%, \
-             p50/p99 {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay {:.2}), generator CPU {:.1} s",
+             p50/p99 {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay {:.2}), generator CPU {:.2} s",
             system.name(),
             rate,
             step.offered_pps,
@@ -273,8 +257,7 @@ fn rate_steps(
             step.relay_cpu_per_packet_us,
             step.cpu.generator,
         );
-        let offered = step.offered_pps;
-        let loss = step.loss;
+        let (offered, loss) = (step.offered_pps, step.loss);
         steps.push(step);
         if offered < 0.9 * rate {
             eprintln!(
@@ -294,19 +277,43 @@ fn rate_steps(
     Ok((steps, generator_limited))
 }
 
-/// [`rate_steps`] with the kernel-speed generator.
+/// [`step_up`] with the socket generator.
+fn rate_steps(
+    profile: &Profile,
+    system: System,
+    flows: &Flows,
+    running: &Running,
+) -> Result<(Vec<Step>, bool)> {
+    let clock = Clock::start();
+    let receivers = Receivers::start(flows, clock)?;
+    step_up(profile, system, |step_id, rate| {
+        receivers.reset(step_id);
+        let before = Snapshot::take(running.pid)?;
+        let sent = traffic::send(flows, profile.workload, rate, profile.step, step_id, clock)?;
+        std::thread::sleep(DRAIN);
+        let cpu = Snapshot::take(running.pid)?.since(&before);
+        let received = receivers.total();
+        Ok(Step::from_counts(StepInput {
+            target_pps: rate,
+            sent: sent.sent,
+            generator_drops: sent.generator_drops,
+            seconds: sent.seconds,
+            received: &received,
+            cpu,
+        }))
+    })
+}
+
+/// [`step_up`] with the kernel-speed generator.
 fn injected_steps(
     profile: &Profile,
     system: System,
     instrument: &mut Instrument,
     running: &Running,
 ) -> Result<(Vec<Step>, bool)> {
-    let mut steps = Vec::new();
-    let mut lossy = 0;
-    let mut generator_limited = false;
-    for (index, &rate) in profile.rates.iter().enumerate() {
+    step_up(profile, system, |step_id, rate| {
         let before = Snapshot::take(running.pid)?;
-        let injected = instrument.step(index as u32 + 1, rate, profile.step)?;
+        let injected = instrument.step(step_id, rate, profile.step)?;
         let cpu = Snapshot::take(running.pid)?.since(&before);
         if injected.inconsistent > 0 {
             bail!(
@@ -314,39 +321,8 @@ fn injected_steps(
                 injected.inconsistent
             );
         }
-        let step = injected.into_step(rate, instrument.payload(), cpu);
-        eprintln!(
-            "loadtest: {}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss {:.3}%, \
-             p50/p99 {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay {:.2}), injector CPU {:.2} s",
-            system.name(),
-            rate,
-            step.offered_pps,
-            step.delivered_pps,
-            step.loss * 100.0,
-            step.latency_p50_us,
-            step.latency_p99_us,
-            step.cpu_per_packet_us,
-            step.relay_cpu_per_packet_us,
-            step.cpu.generator,
-        );
-        let (offered, loss) = (step.offered_pps, step.loss);
-        steps.push(step);
-        if offered < 0.9 * rate {
-            eprintln!(
-                "loadtest: {}: the injector offered only {offered:.0} pps of {rate:.0}: stopping here",
-                system.name()
-            );
-            generator_limited = loss < LOSS_THRESHOLD;
-            break;
-        }
-        if loss >= LOSS_THRESHOLD {
-            lossy += 1;
-            if lossy == 2 {
-                break;
-            }
-        }
-    }
-    Ok((steps, generator_limited))
+        Ok(injected.into_step(rate, instrument.payload(), cpu))
+    })
 }
 
 fn open_files_limit() -> u64 {

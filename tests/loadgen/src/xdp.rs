@@ -33,6 +33,24 @@ fn load() -> Result<Ebpf> {
         .context("loading the load generator's XDP object (needs root)")
 }
 
+/// A fresh copy of the object with the program `name` loaded (through the verifier).
+fn load_program(name: &str) -> Result<Ebpf> {
+    let mut ebpf = load()?;
+    xdp(&mut ebpf, name)?
+        .load()
+        .with_context(|| format!("{name} did not pass the verifier"))?;
+    Ok(ebpf)
+}
+
+/// Attaches `name` to `interface` in native mode (in the calling thread's namespace); the
+/// link lives as long as `ebpf`.
+fn attach_program(ebpf: &mut Ebpf, name: &str, interface: &str) -> Result<()> {
+    xdp(ebpf, name)?
+        .attach(interface, XdpMode::Driver)
+        .with_context(|| format!("attaching {name} to {interface}"))?;
+    Ok(())
+}
+
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let program: &mut Xdp = ebpf
         .program_mut(name)
@@ -78,10 +96,7 @@ impl Injector {
             (STAMP_LEN..=1400).contains(&payload_len),
             "payload of {payload_len} bytes: between {STAMP_LEN} and 1400"
         );
-        let mut ebpf = load()?;
-        xdp(&mut ebpf, INJECT_PROGRAM)?
-            .load()
-            .context("the injector did not pass the verifier")?;
+        let mut ebpf = load_program(INJECT_PROGRAM)?;
         let mut addressing = array::<InjectFlow>(&mut ebpf, INJECT_FLOWS_MAP)?;
         for (index, flow) in flows.iter().enumerate() {
             addressing.set(index as u32, flow, 0)?;
@@ -192,20 +207,15 @@ pub struct Counted {
 
 impl Counters {
     pub fn load() -> Result<Counters> {
-        let mut ebpf = load()?;
-        xdp(&mut ebpf, COUNT_PROGRAM)?
-            .load()
-            .context("the counter did not pass the verifier")?;
-        Ok(Counters { ebpf })
+        Ok(Counters {
+            ebpf: load_program(COUNT_PROGRAM)?,
+        })
     }
 
     /// Attaches to `interface` in native mode (in the calling thread's namespace). The link
     /// lives as long as this value.
     pub fn attach(&mut self, interface: &str) -> Result<()> {
-        xdp(&mut self.ebpf, COUNT_PROGRAM)?
-            .attach(interface, XdpMode::Driver)
-            .with_context(|| format!("attaching the counter to {interface}"))?;
-        Ok(())
+        attach_program(&mut self.ebpf, COUNT_PROGRAM, interface)
     }
 
     /// Counts `step` from zero, for `flows` flows per direction.
@@ -260,18 +270,13 @@ pub struct Reflector {
 
 impl Reflector {
     pub fn load() -> Result<Reflector> {
-        let mut ebpf = load()?;
-        xdp(&mut ebpf, REFLECT_PROGRAM)?
-            .load()
-            .context("the reflector did not pass the verifier")?;
-        Ok(Reflector { ebpf })
+        Ok(Reflector {
+            ebpf: load_program(REFLECT_PROGRAM)?,
+        })
     }
 
     pub fn attach(&mut self, interface: &str) -> Result<()> {
-        xdp(&mut self.ebpf, REFLECT_PROGRAM)?
-            .attach(interface, XdpMode::Driver)
-            .with_context(|| format!("attaching the reflector to {interface}"))?;
-        Ok(())
+        attach_program(&mut self.ebpf, REFLECT_PROGRAM, interface)
     }
 }
 
