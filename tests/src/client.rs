@@ -215,6 +215,14 @@ impl TurnClient {
         }
     }
 
+    /// The UDP socket, borrowed (None for TCP and TLS).
+    pub fn udp_socket(&self) -> Option<&UdpSocket> {
+        match &self.conn {
+            Conn::Udp(socket) => Some(socket),
+            Conn::Tcp(_) | Conn::Tls(_) => None,
+        }
+    }
+
     pub fn proto(&self) -> Proto {
         self.proto
     }

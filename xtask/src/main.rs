@@ -90,8 +90,9 @@ enum Task {
     },
     /// Set up, build in release, then run the load test (needs root): the same TURN workload
     /// against Rampart with XDP, Rampart in userspace and coturn, in network namespaces, with
-    /// the side-by-side table, target/loadtest/report.{json,svg,md}. Arguments after `--` go
-    /// to `rampart-loadgen suite` (e.g. `-- --size 1200 --burst 10`).
+    /// the side-by-side table, target/loadtest/{report.json,loadtest.json,report.svg,report.md};
+    /// the full run also writes docs/benchmarks/loadtest.{json,svg}. Arguments after `--` go
+    /// to `rampart-loadgen suite` (e.g. `-- --generator sockets`, `-- --size 1200`).
     Loadtest {
         /// The short run (under 5 minutes); without it, the full run.
         #[arg(long)]
@@ -263,20 +264,36 @@ fn loadtest(quick: bool, args: &[OsString]) -> Result<ExitCode> {
         ("rampart-loadgen", "rampart-loadgen"),
     ])?;
     let binary = util::target_dir().join("release").join("rampart-loadgen");
+    let out = util::target_dir().join("loadtest");
     let status = std::process::Command::new(&binary)
         .arg("suite")
         .args(["--profile", if quick { "quick" } else { "full" }])
         .arg("--out")
-        .arg(util::target_dir().join("loadtest"))
+        .arg(&out)
         .args(args)
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {}", binary.display()))?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if !status.success() {
+        return Ok(ExitCode::FAILURE);
+    }
+    // The full run's headline numbers are committed beside docs/benchmarks.md.
+    if !quick {
+        let committed = workspace_root().join("docs").join("benchmarks");
+        std::fs::create_dir_all(&committed)?;
+        for (from, to) in [
+            ("loadtest.json", "loadtest.json"),
+            ("report.svg", "loadtest.svg"),
+        ] {
+            std::fs::copy(out.join(from), committed.join(to))
+                .with_context(|| format!("copying {from} to {}", committed.display()))?;
+        }
+        eprintln!(
+            "xtask: written {}/loadtest.json and loadtest.svg",
+            committed.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn build(args: &BuildArgs) -> Result<()> {

@@ -50,6 +50,11 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "`ip netns`, veth pairs and XDP inspection for the namespace tests",
     ),
     (
+        "ethtool",
+        "veth statistics (`ethtool -S`): the load test counts the frames its own instrument \
+         failed to deliver apart from the system's loss",
+    ),
+    (
         "coturn",
         "an established TURN server and its turnutils_* clients: real peers for interop tests \
          and the baseline for benchmarks",

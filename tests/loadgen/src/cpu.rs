@@ -4,7 +4,7 @@
 use anyhow::{Context as _, Result, bail};
 
 /// USER_HZ: the unit of /proc's CPU times (100 on every Linux architecture we run on).
-const TICKS_PER_SECOND: f64 = 100.0;
+pub const TICKS_PER_SECOND: f64 = 100.0;
 
 /// user + system time of a process, all its threads, in seconds (`/proc/<pid>/stat`).
 pub fn process_seconds(pid: u32) -> Result<f64> {
@@ -84,30 +84,79 @@ fn parse_resident(text: &str) -> Result<u64> {
 }
 
 /// A CPU reading of the relay, the kernel and the generator at one moment.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Snapshot {
     relay: f64,
     softirq: f64,
     own: f64,
+    cpus: Vec<f64>,
+    relay_program: f64,
+    system: f64,
 }
+
+/// The name (as the kernel keeps it, 16 bytes at most) of the relay's XDP program.
+const RELAY_PROGRAM: &str = "rampart_xdp";
 
 impl Snapshot {
     pub fn take(relay_pid: u32) -> Result<Snapshot> {
+        Self::take_system(Some(relay_pid), &[])
+    }
+
+    /// With the system's threads: the relay's (None: no relay) and the edge veths' NAPI.
+    pub fn take_system(relay: Option<u32>, napi: &[u32]) -> Result<Snapshot> {
+        let relay_run = match relay {
+            Some(pid) => crate::isolation::process_run_seconds(pid)?,
+            None => 0.0,
+        };
         Ok(Snapshot {
-            relay: process_seconds(relay_pid)?,
+            relay: match relay {
+                Some(pid) => process_seconds(pid)?,
+                None => 0.0,
+            },
             softirq: softirq_seconds()?,
             own: own_seconds(),
+            cpus: crate::isolation::cpu_busy_seconds()?,
+            relay_program: program_seconds(RELAY_PROGRAM),
+            system: relay_run + crate::isolation::threads_run_seconds(napi)?,
         })
     }
 
     /// CPU time spent since `earlier`.
     pub fn since(&self, earlier: &Snapshot) -> crate::stats::CpuTime {
+        let cpu = |index: usize| {
+            let now = self.cpus.get(index).copied().unwrap_or(0.0);
+            let then = earlier.cpus.get(index).copied().unwrap_or(0.0);
+            (now - then).max(0.0)
+        };
         crate::stats::CpuTime {
             relay_process: (self.relay - earlier.relay).max(0.0),
             softirq: (self.softirq - earlier.softirq).max(0.0),
             generator: (self.own - earlier.own).max(0.0),
+            system_cpu: (self.system - earlier.system).max(0.0),
+            system_cpu_busy: cpu(crate::isolation::SYSTEM_CPU),
+            instrument_cpu: cpu(crate::isolation::INSTRUMENT_CPU),
+            relay_program: (self.relay_program - earlier.relay_program).max(0.0),
         }
     }
+}
+
+/// Keeps the kernel's per-program run-time statistics on while it lives
+/// (`kernel.bpf_stats_enabled`); without it `run_time_ns` stays 0.
+pub struct ProgramStats(#[allow(dead_code)] Option<std::os::fd::OwnedFd>);
+
+impl ProgramStats {
+    pub fn enable() -> ProgramStats {
+        ProgramStats(aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
+    }
+}
+
+/// Total run time in seconds of the loaded programs named `name`.
+fn program_seconds(name: &str) -> f64 {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str() == Some(name))
+        .map(|info| info.run_time().as_secs_f64())
+        .sum()
 }
 
 #[cfg(test)]

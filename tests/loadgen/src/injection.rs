@@ -4,33 +4,33 @@
 //! paced by a thread of its own, and counted by the counter on the receiving veths.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use loadgen_common::{FlowStats, InjectFlow, TO_CLIENT, TO_PEER, bucket_floor};
+use loadgen_common::{FlowStats, InjectFlow, TO_CLIENT, TO_PEER, bucket_floor, per_direction};
 use rampart_tests::netns;
 use rampart_tests::topology::{
     CLIENT_IF, CLIENT_MAC, EDGE_EXT_MAC, EDGE_INT_MAC, EdgeTopology, PEER_IF, PEER_MAC,
 };
 
+use crate::isolation::{self, INSTRUMENT_CPU, Refused};
 use crate::stats::{CpuTime, Step};
-use crate::traffic::Flows;
 use crate::xdp::{Counters, Injector};
 
 /// Packets still in flight when a step's sending stops.
 const DRAIN: Duration = Duration::from_millis(300);
-/// The injecting threads wake up this often to send what is due.
-const TICK: Duration = Duration::from_micros(500);
-/// At most this many frames per `BPF_PROG_RUN` call.
-const MAX_CALL: u64 = 16_384;
+/// How often a step's end is signalled to an injecting thread until it has stopped (a signal
+/// that arrives just before its call begins would be missed).
+const STOP_EVERY: Duration = Duration::from_millis(10);
 
-/// Both sending hosts' injectors and the counters on both receiving veths.
+/// The injector for both sending hosts and the counters on both receiving veths.
 pub struct Instrument {
-    client: Injector,
-    peer: Injector,
+    injector: Injector,
     counters: Counters,
+    /// The injecting thread runs here (the frames are run as arriving on the client's veth).
     client_ns: String,
-    peer_ns: String,
     flows: u32,
     payload: usize,
 }
@@ -43,31 +43,34 @@ pub struct Injected {
     pub duplicates: u64,
     /// Flows whose counts do not add up (more arrived than was sent): should stay 0.
     pub inconsistent: u64,
+    /// What the veths refused meanwhile.
+    pub refused: Refused,
     /// One-way latency percentiles (p50, p99, p99.9) in µs.
     pub latency_us: [f64; 3],
     pub seconds: f64,
-    /// CPU time of the injecting threads.
+    /// CPU time of the injecting thread.
     pub injector_seconds: f64,
 }
 
 impl Instrument {
     /// Replaces the topology's receive programs on the client's and the peer's veths with the
-    /// counter, and prepares an injector on each for `flows`' media of `payload` bytes.
+    /// counter, and prepares an injector on each for the media of `payload` bytes of the
+    /// flows at `addresses` (each flow's client address and relayed address).
     pub fn attach(
         topology: &mut EdgeTopology,
-        flows: &Flows,
+        addresses: &[(SocketAddr, SocketAddr)],
         server: SocketAddr,
         peer: SocketAddr,
         payload: usize,
     ) -> Result<Instrument> {
-        let addresses = flows.addresses()?;
-        let to_peer: Vec<InjectFlow> = addresses
+        let flows: Vec<[InjectFlow; 2]> = addresses
             .iter()
-            .map(|&(client, _)| flow(client, server, mac(CLIENT_MAC), mac(EDGE_EXT_MAC)))
-            .collect::<Result<_>>()?;
-        let to_client: Vec<InjectFlow> = addresses
-            .iter()
-            .map(|&(_, relayed)| flow(peer, relayed, mac(PEER_MAC), mac(EDGE_INT_MAC)))
+            .map(|&(client, relayed)| {
+                Ok([
+                    flow(client, server, mac(CLIENT_MAC), mac(EDGE_EXT_MAC))?,
+                    flow(peer, relayed, mac(PEER_MAC), mac(EDGE_INT_MAC))?,
+                ])
+            })
             .collect::<Result<_>>()?;
         topology.detach_receivers();
         // The same for every system: with or without a relay's XDP program, the edge's veths
@@ -78,43 +81,40 @@ impl Instrument {
         let peer_ns = topology.peer.name().to_owned();
         netns::run_in(&client_ns, || counters.attach(CLIENT_IF))?;
         netns::run_in(&peer_ns, || counters.attach(PEER_IF))?;
-        let client = netns::run_in(&client_ns, || {
-            Injector::new(CLIENT_IF, TO_PEER, &to_peer, payload)
+        let mut injector = Injector::new(&flows, payload)?;
+        netns::run_in(&client_ns, || -> Result<()> {
+            injector.set_ingress(CLIENT_IF)?;
+            injector.set_egress(TO_PEER, CLIENT_IF)
         })?;
-        let peer = netns::run_in(&peer_ns, || {
-            Injector::new(PEER_IF, TO_CLIENT, &to_client, payload)
-        })?;
+        netns::run_in(&peer_ns, || injector.set_egress(TO_CLIENT, PEER_IF))?;
         Ok(Instrument {
-            client,
-            peer,
+            injector,
             counters,
             client_ns,
-            peer_ns,
             flows: addresses.len() as u32,
             payload,
         })
     }
 
-    /// Injects `rate` packets per second (both directions together, half each) for
+    /// Injects `rate` packets per second (both directions together, alternating) for
     /// `duration`, then waits for what is in flight and counts.
-    pub fn step(&mut self, step: u32, rate: f64, duration: Duration) -> Result<Injected> {
+    pub fn step(
+        &mut self,
+        topology: &EdgeTopology,
+        step: u32,
+        rate: f64,
+        duration: Duration,
+    ) -> Result<Injected> {
         self.counters.start_step(step, self.flows)?;
-        self.client.start_step(step)?;
-        self.peer.start_step(step)?;
+        let refused_before = isolation::refused(topology)?;
+        self.injector.start_step(step, Some(rate))?;
         let started = Instant::now();
-        let (client, peer) = (&self.client, &self.peer);
-        let (client_ns, peer_ns) = (&self.client_ns, &self.peer_ns);
-        let (a, b) = std::thread::scope(|scope| {
-            let a = scope.spawn(|| netns::run_in(client_ns, || pace(client, rate / 2.0, duration)));
-            let b = scope.spawn(|| netns::run_in(peer_ns, || pace(peer, rate / 2.0, duration)));
-            (a.join(), b.join())
-        });
-        let (Ok(a), Ok(b)) = (a, b) else {
-            bail!("an injecting thread panicked");
-        };
-        let (injector_seconds, seconds) = (a? + b?, started.elapsed().as_secs_f64());
+        let (injector, client_ns) = (&self.injector, &self.client_ns);
+        let injector_seconds = netns::run_in(client_ns, || inject_for(injector, duration))?;
+        let seconds = started.elapsed().as_secs_f64();
         std::thread::sleep(DRAIN);
-        let sent = [self.client.stamped()?, self.peer.stamped()?];
+        let sent = per_direction(self.injector.stamped()?);
+        let refused = isolation::refused(topology)?.since(&refused_before);
         let counted = self.counters.read(self.flows)?;
         let mut injected = Injected {
             sent: sent[0] + sent[1],
@@ -122,6 +122,7 @@ impl Instrument {
             reordered: 0,
             duplicates: 0,
             inconsistent: 0,
+            refused,
             latency_us: percentiles(&counted.latency),
             seconds,
             injector_seconds,
@@ -149,10 +150,12 @@ impl Instrument {
 }
 
 impl Injected {
-    /// The step as the report shows it; `cpu` was measured around it.
+    /// The step as the report shows it; `cpu` was measured around it. The system's CPU is
+    /// the busy time of its own CPU.
     pub fn into_step(self, target_pps: f64, payload: usize, cpu: CpuTime) -> Step {
         let seconds = self.seconds.max(1e-9);
         let delivered = self.delivered.min(self.sent);
+        let lost_to_instrument = self.refused.by_receivers.min(self.sent - delivered);
         let per_packet = |cpu_seconds: f64| {
             if delivered == 0 {
                 0.0
@@ -168,10 +171,12 @@ impl Injected {
             sent: self.sent,
             delivered,
             generator_drops: 0,
+            lost_to_instrument,
+            refused_by_edge: self.refused.by_edge,
             loss: if self.sent == 0 {
                 0.0
             } else {
-                (self.sent - delivered) as f64 / self.sent as f64
+                (self.sent - delivered - lost_to_instrument) as f64 / self.sent as f64
             },
             reordered: self.reordered,
             latency_p50_us: self.latency_us[0],
@@ -181,42 +186,82 @@ impl Injected {
                 generator: self.injector_seconds,
                 ..cpu
             },
-            cpu_per_packet_us: per_packet(cpu.relay_process + cpu.softirq),
+            cpu_per_packet_us: per_packet(cpu.system_cpu),
             relay_cpu_per_packet_us: per_packet(cpu.relay_process),
             seconds,
         }
     }
 }
 
-/// Sends `rate` frames per second for `duration` from the calling thread, pinned to CPU 0;
-/// returns the thread's CPU time.
-fn pace(injector: &Injector, rate: f64, duration: Duration) -> Result<f64> {
-    pin_to_cpu(0);
-    let cpu_before = thread_cpu_seconds();
-    let started = Instant::now();
-    let mut done = 0u64;
-    loop {
-        let elapsed = started.elapsed();
-        if elapsed >= duration {
-            break;
-        }
-        let due = (rate * elapsed.as_secs_f64()) as u64;
-        if due > done {
-            let frames = (due - done).min(MAX_CALL);
-            injector.inject(frames as u32)?;
-            done += frames;
-        } else {
-            std::thread::sleep(TICK);
-        }
+/// The injecting thread, as the step's controller sees it.
+#[derive(Default)]
+struct Side {
+    /// Its `pthread_t`, once it is about to inject.
+    thread: Mutex<Option<nix::libc::pthread_t>>,
+    done: AtomicBool,
+}
+
+/// Runs `injector` for `duration` (its configured rate) on a thread of its own, pinned to the
+/// instrument's CPU, in the calling thread's network namespace; returns that thread's CPU time.
+pub fn inject_for(injector: &Injector, duration: Duration) -> Result<f64> {
+    let side = Side::default();
+    let result = std::thread::scope(|scope| {
+        let thread = scope.spawn(|| inject(injector, &side));
+        std::thread::sleep(duration);
+        stop(&side);
+        thread.join()
+    });
+    match result {
+        Ok(seconds) => seconds,
+        Err(_) => bail!("the injecting thread panicked"),
     }
+}
+
+/// Injects from the calling thread, pinned to the instrument's CPU, until [`stop`]; returns
+/// the thread's CPU time.
+fn inject(injector: &Injector, side: &Side) -> Result<f64> {
+    isolation::pin_self(INSTRUMENT_CPU);
+    isolation::yield_to_everything();
+    install_stop_handler();
+    let cpu_before = thread_cpu_seconds();
+    // SAFETY: no preconditions.
+    *lock(&side.thread) = Some(unsafe { nix::libc::pthread_self() });
+    let result = injector.inject_until_signalled();
+    side.done.store(true, Ordering::SeqCst);
+    result?;
     Ok(thread_cpu_seconds() - cpu_before)
 }
 
-fn pin_to_cpu(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+/// Ends the injection: signals the thread until it says it is done.
+fn stop(side: &Side) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !side.done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        if let Some(thread) = *lock(&side.thread) {
+            // SAFETY: the thread is alive until it sets `done`, and SIGUSR1 has a handler.
+            unsafe { nix::libc::pthread_kill(thread, nix::libc::SIGUSR1) };
+        }
+        std::thread::sleep(STOP_EVERY);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A SIGUSR1 handler that does nothing, installed without SA_RESTART: the signal only ends
+/// the `BPF_PROG_RUN` call in progress (EINTR).
+fn install_stop_handler() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    extern "C" fn ignore(_: nix::libc::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(ignore),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler is async-signal-safe (it does nothing).
+    let _ = unsafe { sigaction(Signal::SIGUSR1, &action) };
 }
 
 fn thread_cpu_seconds() -> f64 {

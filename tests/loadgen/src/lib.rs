@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod injection;
+pub mod isolation;
 pub mod payload;
 pub mod report;
 pub mod signalling;

@@ -43,7 +43,8 @@ enum Command {
         /// Flows (allocations carrying media); default: the profile's.
         #[arg(long)]
         flows: Option<usize>,
-        /// Where report.json, report.svg and report.md go.
+        /// Where report.json (every step), loadtest.json (the headline numbers), report.svg and
+        /// report.md go.
         #[arg(long, default_value = "target/loadtest")]
         out: PathBuf,
     },
@@ -100,6 +101,10 @@ fn run(command: Command) -> Result<()> {
                 serde_json::to_string_pretty(&report)?,
             )?;
             std::fs::write(out.join("report.svg"), report.svg())?;
+            std::fs::write(
+                out.join("loadtest.json"),
+                serde_json::to_string_pretty(&report.summary())? + "\n",
+            )?;
             std::fs::write(out.join("report.md"), &table)?;
             println!(
                 "\nRampart load test, profile {}, {} generator: {} flows, {} bytes, burst {}, {:.0} s on {} CPUs ({}, Linux {})\n",
@@ -115,7 +120,7 @@ fn run(command: Command) -> Result<()> {
             );
             println!("{table}");
             println!(
-                "written: {}/report.json, report.svg, report.md",
+                "written: {}/report.json, loadtest.json, report.svg, report.md",
                 out.display()
             );
             Ok(())

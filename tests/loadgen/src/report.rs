@@ -13,14 +13,46 @@ use crate::systems::System;
 /// Loss below this at a step counts as "delivered" (the saturation criterion).
 pub const LOSS_THRESHOLD: f64 = 0.001;
 
+/// What ended a system's rate steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// The system lost more than 0.1% (a measured saturation point).
+    SystemLoss,
+    /// The generator could not send the rate asked for.
+    GeneratorRate,
+    /// The instrument's receivers could not take what the system delivered.
+    InstrumentReceivers,
+    /// The profile's highest rate was delivered.
+    RateLadder,
+}
+
+impl Limit {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Limit::SystemLoss => "the system's loss passed 0.1% (measured)",
+            Limit::GeneratorRate => "the generator could not offer more (a lower bound)",
+            Limit::InstrumentReceivers => {
+                "the instrument's receivers could not take more (a lower bound)"
+            }
+            Limit::RateLadder => "the profile's highest rate was delivered (a lower bound)",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SystemResult {
     pub system: System,
     pub steps: Vec<Step>,
     /// The highest offered rate delivered with loss < 0.1%.
     pub saturation_pps: Option<f64>,
-    /// The generator could not offer the next rate: the relay's saturation lies higher.
-    pub generator_limited: bool,
+    /// No rate above the saturation point was lost by the system: the instrument ran out
+    /// first (see `limited_by`), and the system's saturation lies higher.
+    pub saturation_is_lower_bound: bool,
+    /// What ended the stepping: the system's loss, or a part of the instrument that ran out.
+    pub limited_by: Limit,
+    /// UDP datagrams the edge dropped for a bad checksum during the media steps (must be 0).
+    pub edge_udp_checksum_errors: u64,
     pub churn: Option<Churn>,
     pub memory: Vec<Memory>,
 }
@@ -28,15 +60,27 @@ pub struct SystemResult {
 impl SystemResult {
     /// The step at the saturation point.
     pub fn saturation_step(&self) -> Option<&Step> {
-        self.steps
-            .iter()
-            .filter(|s| s.loss < LOSS_THRESHOLD && s.delivered > 0)
-            .max_by(|a, b| a.offered_pps.total_cmp(&b.offered_pps))
+        let saturation = self.saturation_pps?;
+        self.steps.iter().find(|s| s.offered_pps == saturation)
     }
 
     fn step_at(&self, target_pps: f64) -> Option<&Step> {
         self.steps.iter().find(|s| s.target_pps == target_pps)
     }
+}
+
+/// The injector's own ceiling: its saturation with the trivial reflector in place of a
+/// relay, on the same veths and CPUs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceiling {
+    pub ceiling_pps: Option<f64>,
+    /// The reflector lost nothing up to the highest rate tried (the injector or the profile's
+    /// ladder ran out first).
+    pub is_lower_bound: bool,
+    pub limited_by: Limit,
+    /// Frames per `BPF_PROG_RUN` batch: the injector's burst, the same for every system.
+    pub burst: u32,
+    pub steps: Vec<Step>,
 }
 
 /// The whole run.
@@ -45,6 +89,8 @@ pub struct Report {
     pub machine: Machine,
     /// Where the media came from: "injector" or "sockets".
     pub generator: Generator,
+    /// With the injector: the most this machine can move.
+    pub instrument: Option<Ceiling>,
     pub profile: String,
     pub flows: usize,
     pub packet_size: usize,
@@ -92,8 +138,10 @@ impl Machine {
 }
 
 impl Report {
+    #[allow(clippy::too_many_arguments)] // one report, built once
     pub fn new(
         generator: Generator,
+        instrument: Option<Ceiling>,
         profile: &str,
         flows: usize,
         packet_size: usize,
@@ -105,6 +153,7 @@ impl Report {
         let mut report = Report {
             machine: Machine::describe(),
             generator,
+            instrument,
             profile: profile.to_owned(),
             flows,
             packet_size,
@@ -151,6 +200,14 @@ impl Report {
             saturation(coturn),
             Some(5.0),
         );
+        if let Some(ceiling) = self.instrument.as_ref().and_then(|c| c.ceiling_pps) {
+            push(
+                "saturation rate: rampart-xdp / the instrument's ceiling",
+                saturation(xdp),
+                Some(ceiling),
+                Some(0.5),
+            );
+        }
         if let Some(rate) = self.common_rate_pps {
             let cpu = |s: Option<&SystemResult>| {
                 s.and_then(|s| s.step_at(rate)).map(|s| s.cpu_per_packet_us)
@@ -196,6 +253,44 @@ impl Report {
         ratios
     }
 
+    /// The headline numbers, for docs/benchmarks/loadtest.json: per system its saturation
+    /// point (and whether it is only a lower bound), CPU per packet (the system's, and its
+    /// process's alone) and p99 latency at the common rate, memory per allocation.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut systems = serde_json::Map::new();
+        for result in &self.systems {
+            let at_common = self.common_rate_pps.and_then(|r| result.step_at(r));
+            systems.insert(
+                result.system.name().to_owned(),
+                serde_json::json!({
+                    "saturation_pps": result.saturation_pps,
+                    "saturation_is_lower_bound": result.saturation_is_lower_bound,
+                    "limited_by": result.limited_by,
+                    "cpu_us_per_packet_at_common_rate": at_common.map(|s| s.cpu_per_packet_us),
+                    "relay_cpu_us_per_packet_at_common_rate":
+                        at_common.map(|s| s.relay_cpu_per_packet_us),
+                    "p99_us_at_common_rate": at_common.map(|s| s.latency_p99_us),
+                    "bytes_per_allocation": result.memory.last().map(|m| m.bytes_per_allocation),
+                    "allocations_measured": result.memory.last().map(|m| m.allocations),
+                    "churn_per_second": result.churn.as_ref().map(|c| c.cycles_per_second),
+                }),
+            );
+        }
+        serde_json::json!({
+            "generator": self.generator,
+            "instrument_ceiling_pps": self.instrument.as_ref().and_then(|c| c.ceiling_pps),
+            "instrument_ceiling_is_lower_bound": self.instrument.as_ref().map(|c| c.is_lower_bound),
+            "burst": self.instrument.as_ref().map_or(self.burst as u32, |c| c.burst),
+            "common_rate_pps": self.common_rate_pps,
+            "profile": self.profile,
+            "flows": self.flows,
+            "packet_size": self.packet_size,
+            "machine": self.machine,
+            "systems": systems,
+            "ratios": self.ratios,
+        })
+    }
+
     /// The side-by-side table (Markdown, so it goes into docs/benchmarks.md as it is).
     pub fn table(&self) -> String {
         let mut t = String::new();
@@ -209,10 +304,14 @@ impl Report {
         let common = self
             .common_rate_pps
             .map_or_else(|| "-".to_owned(), |r| format!("{r:.0} pps"));
+        let cpu = match self.generator {
+            Generator::Injector => "the system's CPU",
+            Generator::Sockets => "relay + softirq",
+        };
         let _ = write!(
             t,
             "| system | saturation (pps, loss < 0.1%) | Gbit/s there | p50 / p99 / p99.9 there (µs) \
-             | CPU µs/pkt at {common} (relay + softirq) | relay process µs/pkt there | p99 there (µs) \
+             | CPU µs/pkt at {common} ({cpu}) | relay process µs/pkt there | p99 there (µs) \
              | alloc+delete /s |"
         );
         for point in &memory_points {
@@ -233,7 +332,11 @@ impl Report {
                 result.system.name(),
                 saturation.map_or_else(dash, |s| format!(
                     "{}{:.0}",
-                    if result.generator_limited { ">= " } else { "" },
+                    if result.saturation_is_lower_bound {
+                        ">= "
+                    } else {
+                        ""
+                    },
                     s.offered_pps
                 )),
                 saturation.map_or_else(dash, |s| format!("{:.3}", s.delivered_gbps)),
@@ -265,8 +368,28 @@ impl Report {
             }
             t.push('\n');
         }
+        t.push('\n');
+        if let Some(ceiling) = &self.instrument {
+            let _ = writeln!(
+                t,
+                "- the instrument's ceiling (reflector on the edge, bursts of {}): {}{} pps; {}",
+                ceiling.burst,
+                if ceiling.is_lower_bound { ">= " } else { "" },
+                ceiling
+                    .ceiling_pps
+                    .map_or_else(|| "-".to_owned(), |c| format!("{c:.0}")),
+                ceiling.limited_by.describe()
+            );
+        }
+        for result in &self.systems {
+            let _ = writeln!(
+                t,
+                "- {}: {}",
+                result.system.name(),
+                result.limited_by.describe()
+            );
+        }
         if !self.ratios.is_empty() {
-            t.push('\n');
             for ratio in &self.ratios {
                 let verdict = match ratio.goal {
                     Some(goal) if ratio.value >= goal => format!(" (goal >= {goal}: met)"),

@@ -99,8 +99,19 @@ pub struct CpuTime {
     /// Softirq time on all CPUs (the kernel's packet processing, XDP included; the load
     /// generator's own packets are in it too, alike for every system).
     pub softirq: f64,
-    /// The load generator itself (user + system).
+    /// The load generator itself (user + system; with the injector, its injecting threads).
     pub generator: f64,
+    /// With the injector, everything the system under test spent: the run time of the relay
+    /// process's threads and of the edge veths' NAPI threads (where its XDP program runs).
+    pub system_cpu: f64,
+    /// Busy time of [`crate::isolation::SYSTEM_CPU`] (`/proc/stat`, tick-sampled): a cross-check
+    /// of `system_cpu`.
+    pub system_cpu_busy: f64,
+    /// Busy time of [`crate::isolation::INSTRUMENT_CPU`]: the injectors and counters.
+    pub instrument_cpu: f64,
+    /// Run time of the relay's own XDP program (`run_time_ns`, with
+    /// `kernel.bpf_stats_enabled`), part of `system_cpu`.
+    pub relay_program: f64,
 }
 
 /// One step of a run: a target rate held for a while.
@@ -117,7 +128,13 @@ pub struct Step {
     pub delivered: u64,
     /// Datagrams the generator could not hand to its own socket (buffer full).
     pub generator_drops: u64,
-    /// Fraction of sent packets not delivered.
+    /// Packets the instrument itself failed to deliver (its receivers' rings were full):
+    /// never the system's loss.
+    pub lost_to_instrument: u64,
+    /// Packets the edge's receive rings refused (the edge did not keep up): part of `loss`,
+    /// shown apart.
+    pub refused_by_edge: u64,
+    /// Fraction of sent packets the system did not deliver (`lost_to_instrument` left out).
     pub loss: f64,
     pub reordered: u64,
     pub latency_p50_us: f64,
@@ -175,6 +192,8 @@ impl Step {
             sent,
             delivered,
             generator_drops,
+            lost_to_instrument: 0,
+            refused_by_edge: 0,
             loss: if sent == 0 {
                 0.0
             } else {
@@ -258,6 +277,7 @@ mod tests {
                 relay_process: 0.009,
                 softirq: 0.018,
                 generator: 0.5,
+                ..CpuTime::default()
             },
         });
         assert_eq!((step.delivered, step.sent), (900, 1000));

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use rampart_tests::topology::{EdgeTopology, PEER4, SenderChecksums};
 
-use crate::cpu::{self, Snapshot};
+use crate::cpu::{self, ProgramStats, Snapshot};
 use crate::injection::Instrument;
-use crate::report::{LOSS_THRESHOLD, Report, SystemResult};
+use crate::isolation;
+use crate::report::{Ceiling, LOSS_THRESHOLD, Limit, Report, SystemResult};
 use crate::signalling::{self, Held};
 use crate::stats::{Step, StepInput};
 use crate::systems::{Running, System};
@@ -91,7 +92,10 @@ impl Profile {
                 generator: Generator::Injector,
                 flows: 200,
                 workload: audio,
-                rates: vec![10e3, 20e3, 40e3, 80e3, 160e3, 320e3],
+                // Doubling: bisection finds the saturation point between two of them.
+                rates: vec![
+                    10e3, 20e3, 40e3, 80e3, 160e3, 320e3, 640e3, 1280e3, 2560e3, 5120e3,
+                ],
                 step: Duration::from_secs(2),
                 churn_workers: 8,
                 churn: Duration::from_secs(3),
@@ -104,8 +108,7 @@ impl Profile {
                 flows: 1000,
                 workload: audio,
                 rates: vec![
-                    10e3, 20e3, 40e3, 60e3, 80e3, 120e3, 160e3, 240e3, 320e3, 480e3, 640e3, 960e3,
-                    1280e3,
+                    10e3, 20e3, 40e3, 80e3, 160e3, 320e3, 640e3, 1280e3, 2560e3, 5120e3, 10240e3,
                 ],
                 step: Duration::from_secs(5),
                 churn_workers: 16,
@@ -122,6 +125,23 @@ impl Profile {
 pub fn run(profile: &Profile, systems: &[System]) -> Result<Report> {
     raise_fd_limit();
     let started = Instant::now();
+    // The relay's XDP program's own run time, beside the CPU it ran on.
+    let _program_stats = ProgramStats::enable();
+    let instrument = match profile.generator {
+        Generator::Injector => {
+            eprintln!("loadtest: ==> the instrument's ceiling (reflector on the edge)");
+            let (steps, ceiling_pps, limited_by) =
+                instrument_ceiling(profile).context("measuring the instrument's ceiling")?;
+            Some(Ceiling {
+                ceiling_pps,
+                is_lower_bound: limited_by != Limit::SystemLoss,
+                limited_by,
+                burst: crate::xdp::BATCH,
+                steps,
+            })
+        }
+        Generator::Sockets => None,
+    };
     let mut results = Vec::new();
     for &system in systems {
         eprintln!("loadtest: ==> {}", system.name());
@@ -131,6 +151,7 @@ pub fn run(profile: &Profile, systems: &[System]) -> Result<Report> {
     }
     Ok(Report::new(
         profile.generator,
+        instrument,
         profile.name,
         profile.flows,
         profile.workload.size,
@@ -162,25 +183,24 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
     };
     // The flows' sockets stay open until the end: a later client on one of their ports would
     // meet their allocation (437).
-    let flows = Flows::set_up(&target, profile.flows)
+    let mut flows = Flows::set_up(&target, profile.flows)
         .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?;
-    let (steps, generator_limited) = match profile.generator {
+    let checksum_errors_before = isolation::edge_udp_checksum_errors(&topology)?;
+    let (steps, limited_by) = match profile.generator {
         Generator::Sockets => rate_steps(profile, system, &flows, &running),
-        Generator::Injector => Instrument::attach(
-            &mut topology,
-            &flows,
-            running.server,
-            target.peer,
-            profile.workload.size,
-        )
-        .and_then(|mut instrument| injected_steps(profile, system, &mut instrument, &running)),
+        Generator::Injector => injected_steps(profile, system, &mut topology, &mut flows, &running),
     }
     .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?;
-    let saturation_pps = steps
-        .iter()
-        .filter(|s| s.loss < LOSS_THRESHOLD && s.delivered > 0)
-        .map(|s| s.offered_pps)
-        .max_by(f64::total_cmp);
+    let edge_udp_checksum_errors =
+        isolation::edge_udp_checksum_errors(&topology)? - checksum_errors_before;
+    if edge_udp_checksum_errors > 0 {
+        bail!(
+            "the edge dropped {edge_udp_checksum_errors} datagrams for a bad UDP checksum: the \
+             generator's checksums are wrong, which would favour the XDP path (it does not \
+             verify them)"
+        );
+    }
+    let (saturation_pps, saturation_is_lower_bound) = saturation(&steps);
 
     let churn = signalling::churn(&target, profile.churn_workers, profile.churn)?;
     eprintln!(
@@ -224,57 +244,168 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
         system,
         steps,
         saturation_pps,
-        generator_limited,
+        saturation_is_lower_bound,
+        limited_by,
+        edge_udp_checksum_errors,
         churn: Some(churn),
         memory,
     })
 }
 
-/// Steps the rate up until loss passes the threshold twice, or the generator cannot offer
-/// the rate asked for; `measure(step id, rate)` runs one step. Also says whether the
-/// generator ran out before the system lost anything.
+/// How close bisection brings the saturation point: the last clean and the first lossy rate
+/// within 5% of each other.
+const BISECT_WITHIN: f64 = 1.05;
+/// At most this many bisection probes (each lossy one is run twice).
+const MAX_PROBES: usize = 8;
+
+/// Steps the rate up the profile's ladder until the system's loss passes the threshold twice
+/// or the instrument runs out, then bisects between the last clean and the first lossy rate
+/// ([`next_probe`]); `measure(step id, rate)` runs one step. Returns the steps and what ended
+/// them.
 fn step_up(
     profile: &Profile,
-    system: System,
+    system: &str,
     mut measure: impl FnMut(u32, f64) -> Result<Step>,
-) -> Result<(Vec<Step>, bool)> {
+) -> Result<(Vec<Step>, Limit)> {
     let mut steps = Vec::new();
-    let mut lossy = 0;
-    let mut generator_limited = false;
-    for (index, &rate) in profile.rates.iter().enumerate() {
-        let step = measure(index as u32 + 1, rate)?;
+    let mut run = |steps: &mut Vec<Step>, rate: f64| -> Result<Verdict> {
+        let step = measure(steps.len() as u32 + 1, rate)?;
         eprintln!(
-            "loadtest: {}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss {:.3}%, \
-             p50/p99 {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay {:.2}), generator CPU {:.2} s",
-            system.name(),
+            "loadtest: {system}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss \
+             {:.3}% (+{} refused by the edge's rings, {} lost to the instrument), p50/p99 \
+             {:.0}/{:.0} µs, CPU {:.2} µs/pkt (relay process {:.2}), generator CPU {:.2} s",
             rate,
             step.offered_pps,
             step.delivered_pps,
             step.loss * 100.0,
+            step.refused_by_edge,
+            step.lost_to_instrument,
             step.latency_p50_us,
             step.latency_p99_us,
             step.cpu_per_packet_us,
             step.relay_cpu_per_packet_us,
             step.cpu.generator,
         );
-        let (offered, loss) = (step.offered_pps, step.loss);
+        let verdict = Verdict::of(&step, rate);
         steps.push(step);
-        if offered < 0.9 * rate {
-            eprintln!(
-                "loadtest: {}: the generator offered only {offered:.0} pps of {rate:.0}: stopping here",
-                system.name()
-            );
-            generator_limited = loss < LOSS_THRESHOLD;
-            break;
+        Ok(verdict)
+    };
+    // Warm-up at the lowest rate, not recorded: the first step after set-up carries its
+    // transients (caches, the relay's own start-up work).
+    if let Some(&lowest) = profile.rates.first() {
+        run(&mut Vec::new(), lowest)?;
+    }
+    // Loss is not monotonic on these machines: a lossy step counts once repeated.
+    let mut confirmed = |steps: &mut Vec<Step>, rate: f64| -> Result<Verdict> {
+        match run(steps, rate)? {
+            Verdict::Lossy => run(steps, rate),
+            verdict => Ok(verdict),
         }
-        if loss >= LOSS_THRESHOLD {
-            lossy += 1;
-            if lossy == 2 {
+    };
+    let mut limit = Limit::RateLadder;
+    let mut lossy = 0;
+    let (mut low, mut high) = (None::<f64>, None::<f64>);
+    for &rate in &profile.rates {
+        match confirmed(&mut steps, rate)? {
+            Verdict::Clean => low = Some(rate),
+            Verdict::Lossy => {
+                high.get_or_insert(rate);
+                lossy += 1;
+                if lossy == 2 {
+                    break;
+                }
+            }
+            Verdict::Ran(out) => {
+                eprintln!("loadtest: {system}: {}: stopping here", out.describe());
+                limit = out;
                 break;
             }
         }
     }
-    Ok((steps, generator_limited))
+    // Bisect between the highest clean rate and the lowest lossy one above it.
+    let high = high.filter(|h| low.is_some_and(|l| *h > l));
+    if let (Some(mut low), Some(mut high)) = (low, high) {
+        limit = Limit::SystemLoss;
+        for _ in 0..MAX_PROBES {
+            let Some(rate) = next_probe(low, high) else {
+                break;
+            };
+            match confirmed(&mut steps, rate)? {
+                Verdict::Clean => low = rate,
+                Verdict::Lossy => high = rate,
+                Verdict::Ran(_) => break,
+            }
+        }
+    } else if lossy > 0 && limit == Limit::RateLadder {
+        limit = Limit::SystemLoss;
+    }
+    Ok((steps, limit))
+}
+
+/// A step's outcome for the stepping.
+enum Verdict {
+    Clean,
+    Lossy,
+    /// The instrument ran out before the system did.
+    Ran(Limit),
+}
+
+impl Verdict {
+    fn of(step: &Step, rate: f64) -> Verdict {
+        let sent = step.sent.max(1) as f64;
+        if step.lost_to_instrument as f64 / sent >= LOSS_THRESHOLD {
+            Verdict::Ran(Limit::InstrumentReceivers)
+        } else if step.offered_pps < 0.9 * rate {
+            if step.loss < LOSS_THRESHOLD {
+                Verdict::Ran(Limit::GeneratorRate)
+            } else {
+                Verdict::Lossy
+            }
+        } else if step.loss < LOSS_THRESHOLD {
+            Verdict::Clean
+        } else {
+            Verdict::Lossy
+        }
+    }
+}
+
+/// The next rate to try between the highest clean rate `low` and the lowest lossy one
+/// `high`, or None once they are within [`BISECT_WITHIN`].
+fn next_probe(low: f64, high: f64) -> Option<f64> {
+    (high > low * BISECT_WITHIN).then(|| (low + high) / 2.0)
+}
+
+/// The saturation point: the highest rate offered with the system's loss under the
+/// threshold, below the lowest rate that was lossy twice (a lucky clean run above a confirmed
+/// lossy rate does not count); and whether it is only a lower bound (no step above it was
+/// lost by the system).
+fn saturation(steps: &[Step]) -> (Option<f64>, bool) {
+    let lossy = |s: &&Step| s.loss >= LOSS_THRESHOLD;
+    let confirmed_lossy = steps
+        .iter()
+        .filter(lossy)
+        .filter(|s| {
+            steps
+                .iter()
+                .filter(lossy)
+                .filter(|o| o.target_pps == s.target_pps)
+                .count()
+                >= 2
+        })
+        .map(|s| s.target_pps)
+        .min_by(f64::total_cmp);
+    let best = steps
+        .iter()
+        .filter(|s| s.loss < LOSS_THRESHOLD && s.delivered > 0)
+        .filter(|s| confirmed_lossy.is_none_or(|limit| s.target_pps < limit))
+        .max_by(|a, b| a.offered_pps.total_cmp(&b.offered_pps));
+    let Some(best) = best else {
+        return (None, false);
+    };
+    let lost_above = steps
+        .iter()
+        .any(|s| s.loss >= LOSS_THRESHOLD && s.target_pps > best.target_pps);
+    (Some(best.offered_pps), !lost_above)
 }
 
 /// [`step_up`] with the socket generator.
@@ -283,10 +414,11 @@ fn rate_steps(
     system: System,
     flows: &Flows,
     running: &Running,
-) -> Result<(Vec<Step>, bool)> {
+) -> Result<(Vec<Step>, Limit)> {
+    flows.tune_for_media();
     let clock = Clock::start();
     let receivers = Receivers::start(flows, clock)?;
-    step_up(profile, system, |step_id, rate| {
+    step_up(profile, system.name(), |step_id, rate| {
         receivers.reset(step_id);
         let before = Snapshot::take(running.pid)?;
         let sent = traffic::send(flows, profile.workload, rate, profile.step, step_id, clock)?;
@@ -304,25 +436,107 @@ fn rate_steps(
     })
 }
 
-/// [`step_up`] with the kernel-speed generator.
+/// Permissions last 300 s (RFC 8656 §9): the flows' are refreshed at least this often.
+const REFRESH_EVERY: Duration = Duration::from_secs(120);
+
+/// [`step_up`] with the kernel-speed generator: the instrument on the client's and the
+/// peer's veths, the CPUs split between it and the system.
 fn injected_steps(
     profile: &Profile,
     system: System,
-    instrument: &mut Instrument,
+    topology: &mut EdgeTopology,
+    flows: &mut Flows,
     running: &Running,
-) -> Result<(Vec<Step>, bool)> {
-    step_up(profile, system, |step_id, rate| {
-        let before = Snapshot::take(running.pid)?;
-        let injected = instrument.step(step_id, rate, profile.step)?;
-        let cpu = Snapshot::take(running.pid)?.since(&before);
-        if injected.inconsistent > 0 {
-            bail!(
-                "{} flows counted more packets than were sent: the instrument is broken",
-                injected.inconsistent
-            );
+) -> Result<(Vec<Step>, Limit)> {
+    let mut instrument = Instrument::attach(
+        topology,
+        &flows.addresses()?,
+        running.server,
+        flows.peer_addr(),
+        profile.workload.size,
+    )?;
+    let napi = isolation::split_cpus(topology, Some(running.pid))?;
+    let mut refreshed = Instant::now();
+    let result = step_up(profile, system.name(), |step_id, rate| {
+        if refreshed.elapsed() > REFRESH_EVERY {
+            flows.refresh()?;
+            refreshed = Instant::now();
         }
-        Ok(injected.into_step(rate, instrument.payload(), cpu))
-    })
+        let system = (Some(running.pid), napi.as_slice());
+        injected_step(&mut instrument, topology, system, profile, step_id, rate)
+    });
+    // Signalling (churn, memory) is measured with the relay free to use every CPU.
+    isolation::unpin_process(running.pid)?;
+    result
+}
+
+/// One injected step, its CPU measured around it: the system's threads are the relay
+/// process's (None: no relay) and the edge veths' NAPI threads.
+fn injected_step(
+    instrument: &mut Instrument,
+    topology: &EdgeTopology,
+    (relay, napi): (Option<u32>, &[u32]),
+    profile: &Profile,
+    step_id: u32,
+    rate: f64,
+) -> Result<Step> {
+    let before = Snapshot::take_system(relay, napi)?;
+    let injected = instrument.step(topology, step_id, rate, profile.step)?;
+    let cpu = Snapshot::take_system(relay, napi)?.since(&before);
+    if injected.inconsistent > 0 {
+        bail!(
+            "{} flows counted more packets than were sent: the instrument is broken",
+            injected.inconsistent
+        );
+    }
+    Ok(injected.into_step(rate, instrument.payload(), cpu))
+}
+
+/// The instrument's own ceiling: the same injectors, counters and veths with the trivial
+/// reflector on the edge in place of a relay (flows need no signalling: the reflector
+/// bounces whatever is stamped). Its saturation point is the most this machine can move.
+pub fn instrument_ceiling(profile: &Profile) -> Result<(Vec<Step>, Option<f64>, Limit)> {
+    let Some(mut topology) = EdgeTopology::create("loadtest", SenderChecksums::Complete)? else {
+        bail!("the load test builds network namespaces and needs root");
+    };
+    let server = SocketAddr::new(topology.edge_external_ip(false), 3478);
+    let addresses: Vec<(SocketAddr, SocketAddr)> = (0..profile.flows)
+        .map(|flow| {
+            let port = 1024 + flow as u16;
+            (
+                SocketAddr::new(topology.client_ip(false), port),
+                SocketAddr::new(topology.edge_internal_ip(false), port),
+            )
+        })
+        .collect();
+    let peer = SocketAddr::new(IpAddr::V4(PEER4), PEER_PORT);
+    let mut instrument = Instrument::attach(
+        &mut topology,
+        &addresses,
+        server,
+        peer,
+        profile.workload.size,
+    )?;
+    let mut reflector = crate::xdp::Reflector::load()?;
+    rampart_tests::netns::run_in(topology.edge.name(), || {
+        reflector.attach_pair(
+            rampart_tests::topology::EDGE_EXT_IF,
+            rampart_tests::topology::EDGE_INT_IF,
+        )
+    })?;
+    let napi = isolation::split_cpus(&topology, None)?;
+    let (steps, limit) = step_up(profile, "instrument ceiling", |step_id, rate| {
+        injected_step(
+            &mut instrument,
+            &topology,
+            (None, &napi),
+            profile,
+            step_id,
+            rate,
+        )
+    })?;
+    let (ceiling, _) = saturation(&steps);
+    Ok((steps, ceiling, limit))
 }
 
 fn open_files_limit() -> u64 {
@@ -358,4 +572,62 @@ fn first(failure: &Option<String>) -> String {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(target_pps: f64, loss: f64) -> Step {
+        let mut step = Step::from_counts(crate::stats::StepInput {
+            target_pps,
+            sent: 1000,
+            generator_drops: 0,
+            seconds: 1.0,
+            received: &crate::stats::Received::new(0),
+            cpu: crate::stats::CpuTime::default(),
+        });
+        step.offered_pps = target_pps;
+        step.delivered = 1000;
+        step.loss = loss;
+        step
+    }
+
+    #[test]
+    fn saturation_ignores_a_lucky_run_above_a_confirmed_lossy_rate() {
+        let steps = [
+            step(100.0, 0.0),
+            step(200.0, 0.0),
+            step(400.0, 0.01),
+            step(400.0, 0.02),
+            // Lossy once, then clean: counts as clean.
+            step(300.0, 0.01),
+            step(300.0, 0.0),
+            // Above the confirmed lossy 400: not the saturation point.
+            step(800.0, 0.0),
+        ];
+        assert_eq!(saturation(&steps), (Some(300.0), false));
+        // Nothing lost above the best clean rate: only a lower bound.
+        assert_eq!(saturation(&steps[..2]), (Some(200.0), true));
+        assert_eq!(saturation(&[step(100.0, 0.5)]), (None, false));
+    }
+
+    #[test]
+    fn bisection_stops_within_five_percent() {
+        let (mut low, mut high) = (80_000.0, 160_000.0);
+        let mut probes = 0;
+        while let Some(rate) = next_probe(low, high) {
+            assert!(rate > low && rate < high);
+            // A system that saturates at 100 000.
+            if rate <= 100_000.0 {
+                low = rate;
+            } else {
+                high = rate;
+            }
+            probes += 1;
+        }
+        assert!(high <= low * BISECT_WITHIN);
+        assert!((95_000.0..=100_000.0).contains(&low), "{low}");
+        assert!(probes <= MAX_PROBES, "{probes}");
+    }
 }

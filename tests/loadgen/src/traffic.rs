@@ -85,9 +85,12 @@ impl Clock {
 
 /// Allocations with a channel to the peer socket, ready for media.
 pub struct Flows {
-    clients: Vec<UdpSocket>,
+    /// The clients that made the allocations; their sockets carry the media of the socket
+    /// generator (after [`Flows::tune_for_media`]).
+    clients: Vec<TurnClient>,
     relayed: Vec<SocketAddr>,
     peer: UdpSocket,
+    target: Target,
 }
 
 impl Flows {
@@ -107,9 +110,7 @@ impl Flows {
                     .with_context(|| format!("allocating flow {flow}"))?;
                 client.create_permission(&[target.peer])?;
                 client.channel_bind(CHANNEL, target.peer)?;
-                let socket = client.into_udp_socket().context("a UDP client")?;
-                tune(&socket);
-                clients.push(socket);
+                clients.push(client);
                 relayed.push(relayed_address);
             }
             Ok((clients, relayed))
@@ -118,7 +119,44 @@ impl Flows {
             clients,
             relayed,
             peer,
+            target: target.clone(),
         })
+    }
+
+    /// Refreshes every flow's permission (RFC 8656 §9: 300 s) and channel binding (§12:
+    /// 600 s), for runs that outlast them. Only before [`Flows::tune_for_media`]: the clients
+    /// wait for their answers on blocking sockets.
+    pub fn refresh(&mut self) -> Result<()> {
+        let peer = self.target.peer;
+        let clients = &mut self.clients;
+        self.target.on_client_side(|| -> Result<()> {
+            for (flow, client) in clients.iter_mut().enumerate() {
+                client
+                    .create_permission(&[peer])
+                    .and_then(|()| client.channel_bind(CHANNEL, peer))
+                    .with_context(|| format!("refreshing flow {flow}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes the clients' sockets non-blocking with large buffers, for the socket generator's
+    /// media (which then owns them: no more signalling on them).
+    pub fn tune_for_media(&self) {
+        for client in &self.clients {
+            if let Some(socket) = client.udp_socket() {
+                tune(socket);
+            }
+        }
+    }
+
+    /// The peer's address, where the relays send the flows' media.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.target.peer
+    }
+
+    fn client_socket(&self, flow: usize) -> Option<&UdpSocket> {
+        self.clients.get(flow).and_then(TurnClient::udp_socket)
     }
 
     pub fn len(&self) -> usize {
@@ -130,7 +168,7 @@ impl Flows {
         self.clients
             .iter()
             .zip(&self.relayed)
-            .map(|(client, relayed)| Ok((client.local_addr()?, *relayed)))
+            .map(|(client, relayed)| Ok((client.local_addr(), *relayed)))
             .collect()
     }
 
@@ -171,11 +209,15 @@ impl Receivers {
             Arc::new(Mutex::new(Received::new(flows.len()))),
             Arc::new(Mutex::new(Received::new(flows.len()))),
         ];
-        let clients = flows
-            .clients
-            .iter()
-            .map(UdpSocket::try_clone)
-            .collect::<Result<Vec<_>, _>>()?;
+        let clients = (0..flows.len())
+            .map(|flow| {
+                flows
+                    .client_socket(flow)
+                    .context("a UDP client")?
+                    .try_clone()
+                    .context("cloning a client socket")
+            })
+            .collect::<Result<Vec<_>>>()?;
         let peer = vec![flows.peer.try_clone()?];
         let mut threads = Vec::new();
         for (sockets, count, channel_data) in [
@@ -343,7 +385,10 @@ pub fn send(
                 seq[slot] += 1;
                 attempts += 1;
                 let result = match direction {
-                    Direction::ToPeer => flows.clients[flow].send(&buf),
+                    Direction::ToPeer => match flows.client_socket(flow) {
+                        Some(socket) => socket.send(&buf),
+                        None => Err(std::io::ErrorKind::NotConnected.into()),
+                    },
                     Direction::ToClient => flows.peer.send_to(&buf[4..], flows.relayed[flow]),
                 };
                 match result {

@@ -7,13 +7,14 @@
 //! calling thread's network namespace: callers run these inside the host's namespace.
 
 use anyhow::{Context as _, Result, bail, ensure};
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, DevMap, DevMapHash, MapData, PerCpuArray};
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use loadgen_common::{
     COUNT_CONFIG_MAP, COUNT_PROGRAM, CountConfig, FLOW_STATS_MAP, FlowStats, INJECT_CONFIG_MAP,
-    INJECT_FLOWS_MAP, INJECT_PROGRAM, INJECT_STATE_MAP, InjectConfig, InjectFlow, InjectState,
-    LATENCY_BUCKETS, LATENCY_MAP, MAX_FLOWS, REFLECT_PROGRAM, STAMP_LEN, TO_PEER,
+    INJECT_EGRESS_MAP, INJECT_FLOWS_MAP, INJECT_PROGRAM, INJECT_STATE_MAP, InjectConfig,
+    InjectFlow, InjectState, LATENCY_BUCKETS, LATENCY_MAP, MAX_FLOWS, REFLECT_EGRESS_MAP,
+    REFLECT_PROGRAM, STAMP_LEN,
 };
 
 /// The object built by `build.rs`; empty when built with `AYA_BUILD_SKIP=1`.
@@ -68,25 +69,20 @@ fn array<'a, T: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<Array<&'a mu
     .with_context(|| format!("map {name}"))
 }
 
-/// One sending host's injector: its own copy of the object (its own configuration and
-/// count), a frame template of the flows' size, and the interface the frames leave from.
+/// The injector for both sending hosts: one copy of the object, a frame template of the
+/// flows' size, the interface the frames are run as arriving on, and the two it sends out of.
 pub struct Injector {
     ebpf: Ebpf,
     template: Vec<u8>,
-    ifindex: u32,
+    ingress: u32,
     flows: u32,
 }
 
 impl Injector {
-    /// An injector sending `direction` frames (ChannelData to the TURN server for
-    /// [`TO_PEER`], plain UDP to the relay otherwise) of `payload_len` media bytes to `flows`
-    /// in turn, out of `interface`.
-    pub fn new(
-        interface: &str,
-        direction: u8,
-        flows: &[InjectFlow],
-        payload_len: usize,
-    ) -> Result<Injector> {
+    /// An injector for `flows`, each a ChannelData flow from a client to the TURN server and
+    /// a plain UDP flow from the peer to the relay ([`Injector::set_egress`] says out of which
+    /// interfaces), carrying `payload_len` media bytes.
+    pub fn new(flows: &[[InjectFlow; 2]], payload_len: usize) -> Result<Injector> {
         ensure!(!flows.is_empty(), "no flows to inject");
         ensure!(
             flows.len() <= MAX_FLOWS as usize,
@@ -98,44 +94,64 @@ impl Injector {
         );
         let mut ebpf = load_program(INJECT_PROGRAM)?;
         let mut addressing = array::<InjectFlow>(&mut ebpf, INJECT_FLOWS_MAP)?;
-        for (index, flow) in flows.iter().enumerate() {
-            addressing.set(index as u32, flow, 0)?;
+        for (index, pair) in flows.iter().enumerate() {
+            for (direction, flow) in pair.iter().enumerate() {
+                addressing.set((index * 2 + direction) as u32, flow, 0)?;
+            }
         }
-        let channel_header = if direction == TO_PEER { 4 } else { 0 };
-        // Ethernet, IPv4, UDP, the ChannelData header, the payload: all zero but the
-        // payload's tail (a recognisable pattern), which the program never writes.
-        let head = 14 + 20 + 8 + channel_header;
-        let mut template = vec![0u8; head + payload_len];
-        for (i, byte) in template[head + STAMP_LEN..].iter_mut().enumerate() {
-            *byte = (i as u8).wrapping_mul(31).wrapping_add(7);
-        }
-        let tail_sum = ones_complement_sum(&template[head + STAMP_LEN..]);
+        // Ethernet, IPv4, UDP, the ChannelData header, the payload: all zero.
+        let template = vec![0u8; 14 + 20 + 8 + 4 + payload_len];
         let mut config = array::<InjectConfig>(&mut ebpf, INJECT_CONFIG_MAP)?;
         config.set(
             0,
             InjectConfig {
                 flows: flows.len() as u32,
                 step: 0,
-                direction: u32::from(direction),
                 payload_len: payload_len as u32,
-                tail_sum,
-                _pad: 0,
+                burst: BATCH,
+                interval_ns: 0,
             },
             0,
         )?;
         Ok(Injector {
             ebpf,
             template,
-            ifindex: ifindex(interface)?,
+            ingress: 0,
             flows: flows.len() as u32,
         })
     }
 
-    /// Starts `step`: frames carry it, and the count of stamped frames starts from 0.
-    pub fn start_step(&mut self, step: u32) -> Result<()> {
+    /// Frames of `direction` leave out of `interface` (a name in the calling thread's
+    /// namespace, which may differ from the injecting thread's).
+    pub fn set_egress(&mut self, direction: u8, interface: &str) -> Result<()> {
+        let ifindex = ifindex(interface)?;
+        let mut egress = DevMap::try_from(
+            self.ebpf
+                .map_mut(INJECT_EGRESS_MAP)
+                .context("no injector devmap")?,
+        )?;
+        egress
+            .set(u32::from(direction), ifindex, None, 0)
+            .with_context(|| format!("adding {interface} to the injector's devmap"))?;
+        Ok(())
+    }
+
+    /// The frames are run as arriving on `interface` (in the namespace of the thread that
+    /// will inject).
+    pub fn set_ingress(&mut self, interface: &str) -> Result<()> {
+        self.ingress = ifindex(interface)?;
+        Ok(())
+    }
+
+    /// Starts `step`: frames carry it, go out at `rate` per second (None: one per run), and
+    /// the count of stamped frames starts from 0.
+    pub fn start_step(&mut self, step: u32, rate: Option<f64>) -> Result<()> {
         let mut config = array::<InjectConfig>(&mut self.ebpf, INJECT_CONFIG_MAP)?;
         let mut current = config.get(&0, 0)?;
         current.step = step;
+        current.interval_ns = rate
+            .filter(|r| *r > 0.0)
+            .map_or(0, |r| ((1e9 / r) as u64).max(1));
         config.set(0, current, 0)?;
         array::<InjectState>(&mut self.ebpf, INJECT_STATE_MAP)?.set(
             0,
@@ -156,40 +172,50 @@ impl Injector {
         self.flows
     }
 
-    /// Sends `frames` frames now, in bursts of [`BATCH`], from the calling thread (which must
-    /// be in the interface's network namespace).
-    pub fn inject(&self, frames: u32) -> Result<()> {
+    /// Runs the injector `runs` times now, from the calling thread (which must be in the
+    /// interface's network namespace): without a rate, a frame per run, in bursts of
+    /// [`BATCH`].
+    pub fn inject(&self, runs: u32) -> Result<()> {
+        match self.run(runs.max(1)) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e).context("BPF_PROG_RUN in live-frames mode"),
+        }
+    }
+
+    /// Runs the injector until the calling thread gets a signal (the kernel checks between
+    /// batches and ends the call with EINTR): with a rate, one long call for a whole step.
+    pub fn inject_until_signalled(&self) -> Result<()> {
+        match self.run(u32::MAX) {
+            Ok(()) => Ok(()),
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::libc::EINTR) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("BPF_PROG_RUN in live-frames mode"),
+        }
+    }
+
+    fn run(&self, repeat: u32) -> Result<(), aya::programs::ProgramError> {
         let program: &Xdp = self
             .ebpf
             .program(INJECT_PROGRAM)
-            .context("no injector")?
+            .ok_or(aya::programs::ProgramError::NotLoaded)?
             .try_into()?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex; live mode wants data = data_meta = 0 and data_end = the length.
-        let fields = [0, self.template.len() as u32, 0, self.ifindex, 0, 0];
+        let fields = [0, self.template.len() as u32, 0, self.ingress, 0, 0];
         let ctx: Vec<u8> = fields.iter().flat_map(|f| f.to_ne_bytes()).collect();
-        let result = program
+        program
             .test_run(TestRunOptions {
                 data_in: Some(&self.template),
                 ctx_in: Some(&ctx),
-                repeat: frames.max(1),
+                repeat,
                 attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
                 ..TestRunOptions::default()
             })
-            .context("BPF_PROG_RUN in live-frames mode")?;
-        if result.return_value != 0 {
-            bail!("the injector returned {}", result.return_value);
-        }
-        Ok(())
+            .map(|_| ())
     }
-}
-
-/// RFC 1071 sum of `bytes` from an even offset, unfolded (fits: a frame is short).
-fn ones_complement_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum()
 }
 
 /// The counting program, attached to every receiving interface, with the counts of one step.
@@ -263,7 +289,8 @@ impl Counters {
     }
 }
 
-/// The trivial stand-in for a relay: bounces stamped frames back where they came from.
+/// The trivial stand-in for a relay: sends stamped frames from each of two interfaces on out of
+/// the other.
 pub struct Reflector {
     ebpf: Ebpf,
 }
@@ -275,8 +302,19 @@ impl Reflector {
         })
     }
 
-    pub fn attach(&mut self, interface: &str) -> Result<()> {
-        attach_program(&mut self.ebpf, REFLECT_PROGRAM, interface)
+    /// Attaches to `a` and `b` (in the calling thread's namespace), each sending on out of
+    /// the other.
+    pub fn attach_pair(&mut self, a: &str, b: &str) -> Result<()> {
+        let (a_index, b_index) = (ifindex(a)?, ifindex(b)?);
+        let mut egress = DevMapHash::try_from(
+            self.ebpf
+                .map_mut(REFLECT_EGRESS_MAP)
+                .context("no reflector devmap")?,
+        )?;
+        egress.insert(a_index, b_index, None, 0)?;
+        egress.insert(b_index, a_index, None, 0)?;
+        attach_program(&mut self.ebpf, REFLECT_PROGRAM, a)?;
+        attach_program(&mut self.ebpf, REFLECT_PROGRAM, b)
     }
 }
 

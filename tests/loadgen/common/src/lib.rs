@@ -3,9 +3,10 @@
 //! sides need (sequence accounting, latency buckets), tested here on the host.
 //!
 //! Three programs in one object:
-//! - `loadgen_inject`, run with `BPF_PROG_RUN` in live-frames mode from a sending host's veth:
-//!   each run rewrites the whole frame (Ethernet, IPv4, UDP, ChannelData header, stamp,
-//!   checksums) for the next flow in turn and returns `XDP_TX`, so the frame goes onto the wire;
+//! - `loadgen_inject`, run with `BPF_PROG_RUN` in live-frames mode by one thread for both
+//!   sending hosts: each run rewrites the whole frame (Ethernet, IPv4, UDP, ChannelData header,
+//!   stamp, checksums) for the next direction and flow in turn and redirects it out of that
+//!   direction's host veth ([`INJECT_EGRESS_MAP`]), so the frame goes onto the wire;
 //! - `loadgen_count`, attached to the receiving hosts' veths: counts stamped frames per flow
 //!   and direction ([`FlowStats`]), records their one-way latency ([`latency_bucket`]) and
 //!   drops them; everything else (the TURN signalling) is passed;
@@ -36,10 +37,14 @@ pub const REFLECT_PROGRAM: &str = "loadgen_reflect";
 
 /// Array of one [`InjectConfig`].
 pub const INJECT_CONFIG_MAP: &str = "LOADGEN_INJECT_CONFIG";
-/// Array of [`InjectFlow`], indexed by flow.
+/// Array of [`InjectFlow`], indexed by `flow * 2 + direction`.
 pub const INJECT_FLOWS_MAP: &str = "LOADGEN_INJECT_FLOWS";
+/// Devmap of the two sending veths, indexed by direction ([`TO_PEER`]: the client's).
+pub const INJECT_EGRESS_MAP: &str = "LOADGEN_INJECT_EGRESS";
 /// Array of one [`InjectState`].
 pub const INJECT_STATE_MAP: &str = "LOADGEN_INJECT_STATE";
+/// Devmap hash: an edge interface's index -> the other edge interface.
+pub const REFLECT_EGRESS_MAP: &str = "LOADGEN_REFLECT_EGRESS";
 /// Array of one [`CountConfig`].
 pub const COUNT_CONFIG_MAP: &str = "LOADGEN_COUNT_CONFIG";
 /// Array of [`FlowStats`], indexed by `flow * 2 + direction`.
@@ -51,20 +56,42 @@ pub const LATENCY_MAP: &str = "LOADGEN_LATENCY";
 pub const MAX_FLOWS: u32 = 16384;
 
 /// What the injector sends in this step; written by userspace before each run.
+///
+/// Frames alternate between the directions: frame `n` goes `n % 2` ([`TO_PEER`]: ChannelData
+/// from a client, [`TO_CLIENT`]: plain UDP from the peer), to flow `(n / 2) % flows` with
+/// sequence number `(n / 2) / flows`, so each flow's numbers are dense. The template is the
+/// ChannelData frame, all zero after the headers; a plain UDP frame is 4 bytes shorter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjectConfig {
-    /// Flows in [`INJECT_FLOWS_MAP`]; frames go to them in turn.
+    /// Flows per direction in [`INJECT_FLOWS_MAP`].
     pub flows: u32,
     pub step: u32,
-    /// [`TO_PEER`]: ChannelData from a client; [`TO_CLIENT`]: plain UDP from the peer.
-    pub direction: u32,
     /// Media payload bytes (the stamp included; ChannelData adds its 4-byte header).
     pub payload_len: u32,
-    /// Ones'-complement sum (unfolded is fine, as long as it fits) of the payload bytes after
-    /// the stamp as the frame template holds them: the program never writes them.
-    pub tail_sum: u32,
-    pub _pad: u32,
+    /// After falling behind, at most this many frames go out back to back to catch up.
+    pub burst: u32,
+    /// Nanoseconds between frames, both directions together ([`next_send`]); 0: a frame on
+    /// every run.
+    pub interval_ns: u64,
+}
+
+/// Frames of each direction among the first `stamped` (they alternate, [`TO_PEER`] first).
+pub const fn per_direction(stamped: u64) -> [u64; 2] {
+    [stamped.div_ceil(2), stamped / 2]
+}
+
+/// When the frame after one due at `due_ns` is due, given the time `now_ns` it was sent:
+/// one interval later, except that a sender that fell more than `burst` frames behind
+/// (descheduled, say) catches up with at most `burst` back-to-back frames rather than all it
+/// missed, so that no burst overruns a receive ring.
+#[inline(always)]
+pub fn next_send(due_ns: u64, now_ns: u64, interval_ns: u64, burst: u32) -> u64 {
+    // Bounded operands, so a plain multiplication (the eBPF target has no 128-bit one for an
+    // overflow check).
+    let window = interval_ns.min(1 << 40) * u64::from(burst.min(1 << 16));
+    let floor = now_ns.saturating_sub(window);
+    due_ns.max(floor) + interval_ns
 }
 
 /// One flow's addressing, as the injector writes it.
@@ -84,12 +111,13 @@ pub struct InjectFlow {
     pub _pad: [u8; 2],
 }
 
-/// The injector's count of frames it stamped this step; flow `n % flows` gets sequence number
-/// `n / flows`, so each flow's numbers are dense.
+/// The injector's count of frames it stamped this step, and when the next one is due.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjectState {
     pub stamped: u64,
+    /// `bpf_ktime_get_ns` time at which the next frame is due (0: at once).
+    pub next_ns: u64,
 }
 
 /// Which step the counters count (frames of another step are passed, not counted).
@@ -197,7 +225,7 @@ const _: () = {
     use core::mem::size_of;
     assert!(size_of::<InjectConfig>() == 24);
     assert!(size_of::<InjectFlow>() == 28);
-    assert!(size_of::<InjectState>() == 8);
+    assert!(size_of::<InjectState>() == 16);
     assert!(size_of::<CountConfig>() == 8);
     assert!(size_of::<FlowStats>() == 40);
 };
@@ -247,6 +275,24 @@ mod tests {
         stats.record(3);
         assert_eq!(stats.delivered, 6);
         assert_eq!(stats.lost(1001), Some(995));
+    }
+
+    #[test]
+    fn pacing_is_even_and_catches_up_in_bounded_bursts() {
+        // On time: one interval apart.
+        assert_eq!(next_send(1_000, 1_000, 100, 64), 1_100);
+        assert_eq!(next_send(1_100, 1_150, 100, 64), 1_200);
+        // Behind by a little: every missed frame still goes.
+        assert_eq!(next_send(1_000, 3_000, 100, 64), 1_100);
+        // Behind by a lot: at most 64 back to back, then on schedule again.
+        let mut due = 0;
+        let now = 1_000_000;
+        let mut sent = 0;
+        while due <= now {
+            due = next_send(due, now, 100, 64);
+            sent += 1;
+        }
+        assert_eq!(sent, 65);
     }
 
     #[test]

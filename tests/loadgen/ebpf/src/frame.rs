@@ -5,7 +5,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext};
 use loadgen_common::{
     InjectConfig, InjectFlow, MAGIC, STAMP_DIRECTION, STAMP_FLOW, STAMP_LEN, STAMP_SENT_NS,
     STAMP_SEQ, STAMP_STEP, TO_PEER,
@@ -90,7 +90,8 @@ fn put_mac(ctx: &XdpContext, offset: usize, mac: &[u8; 6]) -> Result<(), TooShor
     Ok(())
 }
 
-/// Writes the whole frame up to the end of the stamp, both checksums included.
+/// Writes the whole frame up to the end of the stamp, both checksums included; a plain UDP
+/// frame is cut 4 bytes short of the (ChannelData-sized) template.
 #[inline(always)]
 pub fn write_frame(
     ctx: &XdpContext,
@@ -98,10 +99,19 @@ pub fn write_frame(
     flow: &InjectFlow,
     stamp: &Stamp,
 ) -> Result<(), TooShort> {
-    if config.direction == u32::from(TO_PEER) {
+    if stamp.direction == TO_PEER {
         write::<true>(ctx, config, flow, stamp)
     } else {
-        write::<false>(ctx, config, flow, stamp)
+        // SAFETY: the helper checks the new end against the frame.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(CHANNEL_HEADER_LEN as i32)) } != 0 {
+            return Err(TooShort);
+        }
+        write::<false>(ctx, config, flow, stamp)?;
+        // The template's payload is zero; here its first 4 bytes after the stamp are where
+        // a ChannelData frame's stamp ends, so a page last used for one holds bytes of it.
+        // (A payload of just the stamp has nothing there.)
+        let _ = put(ctx, PAYLOAD + STAMP_LEN, 0u32);
+        Ok(())
     }
 }
 
@@ -163,9 +173,8 @@ fn write<const CHANNEL_DATA: bool>(
     if CHANNEL_DATA {
         sum = sum.add_u16(flow.channel).add_u16(payload_len);
     }
-    // The stamp, and the payload after it as the template holds it (2^16 = 1 in ones'
-    // complement, so a wider sum goes in as its two halves).
-    sum = add_u32(sum, config.tail_sum);
+    // The stamp; the payload after it is zero (2^16 = 1 in ones' complement, so a wider
+    // sum goes in as its two halves).
     sum = add_u32(sum, MAGIC);
     sum = add_u32(sum, stamp.step);
     sum = add_u32(sum, stamp.flow);
