@@ -268,8 +268,12 @@ fn step_up(
     mut measure: impl FnMut(u32, f64) -> Result<Step>,
 ) -> Result<(Vec<Step>, Limit)> {
     let mut steps = Vec::new();
+    // Every run gets an id of its own (the stamps carry it), the warm-up's too, so that a
+    // straggler of one run is never counted in the next.
+    let mut runs = 0u32;
     let mut run = |steps: &mut Vec<Step>, rate: f64| -> Result<Verdict> {
-        let step = measure(steps.len() as u32 + 1, rate)?;
+        runs += 1;
+        let step = measure(runs, rate)?;
         eprintln!(
             "loadtest: {system}: {:>8.0} pps asked, {:>8.0} offered, {:>8.0} delivered, loss \
              {:.3}% (+{} refused by the edge's rings, {} lost to the instrument), p50/p99 \
