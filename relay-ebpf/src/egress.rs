@@ -1,10 +1,12 @@
-//! Where a rewritten frame goes: a FIB lookup for the new addresses gives the egress interface
-//! and both MAC addresses; the frame leaves with `XDP_TX` on the interface it came in on, or
-//! with `bpf_redirect_map` through [`RAMPART_EGRESS`](crate::maps::EGRESS) to another one
-//! the agent registered.
+//! Where a rewritten frame goes: the egress interface and both MAC addresses come from the
+//! next hop the agent cached in the binding (resolved from the kernel's routing and neighbour
+//! tables and kept true as they change), or, when none is cached, from a FIB lookup for the new
+//! addresses. The frame leaves with `XDP_TX` on the interface it came in on, or with
+//! `bpf_redirect_map` through [`RAMPART_EGRESS`](crate::maps::EGRESS) to another one the agent
+//! registered.
 //!
-//! The lookup happens before the frame is modified, so every failure leaves it untouched for
-//! the kernel stack (`XDP_PASS`): userspace serves that datagram, and the stack resolves the
+//! This happens before the frame is modified, so every failure leaves it untouched for the
+//! kernel stack (`XDP_PASS`): userspace serves that datagram, and the stack resolves a
 //! missing neighbour on the way.
 
 use core::mem::size_of;
@@ -21,10 +23,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+use relay_common::NextHop;
+
 use crate::{
     error::Error,
     family::Family,
-    maps::{EGRESS, scratch},
+    maps::{EGRESS, SETTINGS, scratch},
     packet::IPPROTO_UDP,
 };
 
@@ -52,11 +56,38 @@ pub struct Route<'a> {
     pub ip_len: u16,
 }
 
-/// Looks up the egress of a datagram of family `F` (the *output* family). The parameters go
-/// through the per-CPU scratch map, not the stack.
+/// The egress of a datagram of family `F` (the *output* family): the binding's cached next
+/// hop, else a FIB lookup.
 #[inline(always)]
-pub fn lookup<F: Family>(ctx: &XdpContext, route: &Route<'_>) -> Result<Egress, Error> {
+pub fn lookup<F: Family>(
+    ctx: &XdpContext,
+    next_hop: &NextHop,
+    route: &Route<'_>,
+) -> Result<Egress, Error> {
     let ingress = ctx.ingress_ifindex() as u32;
+    if next_hop.is_cached() {
+        // The agent caches only egresses it registered in the devmap (or the ingress).
+        if route.ip_len > next_hop.mtu {
+            return Err(Error::FragNeeded);
+        }
+        return Ok(Egress {
+            ifindex: next_hop.ifindex,
+            src_mac: next_hop.src_mac,
+            dst_mac: next_hop.dst_mac,
+            tx: next_hop.ifindex == ingress,
+        });
+    }
+    fib_lookup_egress::<F>(ctx, ingress, route)
+}
+
+/// The fallback: a FIB lookup as for a forwarded packet, with the parameters in the per-CPU
+/// scratch map, not on the stack.
+#[inline(always)]
+fn fib_lookup_egress<F: Family>(
+    ctx: &XdpContext,
+    ingress: u32,
+    route: &Route<'_>,
+) -> Result<Egress, Error> {
     let addrs = F::fib_addrs(route.src, route.dst, route.tos);
     // Cannot fail: index 0 of a one-entry array.
     let scratch = scratch().ok_or(Error::FibMiss)?;
@@ -81,10 +112,19 @@ pub fn lookup<F: Family>(ctx: &XdpContext, route: &Route<'_>) -> Result<Egress, 
     };
     params.__bindgen_anon_5 = bpf_fib_lookup__bindgen_ty_5 { tbid: 0 };
 
-    // Flags 0: a full lookup as for a forwarded packet (routes, then the neighbour table),
-    // from the ingress interface's point of view.
+    // A lookup as for a forwarded packet (routes, then the neighbour table), from the ingress
+    // interface's point of view; the agent sets BPF_FIB_LOOKUP_DIRECT (skip the policy rules)
+    // only when the host has none beyond the default ones.
+    let flags = SETTINGS.get(0).map_or(0, |s| s.fib_flags);
     // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size passed.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            params,
+            size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
     match rc {
         rc if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 => {}
         rc if rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => return Err(Error::ForwardingDisabled),

@@ -7,9 +7,10 @@
 //!   from the TURN server's address to the client;
 //!
 //! over IPv4 and IPv6 on either side ([`ipv4`], [`ipv6`], [`family`]), with the UDP checksum
-//! updated incrementally (`relay_common::checksum`) and the egress found by a FIB lookup
-//! ([`egress`]). The agent fills the maps ([`maps`]): channel bindings with an expiry, the
-//! per-channel counters, the egress interfaces. Anything the program does not own, or cannot
+//! updated incrementally (`relay_common::checksum`) and the egress taken from the next hop the
+//! agent cached in the binding, or found by a FIB lookup when none is cached ([`egress`]). The
+//! agent fills the maps ([`maps`]): channel bindings with an expiry and their next hops, the
+//! per-channel counters, the egress interfaces, the fallback lookup's flags. Anything the program does not own, or cannot
 //! forward right now, goes to userspace unchanged (`XDP_PASS`) and is counted by reason
 //! ([`error`]).
 //!
@@ -53,9 +54,6 @@ mod to_client;
 mod to_peer;
 mod udp;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
-use relay_common::Stat;
-
 use crate::{
     error::Error,
     family::{Family, set_endpoint},
@@ -67,6 +65,7 @@ use crate::{
         UDP_LEN, be16, frame_len, read_at,
     },
 };
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 
 /// STUN magic cookie (RFC 8489 §5), bytes 4-7 of every STUN message.
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
@@ -76,7 +75,7 @@ const STUN_HEADER_LEN: usize = 20;
 #[xdp]
 pub fn rampart_xdp(ctx: XdpContext) -> u32 {
     let bytes = frame_len(&ctx);
-    count(Stat::Seen, bytes);
+    // Every outcome is counted in its own slot; `Stat::Seen` is their sum, made by the reader.
     match try_forward(&ctx, bytes) {
         // Counted by the rewrite.
         Ok(action) => action,

@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use relay_common::{
     ChannelCounters, ClientChannelKey, ClientChannelValue, Counter, DEFAULT_MAX_CHANNELS,
-    DEFAULT_MAX_EGRESS, PeerChannelKey, PeerChannelValue, STATS_LEN, Stat,
+    DEFAULT_MAX_EGRESS, PeerChannelKey, PeerChannelValue, STATS_LEN, Settings, Stat,
 };
 
 #[map(name = "RAMPART_STATS")]
@@ -22,11 +22,14 @@ pub static PEER_CHANNELS: HashMap<PeerChannelKey, PeerChannelValue> =
     HashMap::with_max_entries(DEFAULT_MAX_CHANNELS, 0);
 
 #[map(name = "RAMPART_CHANNEL_COUNTERS")]
-pub static CHANNEL_COUNTERS: PerCpuHashMap<u32, ChannelCounters> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CHANNELS, 0);
+pub static CHANNEL_COUNTERS: PerCpuArray<ChannelCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_CHANNELS, 0);
 
 #[map(name = "RAMPART_EGRESS")]
 pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_EGRESS, 0);
+
+#[map(name = "RAMPART_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Per-CPU scratch memory for the large structures of one run: the map keys and the FIB
 /// lookup parameters. On the 512-byte BPF stack they would not fit beside everything else.
@@ -68,7 +71,8 @@ pub enum Direction {
     ToClient,
 }
 
-/// Adds one datagram of `payload` bytes to the channel's counters, if the agent created them.
+/// Adds one datagram of `payload` bytes to the channel's counters (an index the agent
+/// assigned; one out of range counts nothing).
 #[inline(always)]
 pub fn count_channel(counter_id: u32, direction: Direction, payload: usize) {
     if let Some(counters) = CHANNEL_COUNTERS.get_ptr_mut(counter_id) {

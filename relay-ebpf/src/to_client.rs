@@ -124,6 +124,7 @@ fn try_rewrite<In: Family, Out: Family>(
 
     let egress = egress::lookup::<Out>(
         ctx,
+        &binding.next_hop,
         &Route {
             src: endpoint_dwords(server),
             dst: endpoint_dwords(client),

@@ -147,6 +147,7 @@ fn try_rewrite<In: Family, Out: Family>(
 
     let egress = egress::lookup::<Out>(
         ctx,
+        &binding.next_hop,
         &Route {
             src: endpoint_dwords(relay),
             dst: endpoint_dwords(peer),

@@ -172,6 +172,12 @@ struct RawXdp {
     max_channels: u32,
     #[serde(default = "xdp_pin_path")]
     pin_path: PathBuf,
+    #[serde(default = "xdp_cache_next_hops")]
+    cache_next_hops: bool,
+}
+
+fn xdp_cache_next_hops() -> bool {
+    true
 }
 
 fn xdp_pin_path() -> PathBuf {
@@ -208,6 +214,10 @@ pub struct XdpSettings {
     pub max_channels: u32,
     /// bpffs directory where maps and links are pinned (a versioned subdirectory of it).
     pub pin_path: PathBuf,
+    /// Resolve every bound channel's next hops over netlink and keep them in the bindings
+    /// (the program then does no FIB lookup per packet); off: every frame takes
+    /// `bpf_fib_lookup`.
+    pub cache_next_hops: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -647,6 +657,7 @@ impl RawXdp {
             interfaces: self.interfaces.clone(),
             max_channels: self.max_channels,
             pin_path: self.pin_path.clone(),
+            cache_next_hops: self.cache_next_hops,
         }))
     }
 }

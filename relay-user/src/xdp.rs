@@ -15,11 +15,15 @@
 //! ([`monotonic_now_ns`]), the clock of `bpf_ktime_get_ns`, so the kernel stops forwarding a
 //! channel on time even if the agent is gone.
 //!
-//! The fast path's egress comes from the kernel's FIB (`bpf_fib_lookup`, as for a forwarded
-//! packet): forwarding must be enabled on the interfaces the program is attached to
-//! (`net.ipv4.conf.<if>.forwarding`, `net.ipv6.conf.<if>.forwarding`), and the next hop must be
-//! in the neighbour table; otherwise the datagram goes to userspace, counted in
-//! [`Stat::PassForwardingDisabled`] or [`Stat::PassFibMiss`].
+//! The fast path's egress is the [`NextHop`] each direction of a binding carries (egress
+//! interface, both MACs, MTU), which the agent resolves from the kernel's routing and
+//! neighbour tables and rewrites when they change (`crate::next_hop`). A binding without one
+//! (`NextHop::NONE`) is routed by the kernel's FIB (`bpf_fib_lookup`, as for a forwarded
+//! packet; [`XdpProgram::set_fib_flags`]): forwarding must then be enabled on the interfaces
+//! the program is attached to (`net.ipv4.conf.<if>.forwarding`,
+//! `net.ipv6.conf.<if>.forwarding`), and the next hop must be in the neighbour table;
+//! otherwise the datagram goes to userspace, counted in [`Stat::PassForwardingDisabled`] or
+//! [`Stat::PassFibMiss`].
 //!
 //! Needs root, or `CAP_BPF` + `CAP_NET_ADMIN` (+ `CAP_PERFMON` for some helpers).
 
@@ -33,7 +37,7 @@ pub use aya::programs::XdpMode;
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
     maps::{
-        DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         xdp::XdpMapError,
     },
     programs::{
@@ -46,9 +50,10 @@ use aya::{
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ClientChannelKey, ClientChannelValue,
     DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, EGRESS_MAP, Endpoint, PEER_CHANNELS_MAP,
-    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_PROGRAM_NAME, STATS_MAP,
+    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_PROGRAM_NAME, SETTINGS_MAP,
+    STATS_MAP, Settings,
 };
-pub use relay_common::{ChannelCounters, Counter, Stat};
+pub use relay_common::{ChannelCounters, Counter, FIB_LOOKUP_DIRECT, NextHop, Stat};
 
 /// The object built by `build.rs`. Empty when the build was made with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart-xdp"));
@@ -138,7 +143,7 @@ pub enum XdpError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     /// Channels the kernel can forward at once (each takes one entry in the client map, one in
-    /// the peer map and one set of counters).
+    /// the peer map and one set of counters); counter ids are below it.
     pub channels: u32,
     /// Interfaces the program may redirect to.
     pub egress_interfaces: u32,
@@ -168,12 +173,17 @@ pub struct ChannelBinding {
     pub peer: SocketAddr,
     /// 0x4000-0x7FFF.
     pub channel: u16,
-    /// Key of the channel's counters, chosen by the agent; one per binding.
+    /// Index of the channel's counters, chosen by the agent: one per binding, below
+    /// [`MapSizes::channels`].
     pub counter_id: u32,
     /// `CLOCK_MONOTONIC` nanoseconds ([`monotonic_now_ns`]) at which the kernel stops using
     /// the binding: the channel binding's lifetime (RFC 8656 §12: 10 minutes) capped by the
     /// permission's and the allocation's.
     pub expires_ns: u64,
+    /// Where ChannelData turned into UDP goes (towards `peer`); `NextHop::NONE`: FIB lookup.
+    pub to_peer: NextHop,
+    /// Where UDP turned into ChannelData goes (towards `client`); `NextHop::NONE`: FIB lookup.
+    pub to_client: NextHop,
 }
 
 impl ChannelBinding {
@@ -369,15 +379,23 @@ impl XdpProgram {
         Ok(Attached::New)
     }
 
-    /// Every channel in the kernel's maps, e.g. left by a previous agent.
+    /// Every channel in the kernel's maps, e.g. left by a previous agent (the client-direction
+    /// entries, with the next hop of their peer-direction entry where there is one).
     pub fn channel_bindings(&self) -> Result<Vec<ChannelBinding>, XdpError> {
         let map = HashMap::<_, ClientChannelKey, ClientChannelValue>::try_from(
             self.map(CLIENT_CHANNELS_MAP)?,
         )
         .map_err(map_error(CLIENT_CHANNELS_MAP))?;
+        let peers =
+            HashMap::<_, PeerChannelKey, PeerChannelValue>::try_from(self.map(PEER_CHANNELS_MAP)?)
+                .map_err(map_error(PEER_CHANNELS_MAP))?;
         map.iter()
             .map(|entry| {
                 let (key, value) = entry.map_err(map_error(CLIENT_CHANNELS_MAP))?;
+                let peer_key = PeerChannelKey {
+                    relay: value.relay,
+                    peer: value.peer,
+                };
                 Ok(ChannelBinding {
                     client: key.client.socket_addr(),
                     server: key.server.socket_addr(),
@@ -386,21 +404,24 @@ impl XdpProgram {
                     channel: key.channel,
                     counter_id: value.counter_id,
                     expires_ns: value.expires_ns,
+                    to_peer: value.next_hop,
+                    to_client: peers
+                        .get(&peer_key, 0)
+                        .map_or(NextHop::NONE, |v| v.next_hop),
                 })
             })
             .collect()
     }
 
-    /// Removes peer-direction entries and counters that no client-direction entry accounts
-    /// for (half-written by an agent that died mid-update); returns how many went.
+    /// Removes peer-direction entries that no client-direction entry accounts for
+    /// (half-written by an agent that died mid-update); returns how many went. (Counter slots
+    /// need no cleaning: a slot is zeroed when it is given to a new channel.)
     pub fn remove_orphans(&mut self) -> Result<usize, XdpError> {
         let bindings = self.channel_bindings()?;
         let keys: std::collections::HashSet<PeerChannelKey> = bindings
             .iter()
             .filter_map(|b| b.keys().ok().map(|(_, peer_key)| peer_key))
             .collect();
-        let counter_ids: std::collections::HashSet<u32> =
-            bindings.iter().map(|b| b.counter_id).collect();
         let mut peer_map = self.peer_map()?;
         let orphan_peers: Vec<PeerChannelKey> = peer_map
             .keys()
@@ -410,16 +431,7 @@ impl XdpProgram {
         for key in &orphan_peers {
             ignore_missing(peer_map.remove(key)).map_err(map_error(PEER_CHANNELS_MAP))?;
         }
-        let mut counters = self.counters_map()?;
-        let orphan_counters: Vec<u32> = counters
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !counter_ids.contains(id))
-            .collect();
-        for id in &orphan_counters {
-            ignore_missing(counters.remove(id)).map_err(map_error(CHANNEL_COUNTERS_MAP))?;
-        }
-        Ok(orphan_peers.len() + orphan_counters.len())
+        Ok(orphan_peers.len())
     }
 
     /// Attaches the program to `interface` (a name in the calling thread's network namespace).
@@ -461,28 +473,51 @@ impl XdpProgram {
         self.links.iter().any(|(name, _)| name == interface)
     }
 
-    /// The count for `stat`, summed over all CPUs.
+    /// The count for `stat`, summed over all CPUs ([`Stat::Seen`]: over every other slot).
     pub fn counter(&self, stat: Stat) -> Result<Counter, XdpError> {
+        if stat == Stat::Seen {
+            return Ok(self
+                .stats()?
+                .iter()
+                .find(|(s, _)| *s == Stat::Seen)
+                .map(|(_, c)| *c)
+                .unwrap_or_default());
+        }
+        self.slot(stat)
+    }
+
+    fn slot(&self, stat: Stat) -> Result<Counter, XdpError> {
         let stats = PerCpuArray::<_, Counter>::try_from(self.map(STATS_MAP)?)
             .map_err(map_error(STATS_MAP))?;
         let per_cpu = stats.get(&stat.index(), 0).map_err(map_error(STATS_MAP))?;
-        Ok(per_cpu.iter().fold(Counter::default(), |sum, cpu| Counter {
-            packets: sum.packets.wrapping_add(cpu.packets),
-            bytes: sum.bytes.wrapping_add(cpu.bytes),
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(Counter::default(), |sum, cpu| add_counters(sum, *cpu)))
     }
 
     /// Every [`Stat`] with its count, in index order.
     pub fn stats(&self) -> Result<Vec<(Stat, Counter)>, XdpError> {
-        Stat::ALL
+        let mut stats = Stat::ALL
             .iter()
-            .map(|&stat| Ok((stat, self.counter(stat)?)))
-            .collect()
+            .map(|&stat| Ok((stat, self.slot(stat)?)))
+            .collect::<Result<Vec<_>, XdpError>>()?;
+        // The program counts each frame in one slot; Seen is their sum.
+        let seen = stats
+            .iter()
+            .filter(|(stat, _)| *stat != Stat::Seen)
+            .fold(Counter::default(), |sum, (_, c)| add_counters(sum, *c));
+        for (stat, counter) in &mut stats {
+            if *stat == Stat::Seen {
+                *counter = seen;
+            }
+        }
+        Ok(stats)
     }
 
-    /// Has the kernel forward `binding`'s channel both ways, or refreshes it (new expiry; the
-    /// counters keep counting). The two direction entries and the counters are written in one
-    /// call; if one write fails, this call's other entries are removed again.
+    /// Has the kernel forward `binding`'s channel both ways, or refreshes it (new expiry or next
+    /// hops; the counters keep counting if the channel keeps its counter id). Each entry is
+    /// replaced whole, so the program sees either the old or the new one. If one write fails,
+    /// this call's other entry is removed again.
     pub fn bind_channel(&mut self, binding: &ChannelBinding) -> Result<(), XdpError> {
         let (client_key, peer_key) = binding.keys()?;
         let client_value = ClientChannelValue {
@@ -490,7 +525,7 @@ impl XdpProgram {
             peer: peer_key.peer,
             expires_ns: binding.expires_ns,
             counter_id: binding.counter_id,
-            _pad: [0; 4],
+            next_hop: binding.to_peer,
         };
         let peer_value = PeerChannelValue {
             client: client_key.client,
@@ -499,17 +534,18 @@ impl XdpProgram {
             counter_id: binding.counter_id,
             channel: binding.channel,
             _pad: [0; 2],
+            next_hop: binding.to_client,
+            _pad2: [0; 4],
         };
 
-        // Counters first, so the kernel never forwards uncounted; kept if they exist (refresh).
-        let cpus = nr_cpus().map_err(|(what, e)| XdpError::Cpus(what, e))?;
-        let zeros = PerCpuValues::try_from(vec![ChannelCounters::default(); cpus])
-            .map_err(|e| XdpError::Cpus("one value per possible CPU", e))?;
-        let mut counters = self.counters_map()?;
-        match counters.insert(binding.counter_id, zeros, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(e) if is_errno(&e, libc::EEXIST) => {}
-            Err(e) => return Err(map_error(CHANNEL_COUNTERS_MAP)(e)),
+        // Counters first, so the kernel never forwards into another channel's: a slot new to
+        // this channel starts at zero, a refresh keeps counting.
+        let refresh = self
+            .client_map()?
+            .get(&client_key, 0)
+            .is_ok_and(|v| v.counter_id == binding.counter_id);
+        if !refresh {
+            self.reset_channel_counters(binding.counter_id)?;
         }
 
         self.client_map()?
@@ -522,7 +558,7 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// Stops forwarding `binding`'s channel in the kernel and drops its counters, returning
+    /// Stops forwarding `binding`'s channel in the kernel and zeroes its counters, returning
     /// their last values. Entries already gone are fine (unbinding is idempotent).
     pub fn unbind_channel(
         &mut self,
@@ -532,24 +568,35 @@ impl XdpProgram {
         ignore_missing(self.client_map()?.remove(&client_key))
             .map_err(map_error(CLIENT_CHANNELS_MAP))?;
         ignore_missing(self.peer_map()?.remove(&peer_key)).map_err(map_error(PEER_CHANNELS_MAP))?;
-        let last = match self.channel_counters(binding.counter_id) {
-            Ok(counters) => counters,
-            Err(XdpError::Map {
-                source: MapError::KeyNotFound,
-                ..
-            }) => ChannelCounters::default(),
-            Err(e) => return Err(e),
-        };
-        ignore_missing(self.counters_map()?.remove(&binding.counter_id))
-            .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        let last = self.channel_counters(binding.counter_id)?;
+        self.reset_channel_counters(binding.counter_id)?;
         Ok(last)
+    }
+
+    /// Zeroes the counters at `counter_id` on every CPU.
+    fn reset_channel_counters(&mut self, counter_id: u32) -> Result<(), XdpError> {
+        let cpus = nr_cpus().map_err(|(what, e)| XdpError::Cpus(what, e))?;
+        let zeros = PerCpuValues::try_from(vec![ChannelCounters::default(); cpus])
+            .map_err(|e| XdpError::Cpus("one value per possible CPU", e))?;
+        self.counters_map()?
+            .set(counter_id, zeros, 0)
+            .map_err(map_error(CHANNEL_COUNTERS_MAP))
+    }
+
+    /// Sets the flags of the fallback FIB lookup (for bindings without a cached next hop):
+    /// [`FIB_LOOKUP_DIRECT`] when the host has no policy-routing rules beyond the default ones.
+    pub fn set_fib_flags(&mut self, fib_flags: u32) -> Result<(), XdpError> {
+        let mut settings = Array::<_, Settings>::try_from(self.map_mut(SETTINGS_MAP)?)
+            .map_err(map_error(SETTINGS_MAP))?;
+        settings
+            .set(0, Settings { fib_flags }, 0)
+            .map_err(map_error(SETTINGS_MAP))
     }
 
     /// A channel's counters, summed over all CPUs.
     pub fn channel_counters(&self, counter_id: u32) -> Result<ChannelCounters, XdpError> {
-        let counters =
-            PerCpuHashMap::<_, u32, ChannelCounters>::try_from(self.map(CHANNEL_COUNTERS_MAP)?)
-                .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
+        let counters = PerCpuArray::<_, ChannelCounters>::try_from(self.map(CHANNEL_COUNTERS_MAP)?)
+            .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
         let per_cpu = counters
             .get(&counter_id, 0)
             .map_err(map_error(CHANNEL_COUNTERS_MAP))?;
@@ -674,21 +721,28 @@ impl XdpProgram {
         HashMap::try_from(self.map_mut(PEER_CHANNELS_MAP)?).map_err(map_error(PEER_CHANNELS_MAP))
     }
 
-    fn counters_map(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, ChannelCounters>, XdpError> {
-        PerCpuHashMap::try_from(self.map_mut(CHANNEL_COUNTERS_MAP)?)
+    fn counters_map(&mut self) -> Result<PerCpuArray<&mut MapData, ChannelCounters>, XdpError> {
+        PerCpuArray::try_from(self.map_mut(CHANNEL_COUNTERS_MAP)?)
             .map_err(map_error(CHANNEL_COUNTERS_MAP))
     }
 }
 
+fn add_counters(a: Counter, b: Counter) -> Counter {
+    Counter {
+        packets: a.packets.wrapping_add(b.packets),
+        bytes: a.bytes.wrapping_add(b.bytes),
+    }
+}
+
 /// The maps that outlive the agent: the channels and their counters (so forwarding goes on),
-/// the egress devmap (so redirects keep working), and the program's statistics.
-const PINNED_MAPS: [&str; 5] = [
+/// the egress devmap (so redirects keep working), the fallback lookup's settings and the
+/// program's statistics.
+const PINNED_MAPS: [&str; 6] = [
     CLIENT_CHANNELS_MAP,
     PEER_CHANNELS_MAP,
     CHANNEL_COUNTERS_MAP,
     EGRESS_MAP,
+    SETTINGS_MAP,
     STATS_MAP,
 ];
 
@@ -730,9 +784,6 @@ fn is_bpffs(path: &Path) -> bool {
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
     rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
-
-/// `BPF_NOEXIST`: insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
 
 fn map_error(map: &'static str) -> impl Fn(MapError) -> XdpError {
     move |source| XdpError::Map { map, source }

@@ -98,6 +98,8 @@ pub struct XdpConfig {
     pub pin_path: Option<PathBuf>,
     /// `max_channels`: the agent's default if unset.
     pub max_channels: Option<u32>,
+    /// `cache_next_hops`: the agent's default (on) if unset.
+    pub cache_next_hops: Option<bool>,
 }
 
 impl RampartConfig {
@@ -159,6 +161,7 @@ impl RampartConfig {
             interfaces: interfaces.iter().map(|i| (*i).to_owned()).collect(),
             pin_path: None,
             max_channels: None,
+            cache_next_hops: None,
         });
         self
     }
@@ -284,6 +287,9 @@ impl RampartConfig {
             );
             if let Some(max) = xdp.max_channels {
                 let _ = writeln!(t, "max_channels = {max}");
+            }
+            if let Some(cache) = xdp.cache_next_hops {
+                let _ = writeln!(t, "cache_next_hops = {cache}");
             }
             if let Some(path) = &xdp.pin_path {
                 let _ = writeln!(t, "pin_path = {}", quote(&path.display().to_string()));

@@ -99,7 +99,12 @@ fn pinned_program_forwards_after_sigkill_until_expiry_and_a_restart_leaves_no_or
 /// The agent's configuration: listeners on the edge's external addresses, relays on its
 /// internal ones, native XDP on both, pins on the test's bpffs, counters every second.
 fn agent_config(topology: &EdgeTopology, pin_path: &Path) -> RampartConfig {
-    topology.agent_config("native").with_xdp_pin_path(pin_path)
+    let mut config = topology.agent_config("native").with_xdp_pin_path(pin_path);
+    // The counters are an array of this many slots, which the test dumps with bpftool.
+    if let Some(xdp) = &mut config.xdp {
+        xdp.max_channels = Some(1024);
+    }
+    config
 }
 
 /// The pinned objects of the agent's map layout.
@@ -177,12 +182,16 @@ impl Pins {
         ))
     }
 
-    /// Entries of the channel maps and the counters map: (client, peer, counters).
+    /// Entries of the channel maps, and counter slots that are not zero (the counters are an
+    /// array: a slot is zeroed when its channel is removed): (client, peer, counters).
     fn channel_entries(&self) -> Result<(usize, usize, usize), String> {
         Ok((
             self.dump(CLIENT_CHANNELS_MAP)?.len(),
             self.dump(PEER_CHANNELS_MAP)?.len(),
-            self.dump(CHANNEL_COUNTERS_MAP)?.len(),
+            self.dump(CHANNEL_COUNTERS_MAP)?
+                .iter()
+                .filter(|e| e.values.iter().any(|v| v.iter().any(|&b| b != 0)))
+                .count(),
         ))
     }
 }
@@ -343,15 +352,23 @@ fn scenario(topology: &EdgeTopology, bpffs: &BpfFs, summary: &mut String) -> Res
             calls.len()
         ));
     }
+    // Counter slots start at zero and count once media flows.
     let (client_entries, peer_entries, counter_entries) = pins.channel_entries()?;
-    if (client_entries, peer_entries, counter_entries) != (calls.len(), calls.len(), calls.len()) {
+    if (client_entries, peer_entries, counter_entries) != (calls.len(), calls.len(), 0) {
         return Err(format!(
             "pinned maps hold {client_entries} client, {peer_entries} peer and \
-             {counter_entries} counter entries for {} channels",
+             {counter_entries} non-zero counter entries for {} fresh channels",
             calls.len()
         ));
     }
     let account = media_through_xdp(&agent, &before, &mut calls, 0x10, MEDIA)?;
+    let counting = pins.channel_entries()?.2;
+    if counting != calls.len() {
+        return Err(format!(
+            "{counting} counter slots count after media on {} channels",
+            calls.len()
+        ));
+    }
     let _ = writeln!(summary, "  ok  running agent: {account}");
     let link_before = link_ids(&pins, EDGE_EXT_IF)?;
 
@@ -454,7 +471,11 @@ fn scenario(topology: &EdgeTopology, bpffs: &BpfFs, summary: &mut String) -> Res
     let _ = writeln!(
         summary,
         "  ok  after SIGKILL: pinned {STATS_MAP} forwarded {forwarded} (seen: {} frames)",
-        stat_delta(Stat::Seen).packets
+        Stat::ALL
+            .iter()
+            .filter(|&&stat| stat != Stat::Seen)
+            .map(|&stat| stat_delta(stat).packets)
+            .sum::<u64>()
     );
 
     // ---- 3. Expiry: rewrite every entry's expires_ns to 1 s from now; then nothing passes.

@@ -47,8 +47,10 @@ const FIRST_CHANNEL: u16 = 0x4000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
-    /// `[xdp] mode = "native"` on e0 and i0.
+    /// `[xdp] mode = "native"` on e0 and i0 (next hops cached in the bindings).
     Xdp,
+    /// Native, with `cache_next_hops = false`: every frame takes the program's FIB lookup.
+    XdpFibLookup,
     /// Native XDP, with senders that leave their UDP checksums to offload: the program must
     /// hand every such datagram to userspace (it cannot complete the checksum), which relays
     /// it.
@@ -119,6 +121,15 @@ fn xdp_native_forwards_all_channel_media_in_the_kernel() {
 }
 
 #[test]
+fn xdp_native_without_cached_next_hops_forwards_all_channel_media_in_the_kernel() {
+    run(
+        "xdp_topology (xdp native, FIB lookup per packet)",
+        Mode::XdpFibLookup,
+        SenderChecksums::Complete,
+    );
+}
+
+#[test]
 fn userspace_relays_the_same_media_with_xdp_off() {
     run(
         "xdp_topology (xdp off)",
@@ -145,10 +156,13 @@ fn run(test: &str, mode: Mode, checksums: SenderChecksums) {
     let Some(topology) = EdgeTopology::create(test, checksums).expect("build the topology") else {
         return;
     };
-    let config = topology.agent_config(match mode {
-        Mode::Xdp | Mode::XdpPartialChecksums => "native",
+    let mut config = topology.agent_config(match mode {
+        Mode::Xdp | Mode::XdpFibLookup | Mode::XdpPartialChecksums => "native",
         Mode::Userspace => "off",
     });
+    if let (Mode::XdpFibLookup, Some(xdp)) = (mode, &mut config.xdp) {
+        xdp.cache_next_hops = Some(false);
+    }
     let server = Rampart::start(&config).expect("start rampart in the edge namespace");
     if mode != Mode::Userspace {
         let log = server.log();
@@ -294,7 +308,15 @@ fn run_case(
         channels.len()
     );
     match mode {
-        Mode::Xdp => {
+        Mode::Xdp | Mode::XdpFibLookup => {
+            // Next hops cached (the neighbours are known), or none with the cache off.
+            let cached = number(&after, &["fast_path", "next_hops", "cached"]);
+            if (cached > 0) != (mode == Mode::Xdp) {
+                return Err(format!(
+                    "fast_path.next_hops.cached is {cached} in mode {mode:?}: {}",
+                    after["fast_path"]
+                ));
+            }
             // A complete checksum equals the pseudo-header sum one time in 65536 (random
             // ports): the program then rightly takes such a datagram for an offload-partial
             // one and leaves it to userspace. Those, and only those, may reach userspace.

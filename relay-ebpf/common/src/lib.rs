@@ -13,7 +13,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Subdirectory of the agent's bpffs pin path for this layout of the maps: bumped whenever a
 /// map's key or value changes, so an upgraded agent never adopts maps it would misread.
-pub const PIN_LAYOUT_VERSION: &str = "v1";
+pub const PIN_LAYOUT_VERSION: &str = "v2";
 
 /// Name of the XDP program in the object file (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "rampart_xdp";
@@ -27,7 +27,9 @@ pub const STATS_MAP: &str = "RAMPART_STATS";
 pub const CLIENT_CHANNELS_MAP: &str = "RAMPART_CLIENT_CHANNELS";
 /// Name of the hash map [`PeerChannelKey`] -> [`PeerChannelValue`] (peer -> client).
 pub const PEER_CHANNELS_MAP: &str = "RAMPART_PEER_CHANNELS";
-/// Name of the per-CPU hash map `counter_id` (u32) -> [`ChannelCounters`].
+/// Name of the per-CPU array of [`ChannelCounters`], indexed by a binding's `counter_id` (a
+/// slot the agent assigns, below the map's size). An array, not a hash: the verifier inlines
+/// its lookup, where a hash lookup is a helper call and a hash computation per packet.
 pub const CHANNEL_COUNTERS_MAP: &str = "RAMPART_CHANNEL_COUNTERS";
 /// Name of the `DEVMAP_HASH` of the interfaces the program may redirect to (key = value =
 /// ifindex). A hash, not an array, because an ifindex is not bounded by the map's size.
@@ -39,15 +41,68 @@ pub const DEFAULT_MAX_CHANNELS: u32 = 65536;
 /// Default `max_entries` of [`EGRESS_MAP`].
 pub const DEFAULT_MAX_EGRESS: u32 = 64;
 
+/// Name of the one-entry array holding the program's [`Settings`].
+pub const SETTINGS_MAP: &str = "RAMPART_SETTINGS";
+
+/// What the agent tells the program about the host, in [`SETTINGS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Flags of the fallback `bpf_fib_lookup` (for a binding without a cached next hop):
+    /// `BPF_FIB_LOOKUP_DIRECT` ([`FIB_LOOKUP_DIRECT`]) when the host has no policy-routing
+    /// rules beyond the default ones, which skips the rules; 0 otherwise (a full lookup).
+    pub fib_flags: u32,
+}
+
+/// `BPF_FIB_LOOKUP_DIRECT`: look up the main table (or the interface's VRF) directly.
+pub const FIB_LOOKUP_DIRECT: u32 = 1;
+
+/// Where a rewritten frame leaves, resolved by the agent from the kernel's routing and
+/// neighbour tables and kept true as they change, so the program needs no FIB lookup per
+/// packet. `ifindex` 0 means none is cached: the program falls back to `bpf_fib_lookup`.
+/// Stored inside the binding's hash-map value, which the agent replaces whole, so the program
+/// never sees half of one.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    /// Egress interface (in [`EGRESS_MAP`] unless it is the ingress one); 0 = not cached.
+    pub ifindex: u32,
+    /// Largest IP packet the egress takes (the route's MTU, else the interface's): larger
+    /// rewritten frames go to userspace, as `bpf_fib_lookup`'s MTU check would send them.
+    pub mtu: u16,
+    /// The egress interface's MAC.
+    pub src_mac: [u8; 6],
+    /// The next hop's MAC (the gateway's, or the destination's on a connected network).
+    pub dst_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl NextHop {
+    /// No cached next hop.
+    pub const NONE: NextHop = NextHop {
+        ifindex: 0,
+        mtu: 0,
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+        _pad: [0; 2],
+    };
+
+    pub const fn is_cached(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
 /// Slots of [`STATS_MAP`]. The discriminant is the array index.
 ///
-/// Every frame is counted in [`Stat::Seen`] and in exactly one other slot: what the program
-/// did with it. `Pass*` frames were handed to the kernel stack unchanged (userspace serves
-/// them, or the stack drops them); `Drop*` frames were dropped.
+/// The program counts every frame in exactly one slot: what it did with it. `Pass*` frames
+/// were handed to the kernel stack unchanged (userspace serves them, or the stack drops
+/// them); `Drop*` frames were dropped. [`Stat::Seen`] is their sum, made by the reader: the
+/// program leaves its slot at zero (one counter update less per frame).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stat {
-    /// Every frame the program was run on, whatever it then did with it.
+    /// Every frame the program was run on, whatever it then did with it: the sum of the other
+    /// slots (the map's slot stays 0).
     Seen = 0,
     /// ChannelData from a client, sent on to its peer as plain UDP.
     ForwardedToPeer = 1,
@@ -270,9 +325,10 @@ pub struct ClientChannelValue {
     pub peer: Endpoint,
     /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
     pub expires_ns: u64,
-    /// Key of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
+    /// Index of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
     pub counter_id: u32,
-    pub _pad: [u8; 4],
+    /// Towards `peer`.
+    pub next_hop: NextHop,
 }
 
 /// Key of [`PEER_CHANNELS_MAP`]: UDP arriving from `peer` at the allocation's `relay` address.
@@ -292,10 +348,13 @@ pub struct PeerChannelValue {
     pub server: Endpoint,
     /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
     pub expires_ns: u64,
-    /// Key of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
+    /// Index of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
     pub counter_id: u32,
     pub channel: u16,
     pub _pad: [u8; 2],
+    /// Towards `client`.
+    pub next_hop: NextHop,
+    pub _pad2: [u8; 4],
 }
 
 /// One CPU's traffic of one channel, in application payload bytes (the ChannelData data, the
@@ -327,9 +386,11 @@ const _: () = {
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<Endpoint>() == 20 && align_of::<Endpoint>() == 4);
     assert!(size_of::<ClientChannelKey>() == 44 && align_of::<ClientChannelKey>() == 4);
-    assert!(size_of::<ClientChannelValue>() == 56 && align_of::<ClientChannelValue>() == 8);
+    assert!(size_of::<NextHop>() == 20 && align_of::<NextHop>() == 4);
+    assert!(size_of::<ClientChannelValue>() == 72 && align_of::<ClientChannelValue>() == 8);
     assert!(size_of::<PeerChannelKey>() == 40 && align_of::<PeerChannelKey>() == 4);
-    assert!(size_of::<PeerChannelValue>() == 56 && align_of::<PeerChannelValue>() == 8);
+    assert!(size_of::<PeerChannelValue>() == 80 && align_of::<PeerChannelValue>() == 8);
+    assert!(size_of::<Settings>() == 4);
     assert!(size_of::<ChannelCounters>() == 32);
 };
 
@@ -345,6 +406,8 @@ mod pod {
     unsafe impl aya::Pod for PeerChannelKey {}
     unsafe impl aya::Pod for PeerChannelValue {}
     unsafe impl aya::Pod for ChannelCounters {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for Settings {}
 }
 
 #[cfg(test)]

@@ -1,9 +1,13 @@
 //! Drives the XDP program's maps from the state machine's fast-path events: a channel the
-//! core says is usable is written to the kernel with its expiry, and removed when the core
-//! withdraws it. The userspace path stays complete underneath: whatever the kernel does not
-//! forward (a full map, an unresolved neighbour, no BPF at all) reaches the agent as before.
+//! core says is usable is written to the kernel with its expiry and the next hop of each
+//! direction, and removed when the core withdraws it. The next hops come from the next-hop
+//! cache (`crate::next_hop`), fed by netlink (`crate::netlink`); when one changes, every
+//! binding that uses it is rewritten. The userspace path stays complete underneath: whatever
+//! the kernel does not forward (a full map, an unresolved neighbour, no BPF at all) reaches
+//! the agent as before.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use relay_common::{ChannelCounters, PIN_LAYOUT_VERSION};
@@ -11,9 +15,14 @@ use relay_common::{ChannelCounters, PIN_LAYOUT_VERSION};
 use tracing::{debug, info, warn};
 
 use crate::config::{XdpMode, XdpSettings};
+use crate::netlink::{Announcement, Announcements, Netlink};
+use crate::next_hop::{Input, NextHopCache, NextHopStats, Output, RouteKey};
 use crate::turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
 use crate::turn::{FiveTuple, Transport};
-use crate::xdp::{self, Attached, ChannelBinding, MapSizes, XdpError, XdpProgram};
+use crate::xdp::{self, Attached, ChannelBinding, MapSizes, NextHop, XdpError, XdpProgram};
+
+/// A bound channel: the allocation's 5-tuple and the channel number.
+type ChannelKey = (FiveTuple, u16);
 
 /// Counters of the fast path's bookkeeping (what the kernel forwarded is in its own maps).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -28,15 +37,27 @@ pub struct FastPathStats {
     pub channels_adopted: u64,
     /// Entries left behind expired, or half-written, and removed at start-up.
     pub stale_removed: u64,
+    /// Bindings rewritten because a next hop they carry changed.
+    pub next_hop_rewrites: u64,
+    pub next_hops: NextHopStats,
 }
 
 pub struct FastPath {
     program: XdpProgram,
     max_channels: usize,
-    bound: HashMap<(FiveTuple, u16), ChannelBinding>,
+    bound: HashMap<ChannelKey, ChannelBinding>,
     /// Bound channels this agent's state machine does not know (adopted at start-up).
-    adopted: HashSet<(FiveTuple, u16)>,
-    next_counter_id: u32,
+    adopted: HashSet<ChannelKey>,
+    /// Counter slots no binding holds.
+    free_counters: Vec<u32>,
+    next_hops: NextHopCache,
+    /// `None` when no rtnetlink socket could be opened: nothing is cached then, and every
+    /// frame takes the program's FIB lookup.
+    netlink: Option<Netlink>,
+    /// Handed to the server's announcement reader once.
+    announcements: Option<Announcements>,
+    /// Which bindings use each route.
+    route_users: HashMap<RouteKey, HashSet<ChannelKey>>,
     full_reported: bool,
     stats: FastPathStats,
 }
@@ -68,6 +89,7 @@ impl FastPath {
             },
             &pins,
         )?;
+        let mut egress = Vec::new();
         for interface in &settings.interfaces {
             let mode = match settings.mode {
                 XdpMode::Generic => xdp::XdpMode::Skb,
@@ -91,7 +113,7 @@ impl FastPath {
                     )
                 }),
             }?;
-            program.add_egress_interface(interface)?;
+            egress.push(program.add_egress_interface(interface)?);
             match attached {
                 (Attached::New, mode) => {
                     info!(interface, mode, pins = %pins.display(), "XDP fast path attached")
@@ -104,17 +126,211 @@ impl FastPath {
             }
             warn_if_not_forwarding(interface);
         }
+        // Subscribe first, then read: no change falls between the two.
+        let sockets = match settings.cache_next_hops {
+            true => Announcements::open().and_then(|a| Ok((Netlink::open()?, a))),
+            false => {
+                info!(
+                    "xdp.cache_next_hops = false: every frame the kernel forwards takes a FIB lookup"
+                );
+                Err(std::io::Error::other("off"))
+            }
+        };
+        let (netlink, announcements) = match sockets {
+            Ok((netlink, announcements)) => (Some(netlink), Some(announcements)),
+            Err(error) => {
+                if settings.cache_next_hops {
+                    warn!(%error, "no rtnetlink socket: next hops are not cached, every frame the kernel forwards takes a FIB lookup");
+                }
+                (None, None)
+            }
+        };
         let mut fast_path = FastPath {
             program,
             max_channels: settings.max_channels as usize,
             bound: HashMap::new(),
             adopted: HashSet::new(),
-            next_counter_id: 0,
+            free_counters: (0..settings.max_channels).rev().collect(),
+            next_hops: NextHopCache::new(egress),
+            netlink,
+            announcements,
+            route_users: HashMap::new(),
             full_reported: false,
             stats: FastPathStats::default(),
         };
+        fast_path.read_kernel_state();
         fast_path.reconcile()?;
+        fast_path.drive();
+        // Adopted bindings carry a previous agent's next hops: this cache's replace them.
+        let adopted: Vec<ChannelKey> = fast_path.adopted.iter().copied().collect();
+        for channel in adopted {
+            fast_path.rewrite(channel);
+        }
         Ok(fast_path)
+    }
+
+    /// The announcement socket, for the thread that reads it ([`FastPath::announced`]).
+    pub fn take_announcements(&mut self) -> Option<Announcements> {
+        self.announcements.take()
+    }
+
+    /// Applies what the kernel announced: the cache follows, and the bindings whose next hop
+    /// changed are rewritten.
+    pub fn announced(&mut self, batch: Vec<Announcement>) {
+        let mut routes_changed = false;
+        let mut rules_changed = false;
+        for announcement in batch {
+            match announcement {
+                Announcement::Link { ifindex, link } => {
+                    self.next_hops.handle_input(Input::Link { ifindex, link })
+                }
+                Announcement::Neighbour { ifindex, ip, mac } => self
+                    .next_hops
+                    .handle_input(Input::Neighbour { ifindex, ip, mac }),
+                // One lookup round for a burst of route changes.
+                Announcement::RoutesChanged => routes_changed = true,
+                Announcement::RulesChanged => rules_changed = true,
+                Announcement::Lost => {
+                    warn!(
+                        "netlink announcements were lost: re-reading links, neighbours, rules and routes"
+                    );
+                    self.next_hops.clear_links_and_neighbours();
+                    self.read_kernel_state();
+                    self.next_hops.handle_input(Input::Resynced);
+                }
+            }
+        }
+        if rules_changed {
+            self.read_policy_rules();
+        }
+        if routes_changed {
+            self.next_hops.handle_input(Input::RoutesChanged);
+        }
+        self.drive();
+    }
+
+    /// Feeds the cache every link and neighbour, and whether policy rules exist.
+    fn read_kernel_state(&mut self) {
+        let Some(netlink) = &mut self.netlink else {
+            return;
+        };
+        if let Err(error) = netlink.read_links_and_neighbours(&mut self.next_hops) {
+            warn!(%error, "reading the interfaces and the neighbour table over netlink failed");
+        }
+        self.read_policy_rules();
+    }
+
+    fn read_policy_rules(&mut self) {
+        let Some(netlink) = &mut self.netlink else {
+            return;
+        };
+        match netlink.has_policy_rules() {
+            Ok(present) => {
+                if present {
+                    info!(
+                        "policy-routing rules present: next hops are not cached, the XDP program does a full FIB lookup per frame"
+                    );
+                }
+                self.next_hops.handle_input(Input::PolicyRules(present));
+            }
+            Err(error) => warn!(%error, "reading the policy-routing rules over netlink failed"),
+        }
+    }
+
+    /// Carries out what the cache asks for until it asks for nothing more.
+    fn drive(&mut self) {
+        while let Some(output) = self.next_hops.poll_output() {
+            match output {
+                Output::LookUpRoute(key) => {
+                    let route = match &mut self.netlink {
+                        Some(netlink) => netlink.route(key).unwrap_or_else(|error| {
+                            warn!(src = %key.src, dst = %key.dst, %error, "route lookup over netlink failed");
+                            None
+                        }),
+                        None => None,
+                    };
+                    self.next_hops.handle_input(Input::Route { key, route });
+                }
+                Output::Changed(key) => self.rewrite_users_of(key),
+                Output::FibFlags(flags) => {
+                    if let Err(error) = self.program.set_fib_flags(flags) {
+                        self.stats.map_errors += 1;
+                        warn!(error = %error_chain(&error), "setting the XDP program's FIB lookup flags failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rewrites every binding that uses `key` with the cache's next hops.
+    fn rewrite_users_of(&mut self, key: RouteKey) {
+        let users: Vec<ChannelKey> = self
+            .route_users
+            .get(&key)
+            .map(|users| users.iter().copied().collect())
+            .unwrap_or_default();
+        for channel in users {
+            self.rewrite(channel);
+        }
+    }
+
+    /// Rewrites one binding if the cache's next hops for it differ from what it carries.
+    fn rewrite(&mut self, channel: ChannelKey) {
+        let Some(binding) = self.bound.get_mut(&channel) else {
+            return;
+        };
+        let (to_peer, to_client) = route_keys(binding);
+        let updated = ChannelBinding {
+            to_peer: self.next_hops.next_hop(to_peer),
+            to_client: self.next_hops.next_hop(to_client),
+            ..*binding
+        };
+        if updated == *binding {
+            return;
+        }
+        match self.program.bind_channel(&updated) {
+            Ok(()) => {
+                *binding = updated;
+                self.stats.next_hop_rewrites += 1;
+                debug!(client = %updated.client, channel = updated.channel, to_peer = ?updated.to_peer, to_client = ?updated.to_client, "channel's next hops rewritten");
+            }
+            Err(error) => {
+                self.stats.map_errors += 1;
+                warn!(client = %updated.client, channel = updated.channel, error = %error_chain(&error), "rewriting a channel's next hops failed");
+            }
+        }
+    }
+
+    /// Starts keeping `binding`'s two routes: the next hops it can carry now.
+    fn use_routes(&mut self, channel: ChannelKey, binding: &ChannelBinding) -> (NextHop, NextHop) {
+        let (to_peer, to_client) = route_keys(binding);
+        for key in [to_peer, to_client] {
+            self.route_users.entry(key).or_default().insert(channel);
+        }
+        (
+            self.next_hops.acquire(to_peer),
+            self.next_hops.acquire(to_client),
+        )
+    }
+
+    /// Forgets a binding: its routes and its counter slot.
+    fn forget(&mut self, channel: ChannelKey) -> Option<ChannelBinding> {
+        let binding = self.bound.remove(&channel)?;
+        self.adopted.remove(&channel);
+        let (to_peer, to_client) = route_keys(&binding);
+        for key in [to_peer, to_client] {
+            self.next_hops.release(key);
+            if let Some(users) = self.route_users.get_mut(&key) {
+                users.remove(&channel);
+                if users.is_empty() {
+                    self.route_users.remove(&key);
+                }
+            }
+        }
+        if (binding.counter_id as usize) < self.max_channels {
+            self.free_counters.push(binding.counter_id);
+        }
+        Some(binding)
     }
 
     /// Bring the pinned maps a previous agent left in line with this one: its state machine
@@ -124,7 +340,6 @@ impl FastPath {
     fn reconcile(&mut self) -> Result<(), XdpError> {
         let now_ns = xdp::monotonic_now_ns();
         for binding in self.program.channel_bindings()? {
-            self.next_counter_id = self.next_counter_id.max(binding.counter_id);
             if binding.expires_ns <= now_ns {
                 self.program.unbind_channel(&binding)?;
                 self.stats.stale_removed += 1;
@@ -138,8 +353,11 @@ impl FastPath {
                 },
                 binding.channel,
             );
+            self.free_counters
+                .retain(|&slot| slot != binding.counter_id);
             self.bound.insert(key, binding);
             self.adopted.insert(key);
+            self.use_routes(key, &binding);
             self.stats.channels_adopted += 1;
         }
         self.stats.stale_removed += self.program.remove_orphans()? as u64;
@@ -167,15 +385,17 @@ impl FastPath {
             .copied()
             .collect();
         for key in expired {
-            self.adopted.remove(&key);
-            if let Some(binding) = self.bound.remove(&key) {
+            if let Some(binding) = self.forget(key) {
                 self.unbind(&binding);
             }
         }
     }
 
     pub fn stats(&self) -> FastPathStats {
-        self.stats
+        FastPathStats {
+            next_hops: self.next_hops.stats(),
+            ..self.stats
+        }
     }
 
     pub fn program(&self) -> &XdpProgram {
@@ -220,42 +440,57 @@ impl FastPath {
 
     fn install(&mut self, channel: &FastPathChannel, now: Instant) {
         let key = (channel.five_tuple, channel.channel);
-        let counter_id = match self.bound.get(&key) {
-            Some(existing) => existing.counter_id,
-            None if self.bound.len() >= self.max_channels => {
-                self.map_full(channel);
-                return;
-            }
-            None => {
-                self.next_counter_id = self.next_counter_id.wrapping_add(1);
-                self.next_counter_id
-            }
-        };
         // Instant and bpf_ktime_get_ns are both CLOCK_MONOTONIC.
         let remaining = channel.expires.saturating_duration_since(now);
-        let binding = ChannelBinding {
+        let mut binding = ChannelBinding {
             client: channel.five_tuple.client,
             server: channel.five_tuple.server,
             relay: channel.relay,
             peer: channel.peer,
             channel: channel.channel,
-            counter_id,
+            counter_id: 0,
             expires_ns: xdp::monotonic_now_ns()
                 .saturating_add(u64::try_from(remaining.as_nanos()).unwrap_or(u64::MAX)),
+            to_peer: NextHop::NONE,
+            to_client: NextHop::NONE,
+        };
+        let new = match self.bound.get(&key) {
+            Some(existing) => {
+                binding.counter_id = existing.counter_id;
+                binding.to_peer = existing.to_peer;
+                binding.to_client = existing.to_client;
+                false
+            }
+            None => {
+                let Some(slot) = self.free_counters.pop() else {
+                    self.map_full(channel);
+                    return;
+                };
+                binding.counter_id = slot;
+                self.bound.insert(key, binding);
+                (binding.to_peer, binding.to_client) = self.use_routes(key, &binding);
+                true
+            }
         };
         match self.program.bind_channel(&binding) {
             Ok(()) => {
                 self.adopted.remove(&key);
-                if self.bound.insert(key, binding).is_none() {
+                self.bound.insert(key, binding);
+                if new {
                     self.stats.channels_installed += 1;
-                    debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, "channel forwarded in the kernel");
+                    debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, to_peer = ?binding.to_peer, to_client = ?binding.to_client, "channel forwarded in the kernel");
                 }
             }
             Err(error) => {
+                if new {
+                    self.forget(key);
+                }
                 self.stats.map_errors += 1;
                 warn!(client = %binding.client, channel = binding.channel, error = %error_chain(&error), "channel left to userspace: kernel map update failed");
             }
         }
+        // Route lookups the new binding asked for; their answers rewrite it.
+        self.drive();
     }
 
     fn map_full(&mut self, channel: &FastPathChannel) {
@@ -271,7 +506,7 @@ impl FastPath {
     }
 
     fn remove(&mut self, channel: &FastPathChannel) -> Option<ChannelCounters> {
-        let binding = self.bound.remove(&(channel.five_tuple, channel.channel))?;
+        let binding = self.forget((channel.five_tuple, channel.channel))?;
         self.unbind(&binding)
     }
 
@@ -293,6 +528,18 @@ impl FastPath {
             }
         }
     }
+}
+
+/// The routes of a binding's two directions: relay -> peer, and server -> client.
+fn route_keys(binding: &ChannelBinding) -> (RouteKey, RouteKey) {
+    let key = |src: SocketAddr, dst: SocketAddr| RouteKey {
+        src: src.ip().to_canonical(),
+        dst: dst.ip().to_canonical(),
+    };
+    (
+        key(binding.relay, binding.peer),
+        key(binding.server, binding.client),
+    )
 }
 
 fn relayed_bytes(counters: ChannelCounters) -> RelayedBytes {

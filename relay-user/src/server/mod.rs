@@ -13,7 +13,7 @@ mod sip;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
@@ -303,10 +303,11 @@ impl Edge {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let idle_timeout = config.turn.max_lifetime + Duration::from_secs(60);
-        let fast_path = match &config.xdp {
+        let mut fast_path = match &config.xdp {
             Some(settings) => FastPath::start(settings)?,
             None => None,
         };
+        let announcements = fast_path.as_mut().and_then(FastPath::take_announcements);
         let control = config.control.clone().map(|settings| {
             let registration = control_link::registration(&config, &settings.agent_id);
             (settings, registration)
@@ -340,6 +341,15 @@ impl Edge {
             limits: config.connections,
             idle_timeout,
         });
+        if let Some(announcements) = announcements {
+            let shared = Arc::downgrade(&shared);
+            let reader = std::thread::Builder::new()
+                .name("rampart-netlink".into())
+                .spawn(move || read_announcements(shared, announcements));
+            if let Err(error) = reader {
+                warn!(%error, "cannot start the netlink reader: cached next hops will not follow routing changes");
+            }
+        }
         let mut tasks = JoinSet::new();
         for (address, receiver) in receivers {
             local_addresses.push((Transport::Udp, address));
@@ -570,6 +580,30 @@ pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<Arc<UdpSocket>> {
     let socket = std::net::UdpSocket::bind(address)?;
     socket.set_nonblocking(true)?;
     Ok(Arc::new(UdpSocket::from_std(socket)?))
+}
+
+/// Hands the kernel's routing, neighbour and link announcements to the fast path as they come,
+/// until the edge is gone. Its own thread: netlink sockets are blocking, and a change must
+/// reach the XDP maps at once (the next-hop cache follows the kernel within milliseconds).
+fn read_announcements(shared: Weak<Shared>, mut announcements: crate::netlink::Announcements) {
+    loop {
+        let batch = match announcements.next_batch() {
+            Ok(batch) => batch,
+            Err(error) => {
+                warn!(%error, "reading netlink announcements failed: cached next hops no longer follow routing changes");
+                return;
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        if let Some(fast_path) = &mut shared.lock().fast_path {
+            fast_path.announced(batch);
+        }
+    }
 }
 
 async fn timers(shared: Arc<Shared>, stats_every: Duration) {
