@@ -12,7 +12,7 @@
 //! Dropping the [`XdpProgram`] detaches it from every interface and unloads it.
 //!
 //! Expiry is kernel time: every binding carries `expires_ns` on `CLOCK_MONOTONIC`
-//! ([`monotonic_now_ns`]), the clock of `bpf_ktime_get_ns`, so the kernel stops forwarding a
+//! ([`monotonic_now_ns`]), the clock of `bpf_ktime_get_coarse_ns`, so the kernel stops forwarding a
 //! channel on time even if the agent is gone.
 //!
 //! The fast path's egress is the [`NextHop`] each direction of a binding carries (egress
@@ -237,7 +237,8 @@ pub mod action {
     pub const REDIRECT: u32 = 4;
 }
 
-/// Now on `CLOCK_MONOTONIC`, the clock of the program's `bpf_ktime_get_ns`, in nanoseconds.
+/// Now on `CLOCK_MONOTONIC`, the clock of the program's `bpf_ktime_get_coarse_ns` (which
+/// lags it by up to a tick), in nanoseconds.
 pub fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,

@@ -323,7 +323,8 @@ impl ClientChannelKey {
 pub struct ClientChannelValue {
     pub relay: Endpoint,
     pub peer: Endpoint,
-    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
+    /// `CLOCK_MONOTONIC` nanoseconds; once `bpf_ktime_get_coarse_ns` (the same clock as of the
+    /// last tick) reaches it, the entry is unused.
     pub expires_ns: u64,
     /// Index of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
     pub counter_id: u32,
@@ -346,7 +347,8 @@ pub struct PeerChannelKey {
 pub struct PeerChannelValue {
     pub client: Endpoint,
     pub server: Endpoint,
-    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds; at or after it the entry is unused.
+    /// `CLOCK_MONOTONIC` nanoseconds; once `bpf_ktime_get_coarse_ns` (the same clock as of the
+    /// last tick) reaches it, the entry is unused.
     pub expires_ns: u64,
     /// Index of this channel's [`ChannelCounters`] in [`CHANNEL_COUNTERS_MAP`].
     pub counter_id: u32,

@@ -440,7 +440,7 @@ impl FastPath {
 
     fn install(&mut self, channel: &FastPathChannel, now: Instant) {
         let key = (channel.five_tuple, channel.channel);
-        // Instant and bpf_ktime_get_ns are both CLOCK_MONOTONIC.
+        // Instant and bpf_ktime_get_coarse_ns are both CLOCK_MONOTONIC.
         let remaining = channel.expires.saturating_duration_since(now);
         let mut binding = ChannelBinding {
             client: channel.five_tuple.client,
