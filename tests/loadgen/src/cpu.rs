@@ -92,6 +92,8 @@ pub struct Snapshot {
     cpus: Vec<f64>,
     relay_program: f64,
     system: f64,
+    /// The keep-awake spinner's run time on the system's CPU.
+    spinner: f64,
 }
 
 /// The name (as the kernel keeps it, 16 bytes at most) of the relay's XDP program.
@@ -99,11 +101,22 @@ const RELAY_PROGRAM: &str = "rampart_xdp";
 
 impl Snapshot {
     pub fn take(relay_pid: u32) -> Result<Snapshot> {
-        Self::take_system(Some(relay_pid), &[])
+        Self::take_system(Some(relay_pid), None)
     }
 
-    /// With the system's threads: the relay's (None: no relay) and the edge veths' NAPI.
-    pub fn take_system(relay: Option<u32>, napi: &[u32]) -> Result<Snapshot> {
+    /// With the system's threads: the relay's (None: no relay) and the edge veths' NAPI, and
+    /// the keep-awake spinner's time.
+    pub fn take_system(
+        relay: Option<u32>,
+        system: Option<&crate::isolation::SystemCpu>,
+    ) -> Result<Snapshot> {
+        let (napi, spinner): (&[u32], f64) = match system {
+            Some(system) => (
+                &system.napi,
+                crate::isolation::threads_run_seconds(&[system.spinner_tid()])?,
+            ),
+            None => (&[], 0.0),
+        };
         let relay_run = match relay {
             Some(pid) => crate::isolation::process_run_seconds(pid)?,
             None => 0.0,
@@ -118,6 +131,7 @@ impl Snapshot {
             cpus: crate::isolation::cpu_busy_seconds()?,
             relay_program: program_seconds(RELAY_PROGRAM),
             system: relay_run + crate::isolation::threads_run_seconds(napi)?,
+            spinner,
         })
     }
 
@@ -133,7 +147,8 @@ impl Snapshot {
             softirq: (self.softirq - earlier.softirq).max(0.0),
             generator: (self.own - earlier.own).max(0.0),
             system_cpu: (self.system - earlier.system).max(0.0),
-            system_cpu_busy: cpu(crate::isolation::SYSTEM_CPU),
+            system_cpu_busy: (cpu(crate::isolation::SYSTEM_CPU) - (self.spinner - earlier.spinner))
+                .max(0.0),
             instrument_cpu: cpu(crate::isolation::INSTRUMENT_CPU),
             relay_program: (self.relay_program - earlier.relay_program).max(0.0),
         }

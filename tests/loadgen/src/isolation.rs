@@ -12,8 +12,17 @@
 //! noisy on these VMs to compare systems by). The NAPI threads run in
 //! `SCHED_FIFO` (see [`make_realtime`]) and the injector in `SCHED_IDLE`
 //! ([`yield_to_everything`]).
+//!
+//! [`SYSTEM_CPU`] is also kept from halting, by a spinner in `SCHED_IDLE` pinned there
+//! ([`SystemCpu`]): it runs only when nothing else wants the CPU. On these VMs a halted vCPU
+//! took up to 50-75 ms to wake for a frame at 10 000 pps (the edge's rings overflowed; p99 of
+//! the same order), which a NIC's CPU on a host kept out of deep idle does not do. Its run time
+//! is taken out of the `/proc/stat` cross-check; the systems' own CPU (their threads' run
+//! time) never included it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -27,11 +36,72 @@ pub const SYSTEM_CPU: usize = 1;
 /// How long a veth's NAPI thread may take to appear after `threaded` is set.
 const NAPI_THREAD_WAIT: Duration = Duration::from_secs(2);
 
+/// Bounds the spinner's life, should its owner never stop it.
+const SPINNER_LIMIT: Duration = Duration::from_secs(4 * 3600);
+
+/// The system's CPU as the instrument holds it while a system is measured: the edge veths'
+/// NAPI threads (with the relay's, the threads whose run time is the system's CPU) and the
+/// spinner that keeps the CPU from halting (stopped when this is dropped).
+pub struct SystemCpu {
+    pub napi: Vec<u32>,
+    spinner: Spinner,
+}
+
+impl SystemCpu {
+    /// The spinner's thread id, for taking its time out of the CPU's busy time.
+    pub fn spinner_tid(&self) -> u32 {
+        self.spinner.tid
+    }
+}
+
+struct Spinner {
+    stop: Arc<AtomicBool>,
+    tid: u32,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start(cpu: usize) -> Result<Spinner> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("keep-awake".into())
+            .spawn(move || {
+                pin_self(cpu);
+                yield_to_everything();
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw() as u32);
+                let started = Instant::now();
+                while !flag.load(Ordering::Relaxed) && started.elapsed() < SPINNER_LIMIT {
+                    std::hint::spin_loop();
+                }
+            })
+            .context("starting the keep-awake spinner")?;
+        let tid = tid_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("the keep-awake spinner did not start")?;
+        Ok(Spinner {
+            stop,
+            tid,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Makes the four veths' NAPI threaded and pins their threads, and every thread of the
-/// relay process `relay` (None: no relay, the instrument's own ceiling), to their CPUs. Each
-/// veth must already run NAPI (an XDP program attached, or GRO on). Returns the edge veths'
-/// NAPI threads: with the relay's, the threads whose run time is the system's CPU.
-pub fn split_cpus(topology: &EdgeTopology, relay: Option<u32>) -> Result<Vec<u32>> {
+/// relay process `relay` (None: no relay, the instrument's own ceiling), to their CPUs, and
+/// keeps the system's CPU awake. Each veth must already run NAPI (an XDP program attached, or
+/// GRO on).
+pub fn split_cpus(topology: &EdgeTopology, relay: Option<u32>) -> Result<SystemCpu> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     ensure!(
         cpus > SYSTEM_CPU,
@@ -58,7 +128,10 @@ pub fn split_cpus(topology: &EdgeTopology, relay: Option<u32>) -> Result<Vec<u32
     if let Some(pid) = relay {
         pin_process(pid, SYSTEM_CPU)?;
     }
-    Ok(edge_napi)
+    Ok(SystemCpu {
+        napi: edge_napi,
+        spinner: Spinner::start(SYSTEM_CPU)?,
+    })
 }
 
 /// Time on a CPU of every thread of `pid`, in seconds, as the scheduler keeps it

@@ -459,16 +459,17 @@ fn injected_steps(
         flows.peer_addr(),
         profile.workload.size,
     )?;
-    let napi = isolation::split_cpus(topology, Some(running.pid))?;
+    let system_cpu = isolation::split_cpus(topology, Some(running.pid))?;
     let mut refreshed = Instant::now();
     let result = step_up(profile, system.name(), |step_id, rate| {
         if refreshed.elapsed() > REFRESH_EVERY {
             flows.refresh()?;
             refreshed = Instant::now();
         }
-        let system = (Some(running.pid), napi.as_slice());
+        let system = (Some(running.pid), &system_cpu);
         injected_step(&mut instrument, topology, system, profile, step_id, rate)
     });
+    drop(system_cpu);
     // Signalling (churn, memory) is measured with the relay free to use every CPU.
     isolation::unpin_process(running.pid)?;
     result
@@ -479,14 +480,14 @@ fn injected_steps(
 fn injected_step(
     instrument: &mut Instrument,
     topology: &EdgeTopology,
-    (relay, napi): (Option<u32>, &[u32]),
+    (relay, system_cpu): (Option<u32>, &isolation::SystemCpu),
     profile: &Profile,
     step_id: u32,
     rate: f64,
 ) -> Result<Step> {
-    let before = Snapshot::take_system(relay, napi)?;
+    let before = Snapshot::take_system(relay, Some(system_cpu))?;
     let injected = instrument.step(topology, step_id, rate, profile.step)?;
-    let cpu = Snapshot::take_system(relay, napi)?.since(&before);
+    let cpu = Snapshot::take_system(relay, Some(system_cpu))?.since(&before);
     if injected.inconsistent > 0 {
         bail!(
             "{} flows counted more packets than were sent: the instrument is broken",
@@ -528,12 +529,12 @@ pub fn instrument_ceiling(profile: &Profile) -> Result<(Vec<Step>, Option<f64>, 
             rampart_tests::topology::EDGE_INT_IF,
         )
     })?;
-    let napi = isolation::split_cpus(&topology, None)?;
+    let system_cpu = isolation::split_cpus(&topology, None)?;
     let (steps, limit) = step_up(profile, "instrument ceiling", |step_id, rate| {
         injected_step(
             &mut instrument,
             &topology,
-            (None, &napi),
+            (None, &system_cpu),
             profile,
             step_id,
             rate,
