@@ -61,8 +61,6 @@ impl Netlink {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
-        // Errors come back as messages, with the request's sequence number.
-        socket.set_ext_ack(true).ok();
         Ok(Self {
             socket,
             sequence: 0,

@@ -127,23 +127,19 @@ impl FastPath {
             warn_if_not_forwarding(interface);
         }
         // Subscribe first, then read: no change falls between the two.
-        let sockets = match settings.cache_next_hops {
-            true => Announcements::open().and_then(|a| Ok((Netlink::open()?, a))),
-            false => {
-                info!(
-                    "xdp.cache_next_hops = false: every frame the kernel forwards takes a FIB lookup"
-                );
-                Err(std::io::Error::other("off"))
-            }
-        };
-        let (netlink, announcements) = match sockets {
-            Ok((netlink, announcements)) => (Some(netlink), Some(announcements)),
-            Err(error) => {
-                if settings.cache_next_hops {
+        let (netlink, announcements) = if settings.cache_next_hops {
+            match Announcements::open().and_then(|a| Ok((Netlink::open()?, a))) {
+                Ok((netlink, announcements)) => (Some(netlink), Some(announcements)),
+                Err(error) => {
                     warn!(%error, "no rtnetlink socket: next hops are not cached, every frame the kernel forwards takes a FIB lookup");
+                    (None, None)
                 }
-                (None, None)
             }
+        } else {
+            info!(
+                "xdp.cache_next_hops = false: every frame the kernel forwards takes a FIB lookup"
+            );
+            (None, None)
         };
         let mut fast_path = FastPath {
             program,
