@@ -15,10 +15,10 @@
 //! ([`error`]).
 //!
 //! Shape, and what the verifier and the 512-byte stack asked for:
-//! - each direction x input family x output family is its own BPF function
-//!   (`to_peer::rewrite::<In, Out>`, `to_client::rewrite::<In, Out>`), monomorphized from one
-//!   generic source, with constant header offsets; one function holding all eight would not fit
-//!   the stack;
+//! - each direction x input family x output family is monomorphized from one generic source
+//!   ([`rewrite::rewrite`]), with constant header offsets; IPv4 -> IPv4 is inlined here (calls
+//!   are dear where returns are mitigated), the other six are BPF functions of their own: one
+//!   function holding all eight would not fit the stack;
 //! - the map keys and the FIB lookup parameters live in a per-CPU scratch map, not on the
 //!   stack; addresses are read as 16-bit words where they are (frame, map value) and the UDP
 //!   checksum is settled before the helper calls, so little is spilled;
@@ -50,6 +50,7 @@ mod ipv6;
 mod maps;
 mod packet;
 mod reference;
+mod rewrite;
 mod to_client;
 mod to_peer;
 mod udp;

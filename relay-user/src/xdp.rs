@@ -50,8 +50,8 @@ use aya::{
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ClientChannelKey, ClientChannelValue,
     DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, EGRESS_MAP, Endpoint, PEER_CHANNELS_MAP,
-    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_PROGRAM_NAME, SETTINGS_MAP,
-    STATS_MAP, Settings,
+    PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_CALL_PROGRAM_NAME,
+    REFERENCE_PROGRAM_NAME, SETTINGS_MAP, STATS_MAP, Settings,
 };
 pub use relay_common::{ChannelCounters, Counter, FIB_LOOKUP_DIRECT, NextHop, Stat};
 
@@ -214,6 +214,26 @@ impl ChannelBinding {
             ClientChannelKey::new(client, server, self.channel),
             PeerChannelKey { relay, peer },
         ))
+    }
+}
+
+/// The fixed programs `cargo xtask bench-xdp` measures beside Rampart's (relay-ebpf's
+/// `reference` module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Yardstick {
+    /// Parses Ethernet/IP/UDP, swaps the MACs, redirects through the same devmap.
+    Reference,
+    /// The same with one helper call more: the difference is what a call into the kernel
+    /// costs on this machine.
+    ReferenceWithCall,
+}
+
+impl Yardstick {
+    fn program_name(self) -> &'static str {
+        match self {
+            Yardstick::Reference => REFERENCE_PROGRAM_NAME,
+            Yardstick::ReferenceWithCall => REFERENCE_CALL_PROGRAM_NAME,
+        }
     }
 }
 
@@ -644,25 +664,28 @@ impl XdpProgram {
         self.test_run_program(PROGRAM_NAME, frame, ingress_ifindex, repeat)
     }
 
-    /// Loads the benchmark's reference program (`rampart_reference`, in the same object: it
-    /// parses Ethernet/IP/UDP, swaps the MACs and redirects through the same devmap, nothing
-    /// else) so that [`XdpProgram::reference_test_run`] can measure it beside this program.
-    /// The agent never calls this.
+    /// Loads the benchmark's [`Yardstick`]s (in the same object) so that
+    /// [`XdpProgram::reference_test_run`] can measure them beside this program. The agent
+    /// never calls this.
     pub fn load_reference(&mut self) -> Result<(), XdpError> {
-        program_named(&mut self.ebpf, REFERENCE_PROGRAM_NAME)?
-            .load()
-            .map_err(|e| XdpError::Verify(REFERENCE_PROGRAM_NAME, e))
+        for yardstick in [Yardstick::Reference, Yardstick::ReferenceWithCall] {
+            let name = yardstick.program_name();
+            program_named(&mut self.ebpf, name)?
+                .load()
+                .map_err(|e| XdpError::Verify(name, e))?;
+        }
+        Ok(())
     }
 
-    /// [`XdpProgram::test_run`] of the reference program (after
-    /// [`XdpProgram::load_reference`]).
+    /// [`XdpProgram::test_run`] of a yardstick (after [`XdpProgram::load_reference`]).
     pub fn reference_test_run(
         &self,
+        yardstick: Yardstick,
         frame: &[u8],
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutput, XdpError> {
-        self.test_run_program(REFERENCE_PROGRAM_NAME, frame, ingress_ifindex, repeat)
+        self.test_run_program(yardstick.program_name(), frame, ingress_ifindex, repeat)
     }
 
     fn test_run_program(

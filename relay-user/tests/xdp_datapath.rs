@@ -36,7 +36,7 @@ use nix::{
 use rampart::next_hop::RouteKey;
 use rampart::xdp::{
     ChannelBinding, ChannelCounters, Counter, NextHop, Stat, TestRunOutput, XdpError, XdpProgram,
-    action, monotonic_now_ns,
+    Yardstick, action, monotonic_now_ns,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1269,9 +1269,10 @@ fn bindings_are_validated_and_unbinding_returns_the_counters() {
     );
 }
 
-/// The benchmark's yardstick does what docs/benchmarks.md says it does, and nothing more: a
+/// The benchmark's yardsticks do what docs/benchmarks.md says they do, and nothing more: a
 /// UDP frame of either family leaves redirected with its MACs swapped and nothing else
-/// changed; anything else is passed untouched.
+/// changed; anything else is passed untouched. (The second one also calls a helper, which
+/// changes nothing a frame shows.)
 #[test]
 fn the_reference_program_swaps_macs_and_redirects_udp() {
     on_both_paths(
@@ -1279,32 +1280,39 @@ fn the_reference_program_swaps_macs_and_redirects_udp() {
         |xdp, t| {
             xdp.load_reference()
                 .unwrap_or_else(|e| panic!("{}", report(e)));
-            for family in [Family::V4, Family::V6] {
-                let b = binding(family, family, 1);
-                let frame = from_client(&b, channel_data(b.channel, &data(60, 1), &[])).build();
-                let out = xdp
-                    .reference_test_run(&frame, t.ext, 1)
-                    .unwrap_or_else(|e| panic!("{}", report(e)));
-                let mut expected = frame.clone();
-                expected[..6].copy_from_slice(&frame[6..12]);
-                expected[6..12].copy_from_slice(&frame[..6]);
-                assert_frame(
-                    &format!("{family:?} UDP"),
-                    &out,
-                    action::REDIRECT,
-                    &expected,
-                );
-            }
-            let b = binding(Family::V4, Family::V4, 1);
-            let mut arp = from_client(&b, data(60, 0)).build();
-            arp[12..14].copy_from_slice(&[0x08, 0x06]);
-            let mut tcp = from_client(&b, data(60, 0)).build();
-            tcp[14 + 9] = 6;
-            for (what, frame) in [("ARP", arp), ("TCP", tcp)] {
-                let out = xdp
-                    .reference_test_run(&frame, t.ext, 1)
-                    .unwrap_or_else(|e| panic!("{}", report(e)));
-                assert_frame(what, &out, action::PASS, &frame);
+            for yardstick in [Yardstick::Reference, Yardstick::ReferenceWithCall] {
+                for family in [Family::V4, Family::V6] {
+                    let b = binding(family, family, 1);
+                    let frame = from_client(&b, channel_data(b.channel, &data(60, 1), &[])).build();
+                    let out = xdp
+                        .reference_test_run(yardstick, &frame, t.ext, 1)
+                        .unwrap_or_else(|e| panic!("{}", report(e)));
+                    let mut expected = frame.clone();
+                    expected[..6].copy_from_slice(&frame[6..12]);
+                    expected[6..12].copy_from_slice(&frame[..6]);
+                    assert_frame(
+                        &format!("{yardstick:?}, {family:?} UDP"),
+                        &out,
+                        action::REDIRECT,
+                        &expected,
+                    );
+                }
+                let b = binding(Family::V4, Family::V4, 1);
+                let mut arp = from_client(&b, data(60, 0)).build();
+                arp[12..14].copy_from_slice(&[0x08, 0x06]);
+                let mut tcp = from_client(&b, data(60, 0)).build();
+                tcp[14 + 9] = 6;
+                for (what, frame) in [("ARP", arp), ("TCP", tcp)] {
+                    let out = xdp
+                        .reference_test_run(yardstick, &frame, t.ext, 1)
+                        .unwrap_or_else(|e| panic!("{}", report(e)));
+                    assert_frame(
+                        &format!("{yardstick:?}, {what}"),
+                        &out,
+                        action::PASS,
+                        &frame,
+                    );
+                }
             }
         },
     );
@@ -1354,11 +1362,14 @@ fn bench_xdp() {
         );
         println!(
             "\n| client / peer | next hop | payload | Rampart, ping-pong mean of c->p and p->c | \
-             reference, same frames | Rampart / reference | c->p, single run | p->c, single run \
-             | reference, single run (c->p frame / p->c frame) |"
+             reference, same frames | Rampart / reference | one helper call (reference with a \
+             call - reference) | c->p, single run | p->c, single run | reference, single run \
+             (c->p frame / p->c frame) |"
         );
-        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut results = Vec::new();
+        // A quick comparison of two builds measures a few rows only, e.g. "ipv4/ipv4 cached 100".
+        let only = std::env::var("RAMPART_BENCH_XDP_ROWS").ok();
         let hop = |ifindex, src_mac, dst_mac| NextHop {
             ifindex,
             mtu: 1500,
@@ -1414,6 +1425,17 @@ fn bench_xdp() {
             }
             let next_hop = if cached { "cached" } else { "fib_lookup" };
             for size in BENCH_PAYLOADS {
+                let label = format!(
+                    "{}/{} {next_hop} {size}",
+                    family_name(client),
+                    family_name(peer)
+                );
+                if only
+                    .as_ref()
+                    .is_some_and(|only| !label.contains(only.as_str()))
+                {
+                    continue;
+                }
                 let payload = data(size, 1);
                 let mut to_peer =
                     Udp::new(c, s, channel_data(channel, &payload, &[])).macs(CLIENT_MAC, EXT_MAC);
@@ -1424,21 +1446,15 @@ fn bench_xdp() {
                 let to_peer = to_peer.build();
                 let ping_pong =
                     median_run(xdp, Bench::Rampart, &to_peer, t.ext, BENCH_PING_PONG, None);
-                let reference = (median_run(
-                    xdp,
-                    Bench::Reference,
-                    &to_peer,
-                    t.ext,
-                    BENCH_PING_PONG,
-                    REDIRECT,
-                ) + median_run(
-                    xdp,
-                    Bench::Reference,
-                    &to_client,
-                    t.int,
-                    BENCH_PING_PONG,
-                    REDIRECT,
-                )) / 2.0;
+                // A yardstick's ping-pong: 250 runs on each of the two input frames.
+                let yardstick_pair = |yardstick| {
+                    let bench = Bench::Yardstick(yardstick);
+                    (median_run(xdp, bench, &to_peer, t.ext, BENCH_PING_PONG, REDIRECT)
+                        + median_run(xdp, bench, &to_client, t.int, BENCH_PING_PONG, REDIRECT))
+                        / 2.0
+                };
+                let reference = yardstick_pair(Yardstick::Reference);
+                let helper_call = yardstick_pair(Yardstick::ReferenceWithCall) - reference;
                 let before = counters(xdp, forward.counter_id);
                 let c2p = median_run(xdp, Bench::Rampart, &to_peer, t.ext, 1, REDIRECT);
                 let p2c = median_run(xdp, Bench::Rampart, &to_client, t.int, 1, REDIRECT);
@@ -1448,13 +1464,16 @@ fn bench_xdp() {
                     BENCH_SAMPLES as u64,
                     "every single run was forwarded"
                 );
-                let reference_c2p = median_run(xdp, Bench::Reference, &to_peer, t.ext, 1, REDIRECT);
-                let reference_p2c =
-                    median_run(xdp, Bench::Reference, &to_client, t.int, 1, REDIRECT);
+                let reference_single = |frame: &[u8], ingress| {
+                    let bench = Bench::Yardstick(Yardstick::Reference);
+                    median_run(xdp, bench, frame, ingress, 1, REDIRECT)
+                };
+                let reference_c2p = reference_single(&to_peer, t.ext);
+                let reference_p2c = reference_single(&to_client, t.int);
                 println!(
                     "| {client:?} / {peer:?} | {next_hop} | {size} | {ping_pong:.0} | \
-                     {reference:.0} | {:.2} | {c2p:.0} | {p2c:.0} | {reference_c2p:.0} / \
-                     {reference_p2c:.0} |",
+                     {reference:.0} | {:.2} | {helper_call:.0} | {c2p:.0} | {p2c:.0} | \
+                     {reference_c2p:.0} / {reference_p2c:.0} |",
                     ping_pong / reference
                 );
                 results.push(serde_json::json!({
@@ -1465,6 +1484,7 @@ fn bench_xdp() {
                     "rampart_ping_pong_ns": ping_pong,
                     "reference_ping_pong_ns": reference,
                     "ratio": ping_pong / reference,
+                    "helper_call_ns": helper_call,
                     "rampart_c2p_single_ns": c2p,
                     "rampart_p2c_single_ns": p2c,
                     "reference_c2p_single_ns": reference_c2p,
@@ -1480,6 +1500,10 @@ fn bench_xdp() {
             );
         }
 
+        if only.is_some() {
+            println!("\nRAMPART_BENCH_XDP_ROWS is set: not-forwarded frames and JSON skipped");
+            return;
+        }
         // What frames that are not forwarded cost (unchanged by the program, so `repeat`
         // measures them directly).
         let b = binding(Family::V4, Family::V4, 9);
@@ -1571,7 +1595,7 @@ const REDIRECT: Option<u32> = Some(action::REDIRECT);
 #[derive(Clone, Copy)]
 enum Bench {
     Rampart,
-    Reference,
+    Yardstick(Yardstick),
 }
 
 fn family_name(family: Family) -> &'static str {
@@ -1647,6 +1671,13 @@ fn bench_json(
             "ipv4": headline("ipv4", "ipv4", "reference_ping_pong_ns"),
             "ipv6": headline("ipv6", "ipv6", "reference_ping_pong_ns"),
         },
+        "helper_call_ns": {
+            "what": "the reference with one helper call more (bpf_ktime_get_coarse_ns) minus \
+                     the reference, same frames, same run: what one call into the kernel and \
+                     back costs on this machine",
+            "ipv4": headline("ipv4", "ipv4", "helper_call_ns"),
+            "ipv6": headline("ipv6", "ipv6", "helper_call_ns"),
+        },
         "rampart_ns": {
             "ipv4_ipv4": headline("ipv4", "ipv4", "rampart_ping_pong_ns"),
             "ipv6_ipv6": headline("ipv6", "ipv6", "rampart_ping_pong_ns"),
@@ -1696,7 +1727,9 @@ fn median_run(
         .map(|_| {
             let out = match bench {
                 Bench::Rampart => xdp.test_run(frame, ingress, repeat),
-                Bench::Reference => xdp.reference_test_run(frame, ingress, repeat),
+                Bench::Yardstick(yardstick) => {
+                    xdp.reference_test_run(yardstick, frame, ingress, repeat)
+                }
             }
             .unwrap_or_else(|e| panic!("{}", report(e)));
             if let Some(expected) = expected {
