@@ -13,10 +13,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::auth::{Credentials, RestSecrets};
-use crate::turn::peer_policy::PeerPolicy;
-use crate::turn::rate_limit::RateLimit;
-use crate::turn::{RelayAddress, ServerConfig, Transport};
+use rampart_turn::auth::{Credentials, RestSecrets};
+use rampart_turn::peer_policy::PeerPolicy;
+use rampart_turn::rate_limit::RateLimit;
+use rampart_turn::{RelayAddress, ServerConfig, Transport};
 
 mod sip;
 pub use sip::{PartnerTls, SipPeer, SipSettings};

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use rampart::config::{Config, EMBEDDED_DEFAULT};
 use rampart::server::Edge;
-use rampart::turn::Transport;
+use rampart_turn::Transport;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;

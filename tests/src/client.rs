@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use rampart::stun::{
+use rampart_turn::channel_data::{ChannelData, encode_channel_data, next_stream_frame};
+use rampart_turn::stun::{
     AddressFamily, Attribute, Class, Message, MessageBuilder, Method, PasswordAlgorithm,
     TransactionId, long_term_key,
 };
-use rampart::turn::channel_data::{ChannelData, encode_channel_data, next_stream_frame};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use rustls::pki_types::{CertificateDer, ServerName};

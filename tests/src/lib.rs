@@ -70,7 +70,7 @@ pub fn rest_credentials(secret: &str, user: &str, valid_for: Duration) -> (Strin
         .unwrap_or_default()
         + valid_for;
     let username = format!("{}:{user}", expiry.as_secs());
-    let password = rampart::auth::credentials::rest_password(secret.as_bytes(), &username);
+    let password = rampart_turn::auth::credentials::rest_password(secret.as_bytes(), &username);
     (username, password)
 }
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rampart::stun::{Class, Message, MessageBuilder, Method, TransactionId};
+use rampart_turn::stun::{Class, Message, MessageBuilder, Method, TransactionId};
 use rustls::pki_types::CertificateDer;
 use tempfile::TempDir;
 

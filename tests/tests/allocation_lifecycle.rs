@@ -10,10 +10,10 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use rampart::stun::AddressFamily;
 use rampart_tests::{
     PASSWORD, PEER_V4, Proto, RECV_TIMEOUT, Rampart, RampartConfig, Received, USER,
 };
+use rampart_turn::stun::AddressFamily;
 
 #[test]
 fn refresh_zero_releases_the_relay_port() {

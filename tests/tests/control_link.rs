@@ -11,11 +11,11 @@ use proto::control::v1::{
     AccessPolicy, HealthState, IssueMediaCredentialsRequest, ListAgentsRequest, RevokeUserRequest,
     SetAccessPolicyRequest,
 };
-use rampart::stun::AddressFamily;
 use rampart_tests::control::{AGENT_ID, ControlPki, ControlService, temp_dir};
 use rampart_tests::coturn::{EchoPeer, MESSAGES, assert_all_echoed, uclient};
 use rampart_tests::ports::free_tcp_address;
 use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
+use rampart_turn::stun::AddressFamily;
 
 /// How long an agent may take to (re)connect to control: its reconnection backoff is capped
 /// at 15 s.

@@ -16,15 +16,15 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rampart::auth::credentials::rest_password;
-use rampart::stun::{
-    AddressFamily, Attribute, Class, Message, MessageBuilder, Method, PasswordAlgorithm,
-    TransactionId, attr_type, long_term_key,
-};
-use rampart::turn::channel_data::ChannelData;
 use rampart_tests::netns::{self, Netns};
 use rampart_tests::{
     PASSWORD, PEER_V4, Proto, REALM, RECV_TIMEOUT, REST_SECRET, Rampart, RampartConfig, USER,
+};
+use rampart_turn::auth::credentials::rest_password;
+use rampart_turn::channel_data::ChannelData;
+use rampart_turn::stun::{
+    AddressFamily, Attribute, Class, Message, MessageBuilder, Method, PasswordAlgorithm,
+    TransactionId, attr_type, long_term_key,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};

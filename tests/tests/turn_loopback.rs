@@ -7,13 +7,13 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rampart::auth::credentials::rest_password;
-use rampart::stun::AddressFamily;
 use rampart_tests::client::loopback;
 use rampart_tests::{
     PASSWORD, PEER_V4, Proto, RECV_TIMEOUT, REST_SECRET, Rampart, RampartConfig, Received,
     TurnClient, USER, with_peer_address,
 };
+use rampart_turn::auth::credentials::rest_password;
+use rampart_turn::stun::AddressFamily;
 
 const CHANNEL: u16 = 0x4001;
 /// Lengths around the 4-byte padding boundary of stream framing (RFC 8656 §12.5), and one

@@ -26,7 +26,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use rampart::stun::AddressFamily;
 use rampart_tests::media::{
     Channel, client_to_peer, kernel_flow, messages, next_counters, number, slot, userspace_delta,
     xdp_delta,
@@ -36,6 +35,7 @@ use rampart_tests::topology::{
     CLIENT_IF, CLIENT4, EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, PEER_IF, PEER4, SenderChecksums,
 };
 use rampart_tests::{PASSWORD, Proto, Rampart, TurnClient, USER};
+use rampart_turn::stun::AddressFamily;
 use serde_json::Value;
 
 /// A peer address that no link holds, reached through a route the test moves.

@@ -32,7 +32,6 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Instant;
 
-use rampart::stun::{AddressFamily, Attribute};
 use rampart_tests::media::{
     Channel, Expect, Flow, client_to_peer, kernel_flow, messages, next_counters, number,
     peer_to_client, slot, userspace_delta, xdp_delta,
@@ -40,6 +39,7 @@ use rampart_tests::media::{
 use rampart_tests::netns::run_in;
 use rampart_tests::topology::{EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, SenderChecksums};
 use rampart_tests::{PASSWORD, Proto, Rampart, TurnClient, USER};
+use rampart_turn::stun::{AddressFamily, Attribute};
 
 /// Messages each way on each channel.
 const MESSAGES: usize = 200;

@@ -16,7 +16,7 @@ use crate::sip::Limits;
 use crate::sip::guard::GuardSettings;
 use crate::sip::policy::{AccessPolicy, FederationPolicy};
 use crate::sip::proxy::ProxySettings;
-use crate::turn::rate_limit::RateLimit;
+use rampart_turn::rate_limit::RateLimit;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -26,12 +26,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use super::fast_path::FastPath;
-use super::relay_socket::SocketBinder;
 use super::{Counters, Shared, State};
 use crate::config::{Config, ControlSettings};
 use crate::sip;
-use crate::turn::Transport;
-use crate::turn::rate_limit::RateLimit;
+use rampart_turn::Transport;
+use rampart_turn::rate_limit::RateLimit;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -352,15 +351,13 @@ fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
     if !state.control.revocations.insert(key) {
         return;
     }
-    let mut binder = SocketBinder::new(&mut state.relays, shared);
     state.core.revoke_user(
         &revocation.user,
         revocation.refuse_expiry_through_unix,
         Instant::now(),
-        &mut binder,
     );
-    // The ended allocations' channels leave the kernel too.
-    state.flush_fast_path();
+    // The ended allocations' sockets close and their channels leave the kernel.
+    state.carry_out(shared, &mut Vec::new());
 }
 
 /// Allocations listed per report at most; the rest are counted (AgentStatus).
@@ -472,7 +469,7 @@ mod tests {
 
     use super::*;
     use crate::server::ShellStats;
-    use crate::turn::Stats;
+    use rampart_turn::Stats;
 
     #[test]
     fn registration_names_relay_and_listener_addresses_once_each() {

@@ -17,9 +17,9 @@ use tracing::{debug, info, warn};
 use crate::config::{XdpMode, XdpSettings};
 use crate::netlink::{Announcement, Announcements, Netlink};
 use crate::next_hop::{Input, NextHopCache, NextHopStats, Output, RouteKey};
-use crate::turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
-use crate::turn::{FiveTuple, Transport};
 use crate::xdp::{self, Attached, ChannelBinding, MapSizes, NextHop, XdpError, XdpProgram};
+use rampart_turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
+use rampart_turn::{FiveTuple, Transport};
 
 /// A bound channel: the allocation's 5-tuple and the channel number.
 type ChannelKey = (FiveTuple, u16);

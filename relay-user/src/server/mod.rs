@@ -1,4 +1,4 @@
-//! The tokio shell around [`crate::turn::Server`]: sockets in, bytes to the state machine,
+//! The tokio shell around [`rampart_turn::Server`]: sockets in, bytes to the state machine,
 //! bytes out. No protocol decision is made here.
 //!
 //! One lock guards the state machine, the relay sockets and the stream connections; it is
@@ -27,12 +27,12 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
-use crate::turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
-use crate::turn::{FiveTuple, Server, Stats, Transmit, Transport};
 use crate::xdp::XdpError;
+use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
+use rampart_turn::server::{Output, Payload};
+use rampart_turn::{FiveTuple, Server, Stats, Transmit, Transport};
 
 pub use fast_path::{FastPath, FastPathStats};
-use relay_socket::SocketBinder;
 
 /// Frames queued towards one stream client before further ones are dropped: a client that
 /// does not read its media must not hold memory without bound.
@@ -93,16 +93,57 @@ struct State {
 }
 
 impl State {
-    /// Hand the core's channel changes to the kernel (or drop them when there is no fast
-    /// path); called after every step that may change allocations.
-    fn flush_fast_path(&mut self) {
-        let events = self.core.take_fast_path_events();
+    /// Carry out what the core asked for, in order: relay binds are made and answered at
+    /// once, channel changes go to the kernel (or nowhere without a fast path), transmits
+    /// are resolved to where they go and left in `sends` for after the lock.
+    fn carry_out(&mut self, shared: &Arc<Shared>, sends: &mut Vec<Route>) {
+        let mut channel_changes = Vec::new();
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Transmit(transmit) => sends.extend(self.route(shared, transmit)),
+                Output::BindRelay {
+                    relay,
+                    dont_fragment,
+                } => {
+                    let bound = relay_socket::bind(&mut self.relays, shared, relay, dont_fragment);
+                    self.core.handle_bind_result(relay, bound, Instant::now());
+                }
+                Output::ReleaseRelay { relay } => relay_socket::release(&mut self.relays, relay),
+                Output::FastPath(change) => channel_changes.push(change),
+            }
+        }
         if let Some(fast_path) = &mut self.fast_path
-            && !events.is_empty()
+            && !channel_changes.is_empty()
         {
-            for (five_tuple, bytes) in fast_path.apply(events, Instant::now()) {
+            for (five_tuple, bytes) in fast_path.apply(channel_changes, Instant::now()) {
                 self.core.credit_fast_path(&five_tuple, bytes);
             }
+        }
+    }
+
+    fn route(&self, shared: &Shared, transmit: Transmit) -> Option<Route> {
+        match transmit {
+            Transmit::ToClient {
+                five_tuple,
+                payload,
+            } => match five_tuple.transport {
+                Transport::Udp => shared
+                    .udp_listeners
+                    .get(&five_tuple.server)
+                    .map(|s| Route::Datagram(s.clone(), five_tuple.client, payload)),
+                Transport::Tcp | Transport::Tls => self
+                    .streams
+                    .get(&five_tuple)
+                    .map(|tx| Route::Stream(tx.clone(), payload)),
+            },
+            Transmit::ToPeer {
+                relay,
+                peer,
+                payload,
+            } => self
+                .relays
+                .get(&relay)
+                .map(|r| Route::Datagram(r.sender.clone(), peer, payload)),
         }
     }
 }
@@ -158,8 +199,8 @@ pub(crate) struct Shared {
 /// unwritable until its reactor has seen it, which would drop the first packets of every new
 /// allocation.
 enum Route {
-    Datagram(Arc<UdpSocket>, SocketAddr, Vec<u8>),
-    Stream(mpsc::Sender<Vec<u8>>, Vec<u8>),
+    Datagram(Arc<UdpSocket>, SocketAddr, Payload),
+    Stream(mpsc::Sender<Vec<u8>>, Payload),
 }
 
 impl Shared {
@@ -168,52 +209,43 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Run one state-machine step and resolve where its output goes.
-    fn step(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Server, &mut SocketBinder<'_>) -> Option<Transmit>,
-    ) -> Option<Route> {
+    /// Run one state-machine step and resolve where its output goes, into `sends`.
+    fn step(self: &Arc<Self>, sends: &mut Vec<Route>, f: impl FnOnce(&mut Server)) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut binder = SocketBinder::new(&mut state.relays, self);
-        let transmit = f(&mut state.core, &mut binder);
-        state.flush_fast_path();
-        match transmit? {
-            Transmit::ToClient {
-                five_tuple,
-                payload,
-            } => match five_tuple.transport {
-                Transport::Udp => self
-                    .udp_listeners
-                    .get(&five_tuple.server)
-                    .map(|s| Route::Datagram(s.clone(), five_tuple.client, payload)),
-                Transport::Tcp | Transport::Tls => state
-                    .streams
-                    .get(&five_tuple)
-                    .map(|tx| Route::Stream(tx.clone(), payload)),
-            },
-            Transmit::ToPeer {
-                relay,
-                peer,
-                payload,
-            } => state
-                .relays
-                .get(&relay)
-                .map(|r| Route::Datagram(r.sender.clone(), peer, payload)),
-        }
+        f(&mut state.core);
+        state.carry_out(self, sends);
     }
 
-    fn send(&self, route: Option<Route>) {
-        let failed = match route {
-            None => false,
-            // UDP is best effort: a full socket buffer drops, like the network would.
-            Some(Route::Datagram(socket, to, payload)) => socket2::SockRef::from(&*socket)
-                .send_to(&payload, &to.into())
-                .is_err(),
-            Some(Route::Stream(tx, payload)) => tx.try_send(payload).is_err(),
-        };
-        if failed {
-            self.lock().shell.send_failures += 1;
+    /// Send what a step resolved; `buf` is the buffer its input came in (in-place payloads).
+    fn send(&self, sends: &mut Vec<Route>, buf: &[u8]) {
+        let mut failures = 0;
+        for route in sends.drain(..) {
+            let sent = match route {
+                // UDP is best effort: a full socket buffer drops, like the network would.
+                Route::Datagram(socket, to, payload) => {
+                    let bytes = match &payload {
+                        Payload::Message(message) => message.as_slice(),
+                        Payload::InPlace(range) => buf.get(range.clone()).unwrap_or_default(),
+                    };
+                    socket2::SockRef::from(&*socket)
+                        .send_to(bytes, &to.into())
+                        .is_ok()
+                }
+                Route::Stream(tx, payload) => {
+                    let frame = match payload {
+                        Payload::Message(message) => message,
+                        Payload::InPlace(range) => buf.get(range).unwrap_or_default().to_vec(),
+                    };
+                    tx.try_send(frame).is_ok()
+                }
+            };
+            if !sent {
+                failures += 1;
+            }
+        }
+        if failures > 0 {
+            self.lock().shell.send_failures += failures;
         }
     }
 
@@ -434,6 +466,7 @@ impl Edge {
 
 async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65536];
+    let mut sends = Vec::new();
     loop {
         let (len, client) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,
@@ -447,10 +480,11 @@ async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSoc
             client,
             server: local,
         };
-        let route = shared.step(|core, binder| {
-            core.handle_client_input(five_tuple, &buf[..len], Instant::now(), binder)
+        let input = &buf[..len];
+        shared.step(&mut sends, |core| {
+            core.handle_client_input(five_tuple, input, Instant::now());
         });
-        shared.send(route);
+        shared.send(&mut sends, input);
     }
 }
 
@@ -531,6 +565,7 @@ where
     };
     let read = async {
         let mut buf = Vec::with_capacity(4096);
+        let mut sends = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             let read = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)).await;
@@ -543,15 +578,11 @@ where
             loop {
                 match next_stream_frame(&buf) {
                     Ok(Some(len)) => {
-                        let route = shared.step(|core, binder| {
-                            core.handle_client_input(
-                                five_tuple,
-                                &buf[..len],
-                                Instant::now(),
-                                binder,
-                            )
+                        let frame = &buf[..len];
+                        shared.step(&mut sends, |core| {
+                            core.handle_client_input(five_tuple, frame, Instant::now());
                         });
-                        shared.send(route);
+                        shared.send(&mut sends, frame);
                         buf.drain(..len);
                     }
                     Ok(None) if buf.len() <= MAX_STREAM_FRAME => break,
@@ -568,9 +599,8 @@ where
     let mut guard = shared.lock();
     let state = &mut *guard;
     state.streams.remove(&five_tuple);
-    let mut binder = SocketBinder::new(&mut state.relays, shared);
-    state.core.client_closed(five_tuple, &mut binder);
-    state.flush_fast_path();
+    state.core.client_closed(five_tuple);
+    state.carry_out(shared, &mut Vec::new());
 }
 
 /// A bound UDP socket as a plain, non-blocking sending half and a tokio receiving half.
@@ -615,9 +645,8 @@ async fn timers(shared: Arc<Shared>, stats_every: Duration) {
         let now = Instant::now();
         let mut guard = shared.lock();
         let state = &mut *guard;
-        let mut binder = SocketBinder::new(&mut state.relays, &shared);
-        state.core.handle_timeout(now, &mut binder);
-        state.flush_fast_path();
+        state.core.handle_timeout(now);
+        state.carry_out(&shared, &mut Vec::new());
         if let Some(fast_path) = &mut state.fast_path {
             fast_path.sweep();
         }

@@ -11,75 +11,75 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
-use crate::turn::ports::RelayBinder;
+use rampart_turn::server::{PEER_HEADROOM, PEER_TAILROOM};
 
 use super::{Shared, udp_socket};
+
+/// The largest UDP payload over IPv6 (65535 less the UDP header; IPv4's is smaller).
+const MAX_DATAGRAM: usize = 65527;
 
 pub(crate) struct RelaySocket {
     pub sender: Arc<UdpSocket>,
     receiver: AbortHandle,
 }
 
-pub(crate) struct SocketBinder<'a> {
-    relays: &'a mut HashMap<SocketAddr, RelaySocket>,
-    shared: &'a Arc<Shared>,
-}
-
-impl<'a> SocketBinder<'a> {
-    pub(crate) fn new(
-        relays: &'a mut HashMap<SocketAddr, RelaySocket>,
-        shared: &'a Arc<Shared>,
-    ) -> Self {
-        SocketBinder { relays, shared }
-    }
-}
-
-impl RelayBinder for SocketBinder<'_> {
-    fn bind(&mut self, addr: SocketAddr, dont_fragment: bool) -> bool {
-        let socket = match udp_socket(addr) {
-            Ok(socket) => socket,
-            Err(error) => {
-                debug!(%addr, %error, "relay port unavailable");
-                return false;
-            }
-        };
-        if dont_fragment && let Err(error) = set_dont_fragment(&*socket, addr.is_ipv6()) {
-            warn!(%addr, %error, "cannot set DONT-FRAGMENT on relay socket");
+/// Bind the relay socket at `addr` and start receiving on it; false when the port is taken
+/// (the core then tries another).
+pub(crate) fn bind(
+    relays: &mut HashMap<SocketAddr, RelaySocket>,
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    dont_fragment: bool,
+) -> bool {
+    let socket = match udp_socket(addr) {
+        Ok(socket) => socket,
+        Err(error) => {
+            debug!(%addr, %error, "relay port unavailable");
             return false;
         }
-        let receiver =
-            tokio::spawn(relay_receiver(self.shared.clone(), addr, socket.clone())).abort_handle();
-        self.relays.insert(
-            addr,
-            RelaySocket {
-                sender: socket,
-                receiver,
-            },
-        );
-        true
+    };
+    if dont_fragment && let Err(error) = set_dont_fragment(&*socket, addr.is_ipv6()) {
+        warn!(%addr, %error, "cannot set DONT-FRAGMENT on relay socket");
+        return false;
     }
+    let receiver =
+        tokio::spawn(relay_receiver(shared.clone(), addr, socket.clone())).abort_handle();
+    relays.insert(
+        addr,
+        RelaySocket {
+            sender: socket,
+            receiver,
+        },
+    );
+    true
+}
 
-    fn release(&mut self, addr: SocketAddr) {
-        if let Some(relay) = self.relays.remove(&addr) {
-            relay.receiver.abort();
-        }
+pub(crate) fn release(relays: &mut HashMap<SocketAddr, RelaySocket>, addr: SocketAddr) {
+    if let Some(relay) = relays.remove(&addr) {
+        relay.receiver.abort();
     }
 }
 
-/// Datagrams from peers, into the state machine.
+/// Datagrams from peers, into the state machine, received with room around them for the
+/// header the client's copy gets (framed in place).
 pub(crate) async fn relay_receiver(shared: Arc<Shared>, relay: SocketAddr, socket: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM];
+    let mut sends = Vec::new();
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
+        let received = socket
+            .recv_from(&mut buf[PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM])
+            .await;
+        let (len, peer) = match received {
             Ok(received) => received,
             Err(error) => {
                 debug!(%relay, %error, "relay receive error");
                 continue;
             }
         };
-        let route =
-            shared.step(|core, _| core.handle_peer_input(relay, peer, &buf[..len], Instant::now()));
-        shared.send(route);
+        shared.step(&mut sends, |core| {
+            core.handle_peer_input(relay, peer, &mut buf, len, Instant::now());
+        });
+        shared.send(&mut sends, &buf);
     }
 }
 

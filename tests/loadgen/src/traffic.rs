@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use rampart::turn::channel_data::ChannelData;
 use rampart_tests::client::TurnClient;
 use rampart_tests::netns;
+use rampart_turn::channel_data::ChannelData;
 
 use crate::payload::{Direction, HEADER, Header};
 use crate::stats::Received;

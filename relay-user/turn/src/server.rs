@@ -1,9 +1,18 @@
-//! The TURN server as a pure state machine (RFC 8656 over RFC 8489): fed datagrams or stream
-//! frames and the current time, it returns what to send. Sockets, TLS and timers live in
-//! [`crate::server`]; relay sockets are bound through [`RelayBinder`].
+//! The TURN server as a pure state machine (RFC 8656 over RFC 8489). It is fed datagrams or
+//! stream frames from clients, datagrams from peers, the answers to the relay binds it asked
+//! for and timeouts, each with the current time; everything it wants done (send, bind or
+//! release a relay socket, put a channel into the kernel's fast path or take it out) comes
+//! out of one queue, [`Server::poll_output`], and [`Server::poll_timeout`] says when it next
+//! needs [`Server::handle_timeout`].
+//!
+//! The data path copies nothing: ChannelData and Send indications from clients are relayed as
+//! a range of the input, and datagrams from peers are framed in the room the caller leaves
+//! around them ([`PEER_HEADROOM`], [`PEER_TAILROOM`]).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -17,21 +26,32 @@ use crate::stun::{
     PasswordAlgorithm, TransactionId,
 };
 
-use super::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
-use super::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, encode_channel_data};
-use super::peer_policy::PeerPolicy;
-use super::ports::{Parity, PortAllocator, RelayBinder};
-use super::rate_limit::{RateLimit, SourceRateLimiter};
-use super::{FiveTuple, Transport};
+use crate::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
+use crate::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, frame_in_place};
+use crate::peer_policy::PeerPolicy;
+use crate::ports::{Candidate, Parity, PortAllocator, PortSearch};
+use crate::rate_limit::{RateLimit, SourceRateLimiter};
+use crate::{FiveTuple, Transport};
 
 /// RFC 8656 §14.9: a reservation made with EVEN-PORT's R bit is held for about 30 s.
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How often the per-source rate limiter and the revocation list are pruned while they hold
+/// anything: they bound memory under a flood, not any protocol timer.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// IANA protocol number carried in REQUESTED-TRANSPORT for UDP (RFC 8656 §14.7).
 const PROTOCOL_UDP: u8 = 17;
 const ALGORITHM_MD5: u16 = 0x0001;
 const ALGORITHM_SHA256: u16 = 0x0002;
 /// What we offer in PASSWORD-ALGORITHMS, strongest first (RFC 8489 §14.11).
 const OFFERED_ALGORITHMS: [(u16, &[u8]); 2] = [(ALGORITHM_SHA256, &[]), (ALGORITHM_MD5, &[])];
+
+/// Bytes a peer datagram needs free before it in the buffer given to
+/// [`Server::handle_peer_input`]: the largest header put in front of it, a Data indication
+/// to an IPv6 peer (STUN header 20, XOR-PEER-ADDRESS 24, DATA's header 4).
+pub const PEER_HEADROOM: usize = 48;
+/// Bytes a peer datagram needs free after it: padding to a multiple of 4 (RFC 8489 §14,
+/// RFC 8656 §12.5).
+pub const PEER_TAILROOM: usize = 3;
 
 /// A relay address family the server serves: where relay sockets bind and what clients are
 /// told (the public address when behind a 1:1 NAT).
@@ -41,7 +61,7 @@ pub struct RelayAddress {
     pub advertised: IpAddr,
 }
 
-/// Everything the state machine needs, already validated (see [`crate::config`]).
+/// Everything the state machine needs, already validated (see the agent's configuration).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub realm: String,
@@ -59,20 +79,48 @@ pub struct ServerConfig {
     pub peer_policy: PeerPolicy,
 }
 
+/// What a transmit carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// A message the server built: responses, challenges (signalling, not the data path).
+    Message(Vec<u8>),
+    /// Bytes of the buffer passed with the input that produced the transmit, framed where
+    /// they lie: the data path. Valid until the next input.
+    InPlace(Range<usize>),
+}
+
 /// Something to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transmit {
     /// To a client, on the transport connection or socket the 5-tuple names.
     ToClient {
         five_tuple: FiveTuple,
-        payload: Vec<u8>,
+        payload: Payload,
     },
     /// To a peer, from the relay socket bound at `relay`.
     ToPeer {
         relay: SocketAddr,
         peer: SocketAddr,
-        payload: Vec<u8>,
+        payload: Payload,
     },
+}
+
+/// What the server asks of its shell, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Transmit(Transmit),
+    /// Bind a UDP relay socket at `relay`, then answer with [`Server::handle_bind_result`].
+    /// `dont_fragment`: RFC 8656 §14.8, datagrams to peers leave with DF set.
+    BindRelay {
+        relay: SocketAddr,
+        dont_fragment: bool,
+    },
+    /// Close the relay socket at `relay`.
+    ReleaseRelay {
+        relay: SocketAddr,
+    },
+    /// A channel for the kernel's fast path to install, update or withdraw.
+    FastPath(FastPathEvent),
 }
 
 /// Counters an operator reads to see what was refused and why.
@@ -98,6 +146,64 @@ pub struct Stats {
     pub to_client_bytes: u64,
 }
 
+/// The output queue, which the allocations' fast-path bookkeeping writes into directly.
+#[derive(Debug, Default)]
+struct Outputs(VecDeque<Output>);
+
+impl Extend<FastPathEvent> for Outputs {
+    fn extend<I: IntoIterator<Item = FastPathEvent>>(&mut self, events: I) {
+        self.0.extend(events.into_iter().map(Output::FastPath));
+    }
+}
+
+/// What a deadline in the timer heap is for. Entries are not removed when their deadline
+/// moves: a popped entry is checked against the state it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Allocation(FiveTuple),
+    Reservation([u8; 8]),
+}
+
+/// What a response needs of the request it answers.
+#[derive(Clone, Copy, Debug)]
+struct ReplyTo {
+    method: Method,
+    transaction_id: TransactionId,
+    /// RFC 8489 §14.7: answer with FINGERPRINT when the request had one.
+    fingerprint: bool,
+}
+
+impl From<&Message<'_>> for ReplyTo {
+    fn from(request: &Message<'_>) -> Self {
+        ReplyTo {
+            method: request.method,
+            transaction_id: request.transaction_id,
+            fingerprint: request
+                .attributes()
+                .any(|a| matches!(a, Attribute::Fingerprint(_))),
+        }
+    }
+}
+
+/// An Allocate waiting for the relay binds it asked the shell for.
+struct PendingAllocate {
+    reply: ReplyTo,
+    auth: Authenticated,
+    lifetime: Duration,
+    dont_fragment: bool,
+    relays: Vec<Relay>,
+    /// ADDITIONAL-ADDRESS-FAMILY's second family, searched once the first is bound.
+    additional: Option<AddressFamily>,
+    family_error: Option<AddressFamily>,
+    /// The odd port of an EVEN-PORT pair, held for a reservation.
+    reservation: Option<SocketAddr>,
+    search: PortSearch,
+    advertised: IpAddr,
+    candidate: Option<Candidate>,
+    /// The candidate's even port is bound and its odd one is being bound.
+    binding_pair: bool,
+}
+
 /// A request that passed the long-term credential check (RFC 8489 §9.2.4).
 struct Authenticated {
     username: String,
@@ -119,13 +225,23 @@ pub struct Server {
     epoch: Instant,
     unix_at_epoch: Duration,
     allocations: HashMap<FiveTuple, Allocation>,
+    /// Each allocation's earliest deadline in `timers`, so that one is pushed only when it
+    /// moves earlier.
+    scheduled: HashMap<FiveTuple, Instant>,
+    pending: HashMap<FiveTuple, PendingAllocate>,
+    /// Relay binds asked of the shell and not yet answered, by the Allocate they serve.
+    binding: HashMap<SocketAddr, FiveTuple>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
     per_user: HashMap<String, usize>,
     reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    housekeeping: Option<Instant>,
     ports: PortAllocator,
     limiter: SourceRateLimiter,
     stats: Stats,
-    fast_path: Vec<FastPathEvent>,
+    out: Outputs,
+    /// Kept across Data indications so that framing one allocates nothing.
+    indication: MessageBuilder,
 }
 
 impl Server {
@@ -143,11 +259,21 @@ impl Server {
             epoch: now,
             unix_at_epoch: unix_now,
             allocations: HashMap::new(),
+            scheduled: HashMap::new(),
+            pending: HashMap::new(),
+            binding: HashMap::new(),
             by_relay: HashMap::new(),
             per_user: HashMap::new(),
             reservations: HashMap::new(),
+            timers: BinaryHeap::new(),
+            housekeeping: None,
             stats: Stats::default(),
-            fast_path: Vec::new(),
+            out: Outputs::default(),
+            indication: MessageBuilder::new(
+                Class::Indication,
+                Method::DATA,
+                TransactionId([0; 12]),
+            ),
         }
     }
 
@@ -165,6 +291,17 @@ impl Server {
 
     pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
         self.allocations.values()
+    }
+
+    /// The next thing the shell must do, in the order the server decided them.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.0.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] is next due; None while nothing will expire.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        [timer, self.housekeeping].into_iter().flatten().min()
     }
 
     /// `at` on the wall clock, in whole Unix seconds: kept with sub-second precision until
@@ -185,14 +322,9 @@ impl Server {
     /// Revoke `user` (a static username or the user part of REST usernames): every allocation
     /// of theirs ends now, and their credentials expiring at or before `until_unix` are refused
     /// from now on. Returns how many allocations ended.
-    pub fn revoke_user(
-        &mut self,
-        user: &str,
-        until_unix: u64,
-        now: Instant,
-        binder: &mut dyn RelayBinder,
-    ) -> usize {
+    pub fn revoke_user(&mut self, user: &str, until_unix: u64, now: Instant) -> usize {
         self.config.credentials.revoke(user, until_unix);
+        self.arm_housekeeping(now);
         let theirs: Vec<FiveTuple> = self
             .allocations
             .iter()
@@ -200,7 +332,16 @@ impl Server {
             .map(|(five_tuple, _)| *five_tuple)
             .collect();
         for five_tuple in &theirs {
-            self.delete_allocation(*five_tuple, binder);
+            self.delete_allocation(*five_tuple);
+        }
+        let pending: Vec<FiveTuple> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.auth.quota_key == user)
+            .map(|(five_tuple, _)| *five_tuple)
+            .collect();
+        for five_tuple in pending {
+            self.cancel_allocate(five_tuple);
         }
         info!(
             user,
@@ -222,154 +363,283 @@ impl Server {
         self.config.peer_policy.set_allowed_by_control(allowed);
     }
 
-    /// Channel changes for the kernel fast path since the last call, in order.
-    pub fn take_fast_path_events(&mut self) -> Vec<FastPathEvent> {
-        std::mem::take(&mut self.fast_path)
-    }
-
     /// Relay ports bound right now (allocations and reservations).
     pub fn relay_ports_in_use(&self) -> usize {
         self.ports.in_use()
     }
 
-    /// A datagram (UDP) or a complete frame (TCP/TLS) from a client.
-    pub fn handle_client_input(
-        &mut self,
-        five_tuple: FiveTuple,
-        bytes: &[u8],
-        now: Instant,
-        binder: &mut dyn RelayBinder,
-    ) -> Option<Transmit> {
+    /// A datagram (UDP) or a complete frame (TCP/TLS) from a client. What it relays refers to
+    /// `bytes` ([`Payload::InPlace`]).
+    pub fn handle_client_input(&mut self, five_tuple: FiveTuple, bytes: &[u8], now: Instant) {
         if ChannelData::looks_like_channel_data(bytes) {
-            return self.handle_channel_data(five_tuple, bytes, now);
+            self.handle_channel_data(five_tuple, bytes, now);
+            return;
         }
-        let message = match Message::parse(bytes) {
-            Ok(message) => message,
+        match Message::parse(bytes) {
+            Ok(message) => match message.class {
+                Class::Request => self.handle_request(five_tuple, &message, bytes.len(), now),
+                Class::Indication if message.method == Method::SEND => {
+                    self.handle_send(five_tuple, &message, bytes, now);
+                }
+                _ => self.stats.malformed_dropped += 1,
+            },
             Err(error) => {
                 self.stats.malformed_dropped += 1;
                 debug!(client = %five_tuple.client, %error, len = bytes.len(), "malformed STUN message");
-                let Some((Class::Request, method, transaction_id)) = Message::peek_header(bytes)
-                else {
-                    return None;
-                };
-                let mut b = MessageBuilder::new(Class::ErrorResponse, method, transaction_id);
-                b.add(&Attribute::ErrorCode {
-                    code: 400,
-                    reason: reason_phrase(400),
-                });
-                let response = b.finish();
-                return self.unauthenticated_reply(five_tuple, bytes.len(), response, now);
-            }
-        };
-        match message.class {
-            Class::Request => self.handle_request(five_tuple, &message, bytes.len(), now, binder),
-            Class::Indication if message.method == Method::SEND => {
-                self.handle_send(five_tuple, &message, now)
-            }
-            _ => {
-                self.stats.malformed_dropped += 1;
-                None
+                if let Some((Class::Request, method, transaction_id)) = Message::peek_header(bytes)
+                {
+                    let mut b = MessageBuilder::new(Class::ErrorResponse, method, transaction_id);
+                    b.add(&Attribute::ErrorCode {
+                        code: 400,
+                        reason: reason_phrase(400),
+                    });
+                    let response = b.finish();
+                    self.unauthenticated_reply(five_tuple, bytes.len(), response, now);
+                }
             }
         }
+        self.arm_housekeeping(now);
     }
 
-    /// A datagram that arrived at relay socket `relay` from `peer`.
+    /// A datagram that arrived at relay socket `relay` from `peer`, received into
+    /// `buf[PEER_HEADROOM..PEER_HEADROOM + len]` with at least [`PEER_TAILROOM`] bytes after
+    /// it: what goes to the client is framed in place, in `buf`.
     pub fn handle_peer_input(
         &mut self,
         relay: SocketAddr,
         peer: SocketAddr,
-        bytes: &[u8],
+        buf: &mut [u8],
+        len: usize,
         now: Instant,
-    ) -> Option<Transmit> {
+    ) {
         let peer = canonical_socket(peer);
         let Some(five_tuple) = self.by_relay.get(&relay).copied() else {
             self.stats.no_allocation_dropped += 1;
-            return None;
+            return;
         };
-        let allocation = self.allocations.get_mut(&five_tuple)?;
+        let Some(allocation) = self.allocations.get_mut(&five_tuple) else {
+            self.stats.no_allocation_dropped += 1;
+            return;
+        };
         if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
-            return None;
+            return;
         }
-        let payload = match allocation.channel_to(&peer, now) {
-            Some(channel) => {
-                encode_channel_data(channel, bytes, five_tuple.transport != Transport::Udp)
-            }
+        let framed = match allocation.channel_to(&peer, now) {
+            Some(channel) => frame_in_place(
+                buf,
+                PEER_HEADROOM,
+                len,
+                channel,
+                five_tuple.transport != Transport::Udp,
+            ),
             None => {
                 let mut transaction_id = [0u8; 12];
                 self.rng.fill_bytes(&mut transaction_id);
-                let mut b = MessageBuilder::new(
+                self.indication.reset(
                     Class::Indication,
                     Method::DATA,
                     TransactionId(transaction_id),
                 );
-                b.add(&Attribute::XorPeerAddress(peer))
-                    .add(&Attribute::Data(bytes));
-                // A datagram too large for a STUN attribute cannot be indicated.
-                if b.overflowed() {
-                    self.stats.malformed_dropped += 1;
-                    return None;
-                }
-                b.finish()
+                self.indication.add(&Attribute::XorPeerAddress(peer));
+                self.indication.frame_around_data(buf, PEER_HEADROOM, len)
             }
         };
-        allocation.relayed.to_client += bytes.len() as u64;
+        // A datagram too large for a STUN length field (or a buffer without the room asked
+        // for) cannot be framed.
+        let Some(framed) = framed else {
+            self.stats.malformed_dropped += 1;
+            return;
+        };
+        allocation.relayed.to_client += len as u64;
         self.stats.to_client_packets += 1;
-        self.stats.to_client_bytes += bytes.len() as u64;
-        Some(Transmit::ToClient {
+        self.stats.to_client_bytes += len as u64;
+        self.out.0.push_back(Output::Transmit(Transmit::ToClient {
             five_tuple,
-            payload,
-        })
+            payload: Payload::InPlace(framed),
+        }));
     }
 
-    /// Expire allocations, permissions, channels and reservations. The shell calls it at
-    /// least once a second; expiry is therefore exact to a second.
-    pub fn handle_timeout(&mut self, now: Instant, binder: &mut dyn RelayBinder) {
-        let mut dead = Vec::new();
-        for (five_tuple, allocation) in &mut self.allocations {
-            let expired = allocation.expire(now);
-            // The fast path's entries change only when something expired (refreshes sync on
-            // their own): most allocations, most ticks, have nothing to recompute.
-            if !expired.is_empty() {
-                allocation.sync_fast_path(now, &mut self.fast_path);
+    /// The shell's answer to [`Output::BindRelay`]: whether the socket at `relay` is bound.
+    pub fn handle_bind_result(&mut self, relay: SocketAddr, bound: bool, now: Instant) {
+        let Some(five_tuple) = self.binding.remove(&relay) else {
+            return;
+        };
+        let Some(pending) = self.pending.get_mut(&five_tuple) else {
+            // The Allocate was abandoned while its bind was under way.
+            self.release_port(relay, bound);
+            return;
+        };
+        let Some(candidate) = pending.candidate else {
+            return;
+        };
+        if !bound {
+            if pending.binding_pair {
+                self.release_port(candidate.addr, true);
             }
-            for relay in expired.relays {
-                self.by_relay.remove(&relay);
-                self.ports.release(relay, binder);
+            let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
+            pending.search.failed();
+            pending.candidate = None;
+            pending.binding_pair = false;
+            self.ports.release(candidate.addr);
+            if let Some(odd) = candidate.pair {
+                self.ports.release(odd);
             }
-            for (channel, peer) in expired.channels {
-                debug!(client = %five_tuple.client, channel, %peer, "channel binding expired");
+            self.search_next(five_tuple);
+            return;
+        }
+        if let Some(odd) = candidate.pair
+            && !pending.binding_pair
+        {
+            pending.binding_pair = true;
+            self.binding.insert(odd, five_tuple);
+            self.out.0.push_back(Output::BindRelay {
+                relay: odd,
+                dont_fragment: false,
+            });
+            return;
+        }
+        pending.relays.push(Relay {
+            bound: candidate.addr,
+            advertised: SocketAddr::new(pending.advertised, candidate.addr.port()),
+            expires: now + pending.lifetime,
+        });
+        pending.reservation = candidate.pair;
+        pending.candidate = None;
+        pending.binding_pair = false;
+        let Some(family) = pending.additional.take() else {
+            self.finish_allocate(five_tuple, now);
+            return;
+        };
+        let parity = pending.search.parity();
+        match self.family_address(family) {
+            Some(relay_address) => {
+                let search = self.ports.search(relay_address.bind, parity, &mut self.rng);
+                let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
+                pending.search = search;
+                pending.advertised = relay_address.advertised;
+                self.search_next(five_tuple);
             }
-            if allocation.is_dead() {
-                dead.push(*five_tuple);
+            None => {
+                let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
+                pending.family_error = Some(family);
+                self.finish_allocate(five_tuple, now);
             }
         }
-        for five_tuple in dead {
+    }
+
+    /// Expire what is due: allocations, permissions, channels and reservations whose deadline
+    /// has passed, and nothing else.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Allocation(five_tuple) => {
+                    if self.scheduled.get(&five_tuple) == Some(&at) {
+                        self.scheduled.remove(&five_tuple);
+                        self.expire_allocation(five_tuple, now);
+                    }
+                }
+                Timer::Reservation(token) => {
+                    if let Some((addr, until)) = self.reservations.get(&token).copied()
+                        && until <= now
+                    {
+                        self.reservations.remove(&token);
+                        self.release_port(addr, true);
+                    }
+                }
+            }
+        }
+        if self.housekeeping.is_some_and(|at| at <= now) {
+            self.housekeeping = None;
+            self.limiter.sweep(now);
+            let unix_now = self.unix_time(now);
+            self.config.credentials.prune_revocations(unix_now);
+            self.arm_housekeeping(now);
+        }
+    }
+
+    /// A TCP or TLS client connection closed: its allocation goes with it (RFC 8656 §3.1).
+    pub fn client_closed(&mut self, five_tuple: FiveTuple) {
+        if self.allocations.contains_key(&five_tuple) {
+            self.delete_allocation(five_tuple);
+        }
+        self.cancel_allocate(five_tuple);
+    }
+
+    fn expire_allocation(&mut self, five_tuple: FiveTuple, now: Instant) {
+        let Some(allocation) = self.allocations.get_mut(&five_tuple) else {
+            return;
+        };
+        let expired = allocation.expire(now);
+        // The fast path's entries change only when something expired (refreshes sync on
+        // their own).
+        if !expired.is_empty() {
+            allocation.sync_fast_path(now, &mut self.out);
+        }
+        for (channel, peer) in &expired.channels {
+            debug!(client = %five_tuple.client, channel, %peer, "channel binding expired");
+        }
+        let dead = allocation.is_dead();
+        for relay in expired.relays {
+            self.by_relay.remove(&relay);
+            self.release_port(relay, true);
+        }
+        if dead {
             if let Some(mut allocation) = self.allocations.remove(&five_tuple) {
-                allocation.withdraw_fast_path(&mut self.fast_path);
+                allocation.withdraw_fast_path(&mut self.out);
                 self.stats.allocations_expired += 1;
                 self.count_down_user(&allocation.quota_key);
                 info!(client = %five_tuple.client, user = %allocation.username, "allocation expired");
             }
+        } else {
+            self.schedule(five_tuple);
         }
-        let ports = &mut self.ports;
-        self.reservations.retain(|_, (addr, expires)| {
-            let keep = *expires > now;
-            if !keep {
-                ports.release(*addr, binder);
-            }
-            keep
-        });
-        self.limiter.sweep(now);
-        let unix_now = self.unix_time(now);
-        self.config.credentials.prune_revocations(unix_now);
     }
 
-    /// A TCP or TLS client connection closed: its allocation goes with it (RFC 8656 §3.1).
-    pub fn client_closed(&mut self, five_tuple: FiveTuple, binder: &mut dyn RelayBinder) {
-        if self.allocations.contains_key(&five_tuple) {
-            self.delete_allocation(five_tuple, binder);
+    /// Make sure the timer heap holds `five_tuple`'s earliest deadline.
+    fn schedule(&mut self, five_tuple: FiveTuple) {
+        let Some(deadline) = self
+            .allocations
+            .get(&five_tuple)
+            .and_then(Allocation::next_deadline)
+        else {
+            return;
+        };
+        let earlier = self
+            .scheduled
+            .get(&five_tuple)
+            .is_none_or(|scheduled| deadline < *scheduled);
+        if earlier {
+            self.scheduled.insert(five_tuple, deadline);
+            self.timers
+                .push(Reverse((deadline, Timer::Allocation(five_tuple))));
         }
+    }
+
+    fn arm_housekeeping(&mut self, now: Instant) {
+        let anything =
+            self.limiter.tracked_sources() > 0 || self.config.credentials.has_revocations();
+        if self.housekeeping.is_none() && anything {
+            self.housekeeping = Some(now + HOUSEKEEPING_INTERVAL);
+        }
+    }
+
+    /// Give a relay port back, and its socket if one was bound.
+    fn release_port(&mut self, addr: SocketAddr, bound: bool) {
+        if self.ports.release(addr) && bound {
+            self.out.0.push_back(Output::ReleaseRelay { relay: addr });
+        }
+    }
+
+    fn reply(&mut self, five_tuple: FiveTuple, payload: Vec<u8>) {
+        self.out.0.push_back(Output::Transmit(Transmit::ToClient {
+            five_tuple,
+            payload: Payload::Message(payload),
+        }));
     }
 
     fn handle_request(
@@ -378,37 +648,45 @@ impl Server {
         request: &Message<'_>,
         request_len: usize,
         now: Instant,
-        binder: &mut dyn RelayBinder,
-    ) -> Option<Transmit> {
+    ) {
+        let reply = ReplyTo::from(request);
         let unknown = request.unknown_comprehension_required();
         if !unknown.is_empty() {
-            let response = self.error(request, 420, &[Attribute::UnknownAttributes(unknown)], None);
-            return self.unauthenticated_reply(five_tuple, request_len, response, now);
+            let response = self.error(reply, 420, &[Attribute::UnknownAttributes(unknown)], None);
+            self.unauthenticated_reply(five_tuple, request_len, response, now);
+            return;
         }
         if request.method == Method::BINDING {
             if !self.limiter.allow(five_tuple.client.ip(), now) {
                 self.stats.rate_limited += 1;
-                return None;
+                return;
             }
             let response = self.success(
-                request,
+                reply,
                 &[Attribute::XorMappedAddress(five_tuple.client)],
                 None,
             );
-            return Some(reply(five_tuple, response));
+            self.reply(five_tuple, response);
+            return;
         }
         let auth = match self.authenticate(five_tuple, request, request_len, now) {
             Ok(auth) => auth,
-            Err(Refusal::Drop) => return None,
-            Err(Refusal::Reply(response)) => return Some(reply(five_tuple, response)),
+            Err(Refusal::Drop) => return,
+            Err(Refusal::Reply(response)) => {
+                self.reply(five_tuple, response);
+                return;
+            }
         };
         let response = match request.method {
-            Method::ALLOCATE => self.handle_allocate(five_tuple, request, &auth, now, binder),
+            Method::ALLOCATE => match self.handle_allocate(five_tuple, request, auth, now) {
+                Some(response) => response,
+                None => return,
+            },
             method @ (Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
                 match self.owned_allocation(five_tuple, &auth) {
-                    Err(code) => self.error(request, code, &[], Some(&auth)),
+                    Err(code) => self.error(reply, code, &[], Some(&auth)),
                     Ok(()) if method == Method::REFRESH => {
-                        self.handle_refresh(five_tuple, request, &auth, now, binder)
+                        self.handle_refresh(five_tuple, request, &auth, now)
                     }
                     Ok(()) if method == Method::CREATE_PERMISSION => {
                         self.handle_create_permission(five_tuple, request, &auth, now)
@@ -416,9 +694,9 @@ impl Server {
                     Ok(()) => self.handle_channel_bind(five_tuple, request, &auth, now),
                 }
             }
-            _ => self.error(request, 400, &[], Some(&auth)),
+            _ => self.error(reply, 400, &[], Some(&auth)),
         };
-        Some(reply(five_tuple, response))
+        self.reply(five_tuple, response);
     }
 
     /// RFC 8489 §9.2.4. Every refusal goes through the per-source limiter: a client without
@@ -518,56 +796,75 @@ impl Server {
         response: Vec<u8>,
         now: Instant,
     ) -> Refusal {
-        match self.unauthenticated_reply(five_tuple, request_len, response, now) {
-            Some(Transmit::ToClient { payload, .. }) => Refusal::Reply(payload),
-            _ => Refusal::Drop,
+        if self.may_answer_unauthenticated(five_tuple, request_len, response.len(), now) {
+            Refusal::Reply(response)
+        } else {
+            Refusal::Drop
         }
     }
 
-    /// An error answer to unauthenticated input is sent only if it is no larger than what
-    /// provoked it and the source is within its rate: the relay must not amplify.
     fn unauthenticated_reply(
         &mut self,
         five_tuple: FiveTuple,
         request_len: usize,
         response: Vec<u8>,
         now: Instant,
-    ) -> Option<Transmit> {
-        if response.len() > request_len {
+    ) {
+        if self.may_answer_unauthenticated(five_tuple, request_len, response.len(), now) {
+            self.reply(five_tuple, response);
+        }
+    }
+
+    /// An error answer to unauthenticated input is sent only if it is no larger than what
+    /// provoked it and the source is within its rate: the relay must not amplify.
+    fn may_answer_unauthenticated(
+        &mut self,
+        five_tuple: FiveTuple,
+        request_len: usize,
+        response_len: usize,
+        now: Instant,
+    ) -> bool {
+        if response_len > request_len {
             self.stats.amplification_suppressed += 1;
-            return None;
+            return false;
         }
         if !self.limiter.allow(five_tuple.client.ip(), now) {
             self.stats.rate_limited += 1;
-            return None;
+            return false;
         }
-        Some(reply(five_tuple, response))
+        true
     }
 
+    /// Answers at once (Some) or once the relay binds it asks for are done (None).
     fn handle_allocate(
         &mut self,
         five_tuple: FiveTuple,
         request: &Message<'_>,
-        auth: &Authenticated,
+        auth: Authenticated,
         now: Instant,
-        binder: &mut dyn RelayBinder,
-    ) -> Vec<u8> {
+    ) -> Option<Vec<u8>> {
         if let Some(existing) = self.allocations.get(&five_tuple) {
             if existing.allocate_transaction == request.transaction_id {
-                return existing.allocate_response.clone();
+                return Some(existing.allocate_response.clone());
             }
-            return self.error(request, 437, &[], Some(auth));
+            return Some(self.error(request, 437, &[], Some(&auth)));
+        }
+        if let Some(pending) = self.pending.get(&five_tuple) {
+            // A retransmission is answered when the first attempt completes.
+            if pending.reply.transaction_id == request.transaction_id {
+                return None;
+            }
+            return Some(self.error(request, 437, &[], Some(&auth)));
         }
         match request.requested_transport() {
-            None => return self.error(request, 400, &[], Some(auth)),
+            None => return Some(self.error(request, 400, &[], Some(&auth))),
             Some(PROTOCOL_UDP) => {}
-            Some(_) => return self.error(request, 442, &[], Some(auth)),
+            Some(_) => return Some(self.error(request, 442, &[], Some(&auth))),
         }
         let even_port = request.even_port();
         let token = request.reservation_token();
         let requested_family = request.requested_address_family();
         let additional_family = request.additional_address_family();
-        let dont_fragment = request.dont_fragment();
         // RFC 8656 §7.2: combinations that are errors in themselves.
         let inconsistent = (token.is_some()
             && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
@@ -575,28 +872,23 @@ impl Server {
             || additional_family == Some(AddressFamily::V4)
             || (even_port == Some(true) && additional_family.is_some());
         if inconsistent {
-            return self.error(request, 400, &[], Some(auth));
+            return Some(self.error(request, 400, &[], Some(&auth)));
         }
         let user_allocations = self.per_user.get(&auth.quota_key).copied().unwrap_or(0);
         if user_allocations >= self.config.allocations_per_user {
             self.stats.quota_rejections += 1;
             warn!(client = %five_tuple.client, user = %auth.username, "allocation quota reached");
-            return self.error(request, 486, &[], Some(auth));
+            return Some(self.error(request, 486, &[], Some(&auth)));
         }
-        if self.allocations.len() >= self.config.allocations_total {
+        let total = self.allocations.len() + self.pending.len();
+        if total >= self.config.allocations_total {
             self.stats.capacity_rejections += 1;
-            warn!(
-                total = self.allocations.len(),
-                "total allocation limit reached"
-            );
-            return self.error(request, 508, &[], Some(auth));
+            warn!(total, "total allocation limit reached");
+            return Some(self.error(request, 508, &[], Some(&auth)));
         }
         let lifetime = self.lifetime(request.lifetime());
-        let expires = now + lifetime;
         let mut relays = Vec::new();
-        let mut family_error = None;
-        let mut reservation = None;
-        if let Some(token) = token {
+        let (search, advertised) = if let Some(token) = token {
             match self.reservations.remove(&token) {
                 Some((addr, until)) if until > now => {
                     let advertised = self
@@ -605,103 +897,157 @@ impl Server {
                     relays.push(Relay {
                         bound: addr,
                         advertised: SocketAddr::new(advertised, addr.port()),
-                        expires,
+                        expires: now + lifetime,
                     });
+                    (
+                        self.ports.search(addr.ip(), Parity::Any, &mut self.rng),
+                        advertised,
+                    )
                 }
                 Some((addr, _)) => {
-                    self.ports.release(addr, binder);
-                    return self.error(request, 508, &[], Some(auth));
+                    self.release_port(addr, true);
+                    return Some(self.error(request, 508, &[], Some(&auth)));
                 }
-                None => return self.error(request, 508, &[], Some(auth)),
+                None => return Some(self.error(request, 508, &[], Some(&auth))),
             }
         } else {
             let primary = requested_family.unwrap_or(AddressFamily::V4);
-            let mut families = vec![primary];
-            if additional_family == Some(AddressFamily::V6) {
-                families.push(AddressFamily::V6);
-            }
+            let Some(relay_address) = self.family_address(primary) else {
+                return Some(self.error(request, 440, &[], Some(&auth)));
+            };
             let parity = match even_port {
                 None => Parity::Any,
                 Some(false) => Parity::Even,
                 Some(true) => Parity::EvenPair,
             };
-            for (index, family) in families.into_iter().enumerate() {
-                let Some(relay_address) = self.family_address(family) else {
-                    if index == 0 {
-                        self.release_relays(&relays, binder);
-                        return self.error(request, 440, &[], Some(auth));
-                    }
-                    family_error = Some(family);
-                    continue;
-                };
-                match self.ports.allocate(
-                    relay_address.bind,
-                    parity,
+            let search = self.ports.search(relay_address.bind, parity, &mut self.rng);
+            (search, relay_address.advertised)
+        };
+        let bound = !relays.is_empty();
+        *self.per_user.entry(auth.quota_key.clone()).or_default() += 1;
+        self.pending.insert(
+            five_tuple,
+            PendingAllocate {
+                reply: ReplyTo::from(request),
+                auth,
+                lifetime,
+                dont_fragment: request.dont_fragment(),
+                relays,
+                additional: additional_family.filter(|f| *f == AddressFamily::V6),
+                family_error: None,
+                reservation: None,
+                search,
+                advertised,
+                candidate: None,
+                binding_pair: false,
+            },
+        );
+        if bound {
+            self.finish_allocate(five_tuple, now);
+        } else {
+            self.search_next(five_tuple);
+        }
+        None
+    }
+
+    /// Ask the shell to bind the pending Allocate's next candidate port, or fail it with 508
+    /// when there is none.
+    fn search_next(&mut self, five_tuple: FiveTuple) {
+        let Some(pending) = self.pending.get_mut(&five_tuple) else {
+            return;
+        };
+        match self.ports.next(&mut pending.search) {
+            Some(candidate) => {
+                pending.candidate = Some(candidate);
+                let dont_fragment = pending.dont_fragment;
+                self.binding.insert(candidate.addr, five_tuple);
+                self.out.0.push_back(Output::BindRelay {
+                    relay: candidate.addr,
                     dont_fragment,
-                    &mut self.rng,
-                    binder,
-                ) {
-                    Some((bound, held)) => {
-                        reservation = held;
-                        relays.push(Relay {
-                            bound,
-                            advertised: SocketAddr::new(relay_address.advertised, bound.port()),
-                            expires,
-                        });
-                    }
-                    None => {
-                        self.release_relays(&relays, binder);
-                        self.stats.capacity_rejections += 1;
-                        warn!(client = %five_tuple.client, "relay port range exhausted");
-                        return self.error(request, 508, &[], Some(auth));
-                    }
+                });
+            }
+            None => {
+                self.stats.capacity_rejections += 1;
+                warn!(client = %five_tuple.client, "relay port range exhausted");
+                if let Some(pending) = self.cancel_allocate(five_tuple) {
+                    let response = self.error(pending.reply, 508, &[], Some(&pending.auth));
+                    self.reply(five_tuple, response);
                 }
             }
         }
-        let mut attributes: Vec<Attribute<'_>> = relays
+    }
+
+    /// Every relay of a pending Allocate is bound: the allocation exists from now on.
+    fn finish_allocate(&mut self, five_tuple: FiveTuple, now: Instant) {
+        let Some(pending) = self.pending.remove(&five_tuple) else {
+            return;
+        };
+        let auth = &pending.auth;
+        let mut attributes: Vec<Attribute<'_>> = pending
+            .relays
             .iter()
             .map(|r| Attribute::XorRelayedAddress(r.advertised))
             .collect();
-        if let Some(family) = family_error {
+        if let Some(family) = pending.family_error {
             attributes.push(Attribute::AddressErrorCode {
                 family,
                 code: 440,
                 reason: reason_phrase(440),
             });
         }
-        attributes.push(Attribute::Lifetime(duration_secs(lifetime)));
-        if let Some(held) = reservation {
+        attributes.push(Attribute::Lifetime(duration_secs(pending.lifetime)));
+        if let Some(held) = pending.reservation {
             let mut token = [0u8; 8];
             self.rng.fill_bytes(&mut token);
-            self.reservations
-                .insert(token, (held, now + RESERVATION_LIFETIME));
+            let until = now + RESERVATION_LIFETIME;
+            self.reservations.insert(token, (held, until));
+            self.timers
+                .push(Reverse((until, Timer::Reservation(token))));
             attributes.push(Attribute::ReservationToken(token));
         }
         attributes.push(Attribute::XorMappedAddress(five_tuple.client));
-        let response = self.success(request, &attributes, Some(auth));
+        let response = self.success(pending.reply, &attributes, Some(auth));
         info!(
             client = %five_tuple.client,
             transport = ?five_tuple.transport,
             user = %auth.username,
-            relays = ?relays.iter().map(|r| r.bound).collect::<Vec<_>>(),
-            lifetime_s = lifetime.as_secs(),
+            relays = ?pending.relays.iter().map(|r| r.bound).collect::<Vec<_>>(),
+            lifetime_s = pending.lifetime.as_secs(),
             "allocation created"
         );
-        for relay in &relays {
+        for relay in &pending.relays {
             self.by_relay.insert(relay.bound, five_tuple);
         }
         let mut allocation = Allocation::new(
             five_tuple,
-            auth.username.clone(),
-            auth.quota_key.clone(),
-            relays,
-            request.transaction_id,
+            pending.auth.username,
+            pending.auth.quota_key,
+            pending.relays,
+            pending.reply.transaction_id,
         );
         allocation.allocate_response = response.clone();
         self.allocations.insert(five_tuple, allocation);
-        *self.per_user.entry(auth.quota_key.clone()).or_default() += 1;
+        self.schedule(five_tuple);
         self.stats.allocations_created += 1;
-        response
+        self.reply(five_tuple, response);
+    }
+
+    /// Abandon a pending Allocate: what it bound is released, its quota given back. A bind
+    /// still under way is settled when its answer comes.
+    fn cancel_allocate(&mut self, five_tuple: FiveTuple) -> Option<PendingAllocate> {
+        let pending = self.pending.remove(&five_tuple)?;
+        for relay in &pending.relays {
+            self.release_port(relay.bound, true);
+        }
+        if let Some(candidate) = pending.candidate {
+            if pending.binding_pair {
+                self.release_port(candidate.addr, true);
+            } else if let Some(odd) = candidate.pair {
+                self.ports.release(odd);
+            }
+        }
+        self.count_down_user(&pending.auth.quota_key);
+        Some(pending)
     }
 
     fn handle_refresh(
@@ -710,7 +1056,6 @@ impl Server {
         request: &Message<'_>,
         auth: &Authenticated,
         now: Instant,
-        binder: &mut dyn RelayBinder,
     ) -> Vec<u8> {
         let family = request.requested_address_family();
         let requested = request.lifetime();
@@ -733,10 +1078,10 @@ impl Server {
             let dead = allocation.is_dead();
             for relay in &gone {
                 self.by_relay.remove(&relay.bound);
-                self.ports.release(relay.bound, binder);
+                self.release_port(relay.bound, true);
             }
             if dead {
-                self.delete_allocation(five_tuple, binder);
+                self.delete_allocation(five_tuple);
             }
         } else {
             for relay in allocation.relays.iter_mut().filter(|r| matches(r)) {
@@ -744,7 +1089,8 @@ impl Server {
             }
         }
         if let Some(allocation) = self.allocations.get_mut(&five_tuple) {
-            allocation.sync_fast_path(now, &mut self.fast_path);
+            allocation.sync_fast_path(now, &mut self.out);
+            self.schedule(five_tuple);
         }
         self.success(
             request,
@@ -782,7 +1128,8 @@ impl Server {
         for peer in &peers {
             allocation.install_permission(peer.ip(), now);
         }
-        allocation.sync_fast_path(now, &mut self.fast_path);
+        allocation.sync_fast_path(now, &mut self.out);
+        self.schedule(five_tuple);
         self.success(request, &[], Some(auth))
     }
 
@@ -823,7 +1170,8 @@ impl Server {
                 if new {
                     debug!(client = %five_tuple.client, channel, %peer, "channel bound");
                 }
-                allocation.sync_fast_path(now, &mut self.fast_path);
+                allocation.sync_fast_path(now, &mut self.out);
+                self.schedule(five_tuple);
                 self.success(request, &[], Some(auth))
             }
             Err(conflict) => {
@@ -839,25 +1187,21 @@ impl Server {
         &mut self,
         five_tuple: FiveTuple,
         indication: &Message<'_>,
+        bytes: &[u8],
         now: Instant,
-    ) -> Option<Transmit> {
+    ) {
         let peer = indication.xor_peer_addresses().next().map(canonical_socket);
         let (Some(peer), Some(data)) = (peer, indication.data()) else {
             self.stats.malformed_dropped += 1;
-            return None;
+            return;
         };
-        self.relay_to_peer(five_tuple, peer, data, now)
+        self.relay_to_peer(five_tuple, peer, within(bytes, data), now);
     }
 
-    fn handle_channel_data(
-        &mut self,
-        five_tuple: FiveTuple,
-        bytes: &[u8],
-        now: Instant,
-    ) -> Option<Transmit> {
+    fn handle_channel_data(&mut self, five_tuple: FiveTuple, bytes: &[u8], now: Instant) {
         let Ok(frame) = ChannelData::parse(bytes) else {
             self.stats.malformed_dropped += 1;
-            return None;
+            return;
         };
         let Some(peer) = self
             .allocations
@@ -865,41 +1209,46 @@ impl Server {
             .and_then(|a| a.channel(frame.channel, now))
         else {
             self.stats.no_allocation_dropped += 1;
-            return None;
+            return;
         };
-        self.relay_to_peer(five_tuple, peer, frame.data, now)
+        self.relay_to_peer(five_tuple, peer, within(bytes, frame.data), now);
     }
 
     /// The one path towards peers: allocation, policy and permission checked every time.
+    /// `data` is where the payload lies in the input.
     fn relay_to_peer(
         &mut self,
         five_tuple: FiveTuple,
         peer: SocketAddr,
-        data: &[u8],
+        data: Range<usize>,
         now: Instant,
-    ) -> Option<Transmit> {
+    ) {
         let Some(allocation) = self.allocations.get_mut(&five_tuple) else {
             self.stats.no_allocation_dropped += 1;
-            return None;
+            return;
         };
         if let Err(reason) = self.config.peer_policy.check_socket(peer) {
             self.stats.forbidden_peers += 1;
             debug!(client = %five_tuple.client, %peer, %reason, "data to forbidden peer dropped");
-            return None;
+            return;
         }
         if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
-            return None;
+            return;
         }
-        let relay = allocation.relay_for(&peer)?.bound;
-        allocation.relayed.from_client += data.len() as u64;
+        let Some(relay) = allocation.relay_for(&peer).map(|r| r.bound) else {
+            self.stats.no_permission_dropped += 1;
+            return;
+        };
+        let len = data.len() as u64;
+        allocation.relayed.from_client += len;
         self.stats.to_peer_packets += 1;
-        self.stats.to_peer_bytes += data.len() as u64;
-        Some(Transmit::ToPeer {
+        self.stats.to_peer_bytes += len;
+        self.out.0.push_back(Output::Transmit(Transmit::ToPeer {
             relay,
             peer,
-            payload: data.to_vec(),
-        })
+            payload: Payload::InPlace(data),
+        }));
     }
 
     /// 437 when the 5-tuple has no allocation, 441 when another user asks (RFC 8656 §5).
@@ -911,24 +1260,19 @@ impl Server {
         }
     }
 
-    fn delete_allocation(&mut self, five_tuple: FiveTuple, binder: &mut dyn RelayBinder) {
+    fn delete_allocation(&mut self, five_tuple: FiveTuple) {
         let Some(mut allocation) = self.allocations.remove(&five_tuple) else {
             return;
         };
-        allocation.withdraw_fast_path(&mut self.fast_path);
+        self.scheduled.remove(&five_tuple);
+        allocation.withdraw_fast_path(&mut self.out);
         for relay in &allocation.relays {
             self.by_relay.remove(&relay.bound);
-            self.ports.release(relay.bound, binder);
+            self.release_port(relay.bound, true);
         }
         self.count_down_user(&allocation.quota_key);
         self.stats.allocations_deleted += 1;
         info!(client = %five_tuple.client, user = %allocation.username, "allocation deleted");
-    }
-
-    fn release_relays(&mut self, relays: &[Relay], binder: &mut dyn RelayBinder) {
-        for relay in relays {
-            self.ports.release(relay.bound, binder);
-        }
     }
 
     fn count_down_user(&mut self, quota_key: &str) {
@@ -966,16 +1310,16 @@ impl Server {
 
     fn success(
         &self,
-        request: &Message<'_>,
+        reply: impl Into<ReplyTo>,
         attributes: &[Attribute<'_>],
         auth: Option<&Authenticated>,
     ) -> Vec<u8> {
-        self.build(request, Class::SuccessResponse, attributes, auth)
+        self.build(reply.into(), Class::SuccessResponse, attributes, auth)
     }
 
     fn error(
         &self,
-        request: &Message<'_>,
+        reply: impl Into<ReplyTo>,
         code: u16,
         attributes: &[Attribute<'_>],
         auth: Option<&Authenticated>,
@@ -985,17 +1329,17 @@ impl Server {
             reason: reason_phrase(code),
         }];
         all.extend_from_slice(attributes);
-        self.build(request, Class::ErrorResponse, &all, auth)
+        self.build(reply.into(), Class::ErrorResponse, &all, auth)
     }
 
     fn build(
         &self,
-        request: &Message<'_>,
+        reply: ReplyTo,
         class: Class,
         attributes: &[Attribute<'_>],
         auth: Option<&Authenticated>,
     ) -> Vec<u8> {
-        let mut b = MessageBuilder::new(class, request.method, request.transaction_id);
+        let mut b = MessageBuilder::new(class, reply.method, reply.transaction_id);
         for attribute in attributes {
             b.add(attribute);
         }
@@ -1008,10 +1352,7 @@ impl Server {
                 IntegrityKind::Sha1 => b.add_message_integrity(&auth.key),
             };
         }
-        if request
-            .attributes()
-            .any(|a| matches!(a, Attribute::Fingerprint(_)))
-        {
+        if reply.fingerprint {
             b.add_fingerprint();
         }
         b.finish()
@@ -1047,11 +1388,10 @@ fn family_of(ip: IpAddr) -> AddressFamily {
     }
 }
 
-fn reply(five_tuple: FiveTuple, payload: Vec<u8>) -> Transmit {
-    Transmit::ToClient {
-        five_tuple,
-        payload,
-    }
+/// Where `part`, a slice of `whole`, lies in it.
+fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
 }
 
 fn duration_secs(d: Duration) -> u32 {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::stun::TransactionId;
 
-use super::{FiveTuple, Transport};
+use crate::{FiveTuple, Transport};
 
 /// RFC 8656 §9: permissions last 300 s unless refreshed.
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -272,24 +272,40 @@ impl Allocation {
 
     /// Bring the fast path in line with this allocation: `Up` for new or changed channels,
     /// `Down` for those that are gone.
-    pub fn sync_fast_path(&mut self, now: Instant, events: &mut Vec<FastPathEvent>) {
+    pub fn sync_fast_path(&mut self, now: Instant, events: &mut impl Extend<FastPathEvent>) {
         let current = self.fast_path_channels(now);
-        for (number, old) in &self.published {
-            if !current.contains_key(number) {
-                events.push(FastPathEvent::Down(*old));
-            }
-        }
-        for (number, new) in &current {
-            if self.published.get(number) != Some(new) {
-                events.push(FastPathEvent::Up(*new));
-            }
-        }
+        events.extend(
+            self.published
+                .iter()
+                .filter(|(number, _)| !current.contains_key(number))
+                .map(|(_, old)| FastPathEvent::Down(*old)),
+        );
+        events.extend(
+            current
+                .iter()
+                .filter(|(number, new)| self.published.get(number) != Some(new))
+                .map(|(_, new)| FastPathEvent::Up(*new)),
+        );
         self.published = current;
     }
 
     /// Withdraw everything from the fast path (the allocation is going away).
-    pub fn withdraw_fast_path(&mut self, events: &mut Vec<FastPathEvent>) {
+    pub fn withdraw_fast_path(&mut self, events: &mut impl Extend<FastPathEvent>) {
         events.extend(self.published.drain().map(|(_, c)| FastPathEvent::Down(c)));
+    }
+
+    /// When [`Allocation::expire`] next has something to do: the earliest expiry of a relay,
+    /// a permission, a channel or a cooling-down channel number.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let relays = self.relays.iter().map(|r| r.expires);
+        let permissions = self.permissions.values().copied();
+        let channels = self.channels.values().map(|c| c.expires);
+        let cooling = self.cooling.iter().map(|(_, _, until)| *until);
+        relays
+            .chain(permissions)
+            .chain(channels)
+            .chain(cooling)
+            .min()
     }
 
     /// Whether nothing is left to relay with.
@@ -326,7 +342,7 @@ mod tests {
 
     #[test]
     fn permission_expires_after_300_seconds() {
-        let t0 = Instant::now();
+        let t0 = crate::test_origin();
         let mut a = alloc(t0);
         let ip = "8.8.8.8".parse().unwrap();
         a.install_permission(ip, t0);
@@ -338,7 +354,7 @@ mod tests {
 
     #[test]
     fn channel_binding_rules_and_cool_down() {
-        let t0 = Instant::now();
+        let t0 = crate::test_origin();
         let mut a = alloc(t0);
         let peer: SocketAddr = PEER.parse().unwrap();
         let other: SocketAddr = "8.8.4.4:1000".parse().unwrap();
@@ -372,7 +388,7 @@ mod tests {
 
     #[test]
     fn fast_path_follows_the_earliest_expiry_and_withdraws() {
-        let t0 = Instant::now();
+        let t0 = crate::test_origin();
         let mut a = alloc(t0);
         let peer: SocketAddr = PEER.parse().unwrap();
         let mut events = Vec::new();
@@ -409,7 +425,7 @@ mod tests {
 
     #[test]
     fn stream_clients_have_no_fast_path() {
-        let t0 = Instant::now();
+        let t0 = crate::test_origin();
         let mut a = alloc(t0);
         a.five_tuple.transport = Transport::Tcp;
         a.bind_channel(0x4000, PEER.parse().unwrap(), t0).unwrap();
@@ -420,7 +436,7 @@ mod tests {
 
     #[test]
     fn relay_expiry_kills_the_allocation() {
-        let t0 = Instant::now();
+        let t0 = crate::test_origin();
         let mut a = alloc(t0);
         assert!(!a.is_dead());
         let expired = a.expire(t0 + Duration::from_secs(600));

@@ -111,6 +111,11 @@ impl Credentials {
         self.revoked.retain(|_, until| *until > now_unix);
     }
 
+    /// Whether any revocation is held (and [`Credentials::prune_revocations`] has work).
+    pub fn has_revocations(&self) -> bool {
+        !self.revoked.is_empty()
+    }
+
     /// The passwords that may have produced a request from `username` at unix time `now`:
     /// one for a static user, one per secret for a REST username.
     pub fn candidates(&self, username: &str, now_unix: u64) -> Result<Candidates, CredentialError> {

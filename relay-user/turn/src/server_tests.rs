@@ -1,15 +1,15 @@
 //! The state machine driven through whole client conversations and through time, with a fake
 //! relay binder and an injected clock: no sockets, no sleeping.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::SeedableRng;
 
 use super::*;
 use crate::auth::credentials::rest_password;
 use crate::auth::{Credentials, RestSecrets};
-use crate::turn::peer_policy::PeerPolicy;
-use crate::turn::ports::tests::FakeBinder;
+use crate::channel_data::encode_channel_data;
+use crate::peer_policy::PeerPolicy;
 
 const SERVER: &str = "198.51.7.1:3478";
 const RELAY_V4: &str = "198.51.7.1";
@@ -63,9 +63,17 @@ fn config() -> ServerConfig {
     }
 }
 
+/// The shell's side of relay binds: a set, with ports "other processes" hold.
+#[derive(Default)]
+struct FakeBinder {
+    bound: HashSet<SocketAddr>,
+    taken_elsewhere: HashSet<SocketAddr>,
+}
+
 struct Harness {
     server: Server,
     binder: FakeBinder,
+    fast_path: Vec<FastPathEvent>,
     now: Instant,
 }
 
@@ -75,7 +83,7 @@ impl Harness {
     }
 
     fn with(config: ServerConfig) -> Self {
-        let now = Instant::now();
+        let now = crate::test_origin();
         Harness {
             server: Server::new(
                 config,
@@ -84,23 +92,90 @@ impl Harness {
                 Duration::from_secs(UNIX_T0),
             ),
             binder: FakeBinder::default(),
+            fast_path: Vec::new(),
             now,
         }
     }
 
-    fn input(&mut self, five_tuple: FiveTuple, bytes: &[u8]) -> Option<Transmit> {
-        self.server
-            .handle_client_input(five_tuple, bytes, self.now, &mut self.binder)
+    /// Carry out what the server asked for, as a shell does: binds answered at once, in-place
+    /// payloads read out of the buffer the input came in.
+    fn drain(&mut self, buf: &[u8]) -> Vec<Transmit> {
+        let mut transmits = Vec::new();
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                Output::Transmit(transmit) => transmits.push(resolve(transmit, buf)),
+                Output::BindRelay { relay, .. } => {
+                    let bound = !self.binder.taken_elsewhere.contains(&relay)
+                        && self.binder.bound.insert(relay);
+                    self.server.handle_bind_result(relay, bound, self.now);
+                }
+                Output::ReleaseRelay { relay } => {
+                    assert!(self.binder.bound.remove(&relay), "released {relay} twice");
+                }
+                Output::FastPath(event) => self.fast_path.push(event),
+            }
+        }
+        transmits
     }
 
+    fn at_most_one(&mut self, buf: &[u8]) -> Option<Transmit> {
+        let mut transmits = self.drain(buf);
+        assert!(transmits.len() <= 1, "{transmits:?}");
+        transmits.pop()
+    }
+
+    fn input(&mut self, five_tuple: FiveTuple, bytes: &[u8]) -> Option<Transmit> {
+        self.server.handle_client_input(five_tuple, bytes, self.now);
+        self.at_most_one(bytes)
+    }
+
+    /// Move the clock on by `secs`, stopping at every deadline the server names on the way.
     fn advance(&mut self, secs: u64) {
-        self.now += Duration::from_secs(secs);
-        self.server.handle_timeout(self.now, &mut self.binder);
+        let until = self.now + Duration::from_secs(secs);
+        while let Some(deadline) = self.server.poll_timeout().filter(|d| *d <= until) {
+            self.now = self.now.max(deadline);
+            self.server.handle_timeout(self.now);
+            assert!(self.drain(&[]).is_empty(), "timeouts send nothing");
+        }
+        self.now = until;
     }
 
     fn peer_sends(&mut self, relay: SocketAddr, peer: &str, data: &[u8]) -> Option<Transmit> {
+        let mut buf = vec![0xEE; PEER_HEADROOM + data.len() + PEER_TAILROOM];
+        buf[PEER_HEADROOM..][..data.len()].copy_from_slice(data);
         self.server
-            .handle_peer_input(relay, peer.parse().unwrap(), data, self.now)
+            .handle_peer_input(relay, peer.parse().unwrap(), &mut buf, data.len(), self.now);
+        self.at_most_one(&buf)
+    }
+
+    fn take_fast_path_events(&mut self) -> Vec<FastPathEvent> {
+        std::mem::take(&mut self.fast_path)
+    }
+}
+
+/// A transmit with its payload as the bytes that would leave.
+fn resolve(transmit: Transmit, buf: &[u8]) -> Transmit {
+    let bytes = |payload: Payload| match payload {
+        Payload::InPlace(range) => Payload::Message(buf[range].to_vec()),
+        message => message,
+    };
+    match transmit {
+        Transmit::ToClient {
+            five_tuple,
+            payload,
+        } => Transmit::ToClient {
+            five_tuple,
+            payload: bytes(payload),
+        },
+        Transmit::ToPeer {
+            relay,
+            peer,
+            payload,
+        } => Transmit::ToPeer {
+            relay,
+            peer,
+            payload: bytes(payload),
+        },
     }
 }
 
@@ -195,7 +270,10 @@ impl Client {
 
 fn client_payload(t: Option<Transmit>) -> Vec<u8> {
     match t {
-        Some(Transmit::ToClient { payload, .. }) => payload,
+        Some(Transmit::ToClient {
+            payload: Payload::Message(payload),
+            ..
+        }) => payload,
         other => panic!("expected a message to the client, got {other:?}"),
     }
 }
@@ -613,7 +691,7 @@ fn data_flows_through_channels_and_indications_until_they_expire() {
         Some(Transmit::ToPeer {
             relay,
             peer,
-            payload: b"hello".to_vec()
+            payload: Payload::Message(b"hello".to_vec())
         })
     );
     let data = client_payload(h.peer_sends(relay, PEER, b"hi back"));
@@ -636,7 +714,7 @@ fn data_flows_through_channels_and_indications_until_they_expire() {
         Some(Transmit::ToPeer {
             relay,
             peer,
-            payload: b"media".to_vec()
+            payload: Payload::Message(b"media".to_vec())
         })
     );
     assert_eq!(
@@ -721,7 +799,8 @@ fn tcp_connection_close_deletes_the_allocation() {
         client_payload(h.peer_sends(relay, PEER, b"abcde")).len(),
         12
     );
-    h.server.client_closed(alice.five_tuple, &mut h.binder);
+    h.server.client_closed(alice.five_tuple);
+    h.drain(&[]);
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.binder.bound.is_empty());
 }
@@ -806,7 +885,11 @@ fn malformed_corpus_never_panics_nor_amplifies() {
     corpus.push(vec![0x40, 0x00]);
     for (i, datagram) in corpus.iter().enumerate() {
         let ft = five_tuple(&format!("192.0.2.{}:{}", 1 + i % 200, 1000 + i % 50));
-        if let Some(Transmit::ToClient { payload, .. }) = h.input(ft, datagram) {
+        if let Some(Transmit::ToClient {
+            payload: Payload::Message(payload),
+            ..
+        }) = h.input(ft, datagram)
+        {
             let is_valid_request =
                 Message::parse(datagram).is_ok_and(|m| m.class == Class::Request);
             assert!(
@@ -822,7 +905,7 @@ fn malformed_corpus_never_panics_nor_amplifies() {
 
 #[test]
 fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
-    use crate::turn::allocation::FastPathEvent;
+    use crate::allocation::FastPathEvent;
     let mut h = Harness::new();
     let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
     alice.allocate(&mut h, &[]);
@@ -832,7 +915,7 @@ fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
         Attribute::XorPeerAddress(peer),
     ];
     alice.call(&mut h, Method::CHANNEL_BIND, &bind);
-    let events = h.server.take_fast_path_events();
+    let events = h.take_fast_path_events();
     let [FastPathEvent::Up(up)] = events[..] else {
         panic!("{events:?}")
     };
@@ -845,7 +928,7 @@ fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
     // The permission lapses: the kernel entry is withdrawn with it.
     h.advance(300);
     assert!(matches!(
-        h.server.take_fast_path_events()[..],
+        h.take_fast_path_events()[..],
         [FastPathEvent::Down(_)]
     ));
     alice.nonce = None;
@@ -855,12 +938,12 @@ fn fast_path_is_told_of_channels_until_they_or_their_allocation_end() {
         &[Attribute::XorPeerAddress(peer)],
     );
     assert!(matches!(
-        h.server.take_fast_path_events()[..],
+        h.take_fast_path_events()[..],
         [FastPathEvent::Up(_)]
     ));
     alice.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(0)]);
     assert!(matches!(
-        h.server.take_fast_path_events()[..],
+        h.take_fast_path_events()[..],
         [FastPathEvent::Down(_)]
     ));
 }
@@ -884,15 +967,14 @@ fn revoking_a_user_ends_their_allocations_and_refuses_old_credentials() {
             Attribute::XorPeerAddress(peer),
         ],
     );
-    h.server.take_fast_path_events();
-    let ended = h
-        .server
-        .revoke_user("carol", UNIX_T0 + 3600, h.now, &mut h.binder);
+    h.take_fast_path_events();
+    let ended = h.server.revoke_user("carol", UNIX_T0 + 3600, h.now);
+    h.drain(&[]);
     assert_eq!(ended, 1);
     assert_eq!(h.server.allocation_count(), 1, "bob keeps his");
     assert!(matches!(
-        h.server.take_fast_path_events()[..],
-        [crate::turn::allocation::FastPathEvent::Down(_)]
+        h.take_fast_path_events()[..],
+        [FastPathEvent::Down(_)]
     ));
     // Authentication comes first: the revoked credential gets 401, on any 5-tuple.
     assert_eq!(code(&carol.call(&mut h, Method::REFRESH, &[])), Some(401));

@@ -67,14 +67,33 @@ impl<'a> ChannelData<'a> {
 /// and is cut to that length; no UDP payload is that long.
 pub fn encode_channel_data(channel: u16, data: &[u8], pad: bool) -> Vec<u8> {
     let data = data.get(..usize::from(u16::MAX)).unwrap_or(data);
-    let len = u16::try_from(data.len()).unwrap_or(u16::MAX);
-    let total = HEADER_LEN + if pad { padded(data.len()) } else { data.len() };
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(data);
-    out.resize(total, 0);
+    let mut out = vec![0; HEADER_LEN + padded(data.len())];
+    out[HEADER_LEN..HEADER_LEN + data.len()].copy_from_slice(data);
+    let frame = frame_in_place(&mut out, HEADER_LEN, data.len(), channel, pad);
+    out.truncate(frame.map_or(0, |f| f.end));
     out
+}
+
+/// Frames `buf[start..start + len]` as ChannelData in place: the header goes into the 4 bytes
+/// before it and, when `pad` (stream transports, RFC 8656 §12.5), zeros after it up to a
+/// multiple of 4. Returns where the frame lies in `buf`; None when `buf` has no room for them
+/// or `len` does not fit the 16-bit length.
+pub fn frame_in_place(
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    channel: u16,
+    pad: bool,
+) -> Option<std::ops::Range<usize>> {
+    let length = u16::try_from(len).ok()?;
+    let frame_start = start.checked_sub(HEADER_LEN)?;
+    let end = start + if pad { padded(len) } else { len };
+    let frame = buf.get_mut(frame_start..end)?;
+    let (header, rest) = frame.split_at_mut(HEADER_LEN);
+    header[..2].copy_from_slice(&channel.to_be_bytes());
+    header[2..].copy_from_slice(&length.to_be_bytes());
+    rest[len..].fill(0);
+    Some(frame_start..end)
 }
 
 /// Length of the next complete frame at the start of a stream buffer: a STUN message

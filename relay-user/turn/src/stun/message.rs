@@ -479,16 +479,55 @@ pub struct MessageBuilder {
 
 impl MessageBuilder {
     pub fn new(class: Class, method: Method, transaction_id: TransactionId) -> Self {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&encode_type(class, method).to_be_bytes());
-        buf.extend_from_slice(&[0, 0]);
-        buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        buf.extend_from_slice(&transaction_id.0);
-        MessageBuilder {
-            buf,
+        let mut builder = MessageBuilder {
+            buf: Vec::with_capacity(128),
             transaction_id,
             overflowed: false,
+        };
+        builder.reset(class, method, transaction_id);
+        builder
+    }
+
+    /// Starts a new message in the same buffer: a builder kept across messages allocates
+    /// nothing once its buffer has grown to their size.
+    pub fn reset(&mut self, class: Class, method: Method, transaction_id: TransactionId) {
+        self.buf.clear();
+        self.buf
+            .extend_from_slice(&encode_type(class, method).to_be_bytes());
+        self.buf.extend_from_slice(&[0, 0]);
+        self.buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        self.buf.extend_from_slice(&transaction_id.0);
+        self.transaction_id = transaction_id;
+        self.overflowed = false;
+    }
+
+    /// Ends the message with a DATA attribute whose value is already in place at
+    /// `buf[start..start + len]`: the message so far and DATA's header are written into the
+    /// bytes before it, the padding after it. Returns where the whole message lies in `buf`;
+    /// None when `buf` has no room for them or the message would be too long for STUN.
+    pub fn frame_around_data(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let value_len = u16::try_from(len).ok()?;
+        let body_len = self.buf.len() - HEADER_LEN + ATTR_HEADER_LEN + padded(len);
+        self.set_length(body_len);
+        if self.overflowed || body_len > usize::from(u16::MAX) {
+            return None;
         }
+        let header_start = start.checked_sub(ATTR_HEADER_LEN)?;
+        let message_start = header_start.checked_sub(self.buf.len())?;
+        let end = start + padded(len);
+        let frame = buf.get_mut(message_start..end)?;
+        let (prefix, rest) = frame.split_at_mut(self.buf.len());
+        prefix.copy_from_slice(&self.buf);
+        let (data_header, value) = rest.split_at_mut(ATTR_HEADER_LEN);
+        data_header[..2].copy_from_slice(&t::DATA.to_be_bytes());
+        data_header[2..].copy_from_slice(&value_len.to_be_bytes());
+        value[len..].fill(0);
+        Some(message_start..end)
     }
 
     /// Appends an attribute. One that would push a length past its 16-bit field (e.g. a DATA
