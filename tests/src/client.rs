@@ -391,17 +391,19 @@ impl TurnClient {
             }
             response = self.request_once(method, attributes)?;
         }
-        let message = response.message();
-        if message.has_message_integrity() {
-            let key = &self.credentials.as_ref().expect("set by request_once").key;
-            ensure!(
-                message.verify_integrity(key),
-                "{method:?} response with a MESSAGE-INTEGRITY that does not verify"
-            );
-        } else if message.class == Class::SuccessResponse {
-            // RFC 8489 §9.2.4: a success response to an authenticated request is protected
-            // with the same key, or the client cannot trust it.
-            bail!("{method:?} success response without MESSAGE-INTEGRITY");
+        {
+            let message = response.message();
+            if message.has_message_integrity() {
+                let key = &self.credentials.as_ref().expect("set by request_once").key;
+                ensure!(
+                    message.verify_integrity(key),
+                    "{method:?} response with a MESSAGE-INTEGRITY that does not verify"
+                );
+            } else if message.class == Class::SuccessResponse {
+                // RFC 8489 §9.2.4: a success response to an authenticated request is
+                // protected with the same key, or the client cannot trust it.
+                bail!("{method:?} success response without MESSAGE-INTEGRITY");
+            }
         }
         Ok(response)
     }

@@ -247,15 +247,18 @@ impl Client {
             let tid = self.tid();
             let request = self.build(tid, method, attrs);
             let response = client_payload(h.input(self.five_tuple, &request));
-            let message = Message::parse(&response).expect("server sends valid STUN");
-            assert_eq!(message.transaction_id, tid);
-            match message.error_code() {
-                Some((401 | 438, _))
-                    if self.nonce.is_none() || message.error_code().unwrap().0 == 438 =>
-                {
-                    self.nonce = Some(message.nonce().expect("challenge has a nonce").to_owned());
+            let challenge = {
+                let message = Message::parse(&response).expect("server sends valid STUN");
+                assert_eq!(message.transaction_id, tid);
+                match message.error_code() {
+                    Some((401, _)) if self.nonce.is_none() => message.nonce().map(str::to_owned),
+                    Some((438, _)) => message.nonce().map(str::to_owned),
+                    _ => None,
                 }
-                _ => return response,
+            };
+            match challenge {
+                Some(nonce) => self.nonce = Some(nonce),
+                None => return response,
             }
         }
         panic!("no answer past the challenges");

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use smallvec::SmallVec;
 use subtle::ConstantTimeEq;
 
 use super::attributes::{AddressFamily, Attribute, attr_type as t, padded};
@@ -13,6 +14,9 @@ pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 pub const MAX_ATTRIBUTES: usize = 64;
 
 const HEADER_LEN: usize = 20;
+/// Attributes a parsed message holds without a heap allocation: a Send indication's
+/// XOR-PEER-ADDRESS, DATA, DONT-FRAGMENT and FINGERPRINT, with room to spare.
+const INLINE_ATTRIBUTES: usize = 6;
 const ATTR_HEADER_LEN: usize = 4;
 const MI_LEN: usize = 20;
 const MI_SHA256_LEN: usize = 32;
@@ -111,7 +115,7 @@ pub struct Message<'a> {
     pub method: Method,
     pub transaction_id: TransactionId,
     raw: &'a [u8],
-    attributes: Vec<Attribute<'a>>,
+    attributes: SmallVec<[Attribute<'a>; INLINE_ATTRIBUTES]>,
     integrity: Option<IntegrityAt<'a>>,
 }
 
@@ -140,7 +144,7 @@ impl<'a> Message<'a> {
             return Err(ParseError::BadLength);
         }
 
-        let mut attributes = Vec::new();
+        let mut attributes = SmallVec::new();
         let mut integrity = None;
         let mut stage = Stage::Open;
         let mut offset = HEADER_LEN;
