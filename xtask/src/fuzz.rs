@@ -1,12 +1,14 @@
-//! `cargo xtask fuzz`: the SIP parser's fuzz target for a bounded time; `cargo xtask test` runs
-//! it after the tests.
+//! `cargo xtask fuzz`: each fuzz target for a bounded time; `cargo xtask test` runs them after
+//! the tests.
 //!
-//! The target (`relay-user/fuzz`, a cargo-fuzz project outside the workspace) feeds libFuzzer's
-//! inputs to `Message::parse`, re-parses what `to_bytes` makes of every message it accepts,
-//! and runs the stream `Framer` over the same bytes. cargo-fuzz needs a nightly compiler
-//! (`-Z sanitizer`), but not rust-src: only the target and its dependencies are instrumented.
-//! It builds into `target/fuzz`, and what libFuzzer learns goes to `target/fuzz/corpus`, so
-//! the repository keeps only the seeds (the RFC 4475 torture messages).
+//! The targets live in `relay-user/fuzz`, a cargo-fuzz project outside the workspace:
+//! `sip_parser` feeds libFuzzer's inputs to the SIP `Message::parse`, re-parses what
+//! `to_bytes` makes of every message it accepts, and runs the stream `Framer` over the same
+//! bytes; `turn_input` feeds them to the STUN codec and to a TURN server holding an allocation
+//! and a channel, as a client's datagram, a client's stream and a peer's datagram. cargo-fuzz
+//! needs a nightly compiler (`-Z sanitizer`), but not rust-src: only the targets and their
+//! dependencies are instrumented. They build into `target/fuzz`, and what libFuzzer learns goes
+//! to `target/fuzz/corpus`, so the repository keeps only the seeds.
 
 use std::{
     collections::BTreeSet,
@@ -23,11 +25,26 @@ use crate::util::{path_with_cargo_bin, probe, show, target_dir, workspace_root};
 const TOOLCHAIN: &str = "nightly";
 /// The cargo-fuzz project, relative to the workspace root.
 const FUZZ_DIR: &str = "relay-user/fuzz";
-pub const TARGET: &str = "sip_parser";
+pub const TARGETS: [&str; 2] = ["sip_parser", "turn_input"];
 
-/// Builds the target and fuzzes it for `seconds`. An error when it cannot run, or when it
-/// finds an input that crashes, hangs or exhausts the target; the error names that input.
+/// Builds every target and fuzzes each for `seconds`. An error when one cannot run, or when it
+/// finds an input that crashes, hangs or exhausts a target; the error names that input.
 pub fn run(seconds: u64) -> Result<()> {
+    let mut failures = Vec::new();
+    for target in TARGETS {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        if let Err(error) = run_target(target, seconds) {
+            failures.push(format!("{error:#}"));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!(failures.join("\n"))
+    }
+}
+
+fn run_target(target: &str, seconds: u64) -> Result<()> {
     let nightly = probe(Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--version"]))
         .is_some_and(|out| out.status.success());
     if !nightly {
@@ -38,12 +55,12 @@ pub fn run(seconds: u64) -> Result<()> {
     }
 
     let fuzz_dir = workspace_root().join(FUZZ_DIR);
-    let artifacts = fuzz_dir.join("artifacts").join(TARGET);
+    let artifacts = fuzz_dir.join("artifacts").join(target);
     let before = files_in(&artifacts);
     let build_dir = target_dir().join("fuzz");
     // libFuzzer adds the inputs it finds interesting to the first corpus directory: a scratch
     // one that persists between runs, while the seeds in the repository stay as they are.
-    let corpus = build_dir.join("corpus").join(TARGET);
+    let corpus = build_dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
 
     let mut cmd = Command::new("rustup");
@@ -51,9 +68,9 @@ pub fn run(seconds: u64) -> Result<()> {
         .args(["--fuzz-dir", FUZZ_DIR])
         .arg("--target-dir")
         .arg(&build_dir)
-        .arg(TARGET)
+        .arg(target)
         .arg(&corpus)
-        .arg(fuzz_dir.join("corpus").join(TARGET))
+        .arg(fuzz_dir.join("corpus").join(target))
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         // A hang is a finding too, and must not outlast the time budget.
@@ -76,13 +93,13 @@ pub fn run(seconds: u64) -> Result<()> {
     if found.is_empty() {
         bail!("`{shown}` failed ({status})");
     }
-    let mut text = format!("the fuzzer found an input that breaks {TARGET}:");
+    let mut text = format!("the fuzzer found an input that breaks {target}:");
     for file in &found {
         let _ = write!(text, "\n    {}", file.display());
     }
     let _ = write!(
         text,
-        "\nreplay it with: cargo +{TOOLCHAIN} fuzz run --fuzz-dir {FUZZ_DIR} {TARGET} FILE"
+        "\nreplay it with: cargo +{TOOLCHAIN} fuzz run --fuzz-dir {FUZZ_DIR} {target} FILE"
     );
     bail!(text)
 }

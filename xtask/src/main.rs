@@ -58,14 +58,15 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Set up, then `cargo fmt --check`, clippy with warnings denied, every test, and a bounded
-    /// run of the SIP parser's fuzz target (see `fuzz`).
+    /// run of each fuzz target (see `fuzz`).
     Test {
-        /// Seconds to fuzz the SIP parser after the tests; 0 skips it.
+        /// Seconds to fuzz each target (SIP parser, TURN input) after the tests; 0 skips it.
         #[arg(long, value_name = "N", default_value_t = 60)]
         fuzz_seconds: u64,
     },
-    /// Set up, then fuzz the SIP parser and stream framer (relay-user/fuzz: cargo-fuzz on the
-    /// nightly toolchain) for N seconds. Fails, naming the input, if it finds a crash.
+    /// Set up, then fuzz the SIP parser and stream framer, and the TURN core's input
+    /// (relay-user/fuzz: cargo-fuzz on the nightly toolchain), for N seconds each. Fails,
+    /// naming the input, if it finds a crash.
     Fuzz {
         #[arg(long, value_name = "N", default_value_t = 60)]
         seconds: u64,
@@ -349,7 +350,10 @@ fn test(fuzz_seconds: u64) -> Result<ExitCode> {
         results.push((name, status.success(), started.elapsed()));
     }
     if fuzz_seconds > 0 {
-        eprintln!("\nxtask: ==> fuzz {} for {fuzz_seconds} s", fuzz::TARGET);
+        eprintln!(
+            "\nxtask: ==> fuzz {} for {fuzz_seconds} s each",
+            fuzz::TARGETS.join(", ")
+        );
         let started = Instant::now();
         let ok = match fuzz::run(fuzz_seconds) {
             Ok(()) => true,

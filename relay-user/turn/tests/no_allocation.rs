@@ -16,10 +16,7 @@ use rampart_turn::channel_data::encode_channel_data;
 use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::rate_limit::RateLimit;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
-use rampart_turn::stun::{
-    Attribute, Class, Message, MessageBuilder, Method, PasswordAlgorithm, TransactionId,
-    long_term_key,
-};
+use rampart_turn::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
 use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};
 
 struct Counting;
@@ -136,15 +133,7 @@ fn signed_request(
         b.add(attribute);
     }
     if let Some(nonce) = nonce {
-        b.add(&Attribute::Username("alice"))
-            .add(&Attribute::Realm(REALM))
-            .add(&Attribute::Nonce(nonce));
-        b.add_message_integrity(&long_term_key(
-            "alice",
-            REALM,
-            "wonderland",
-            PasswordAlgorithm::Md5,
-        ));
+        b.sign_long_term("alice", REALM, nonce, "wonderland");
     }
     b.finish()
 }

@@ -25,8 +25,7 @@ use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::rate_limit::RateLimit;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{
-    AddressFamily, Attribute, Class, Message, MessageBuilder, Method, PasswordAlgorithm,
-    TransactionId, long_term_key,
+    AddressFamily, Attribute, Class, Message, MessageBuilder, Method, TransactionId,
 };
 use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};
 
@@ -340,15 +339,7 @@ impl World {
                 b.add(attribute);
             }
             if let Some(nonce) = self.nonces.get(&client) {
-                b.add(&Attribute::Username(user))
-                    .add(&Attribute::Realm(REALM))
-                    .add(&Attribute::Nonce(nonce));
-                b.add_message_integrity(&long_term_key(
-                    user,
-                    REALM,
-                    password,
-                    PasswordAlgorithm::Md5,
-                ));
+                b.sign_long_term(user, REALM, nonce, password);
             }
             let request = b.finish();
             self.server

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use smallvec::SmallVec;
 use subtle::ConstantTimeEq;
 
-use super::attributes::{AddressFamily, Attribute, attr_type as t, padded};
-use super::integrity::{fingerprint, hmac_sha1, hmac_sha256};
+use super::attributes::{AddressFamily, Attribute, PasswordAlgorithm, attr_type as t, padded};
+use super::integrity::{fingerprint, hmac_sha1, hmac_sha256, long_term_key};
 
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 /// Attributes walked per message before giving up: bounds the work and memory one datagram
@@ -580,6 +580,22 @@ impl MessageBuilder {
             self.add(&Attribute::MessageIntegritySha256(&mac));
         }
         self
+    }
+
+    /// USERNAME, REALM, NONCE and MESSAGE-INTEGRITY with the MD5 long-term key (RFC 8489
+    /// §9.2.3): what a client adds to sign a request after its challenge.
+    pub fn sign_long_term(
+        &mut self,
+        username: &str,
+        realm: &str,
+        nonce: &str,
+        password: &str,
+    ) -> &mut Self {
+        self.add(&Attribute::Username(username))
+            .add(&Attribute::Realm(realm))
+            .add(&Attribute::Nonce(nonce));
+        let key = long_term_key(username, realm, password, PasswordAlgorithm::Md5);
+        self.add_message_integrity(&key)
     }
 
     /// FINGERPRINT (RFC 8489 §14.7): CRC-32 of the message so far XOR 0x5354554E, with the
