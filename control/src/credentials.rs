@@ -3,10 +3,6 @@
 //! secret and check credentials with no round trip to the control service, so calls set up
 //! with issued credentials survive a control outage.
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac as _};
-use sha1::Sha1;
-
 use proto::control::v1::UserRevocation;
 
 /// STUN USERNAME is at most 513 bytes (RFC 8489 §14.3); the user identity gets 256 of them,
@@ -40,15 +36,7 @@ pub fn check_user(user: &str) -> Result<(), UserError> {
     Ok(())
 }
 
-/// base64(HMAC-SHA1(secret, username)), the TURN REST API password.
-pub fn rest_password(secret: &[u8], username: &str) -> String {
-    // HMAC takes keys of any length (RFC 2104 §2), so this cannot fail.
-    let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(secret) else {
-        unreachable!("HMAC accepts keys of any length")
-    };
-    mac.update(username.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
+pub use rampart_turn::auth::credentials::rest_password;
 
 /// Issued credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,11 +12,12 @@
 //! - [`store`], [`state`]: durable state and the changes streamed to agents.
 //! - [`service`]: the front-end, relay-agent and operator APIs.
 //! - [`credentials`]: the TURN REST API credential scheme.
-//! - [`client`]: the mutual-TLS client side, for Rust callers.
+//! - [`client`]: the mutual-TLS client side, for Rust callers (its own crate, `control-link`,
+//!   which the agent links instead of this one).
 //! - [`call`]: any RPC by name with JSON in and out (`rampart-control call`).
 
 pub mod call;
-pub mod client;
+pub use control_link::client;
 pub mod config;
 pub mod credentials;
 pub mod identity;

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::RootCertStore;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
@@ -90,10 +89,7 @@ impl Contents {
     }
 }
 
-/// The crypto provider everything here uses: ring, like the rest of the workspace.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use control_link::provider;
 
 impl TlsFiles {
     fn read(&self) -> Result<Contents, TlsError> {

@@ -9,7 +9,7 @@
 pub mod control {
     pub mod v1 {
         // Generated code: its shape is prost's and tonic's, not ours.
-        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        #![allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
         tonic::include_proto!("rampart.control.v1");
     }
 }

@@ -13,10 +13,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::{Credentials, RestSecrets};
 use rampart_turn::peer_policy::PeerPolicy;
-use rampart_turn::rate_limit::RateLimit;
 use rampart_turn::{RelayAddress, ServerConfig, Transport};
+pub use rampart_xdp::fast_path::{Mode as XdpMode, Settings as XdpSettings};
 
 mod sip;
 pub use sip::{PartnerTls, SipPeer, SipSettings};
@@ -157,7 +158,7 @@ struct RawControl {
 /// it and the agent's own client certificate, and the agent's identifier there.
 #[derive(Clone, Debug)]
 pub struct ControlSettings {
-    pub link: control::client::Link,
+    pub link: control_link::client::Link,
     pub agent_id: String,
 }
 
@@ -189,35 +190,6 @@ fn xdp_mode() -> XdpMode {
 }
 fn xdp_max_channels() -> u32 {
     65_536
-}
-
-/// How the XDP fast path is attached.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// No fast path: every packet is relayed in userspace.
-    Off,
-    /// Native (driver) mode where the interface supports it, generic mode otherwise, and
-    /// userspace only when BPF is unavailable (not root, old kernel), said once in the log.
-    Auto,
-    /// Native mode or refuse to start.
-    Native,
-    /// Generic (SKB) mode or refuse to start.
-    Generic,
-}
-
-/// The fast path's settings, when it is on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct XdpSettings {
-    pub mode: XdpMode,
-    pub interfaces: Vec<String>,
-    pub max_channels: u32,
-    /// bpffs directory where maps and links are pinned (a versioned subdirectory of it).
-    pub pin_path: PathBuf,
-    /// Resolve every bound channel's next hops over netlink and keep them in the bindings
-    /// (the program then does no FIB lookup per packet); off: every frame takes
-    /// `bpf_fib_lookup`.
-    pub cache_next_hops: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -673,7 +645,7 @@ impl RawControl {
                 "must be 1 to 128 printable ASCII characters without spaces (e.g. the host name, \"edge-1\")",
             ));
         }
-        let link = control::client::LinkFile {
+        let link = control_link::client::LinkFile {
             endpoint: self.endpoint.clone(),
             server_name: self.server_name.clone(),
             ca: self.ca.clone(),

@@ -1,13 +1,10 @@
-//! Rampart edge agent.
+//! Rampart edge agent: the wiring of the shells around the role crates.
 //!
-//! Protocol logic is sans-IO: the TURN core is its own crate ([`rampart_turn`]), [`next_hop`]
-//! the cache of where the XDP program sends each bound channel. [`server`] is the thin tokio
-//! shell around them, [`netlink`] the next-hop cache's.
+//! Protocol logic lives in crates without I/O: the TURN core ([`rampart_turn`]), the Access
+//! Edge's SIP core ([`rampart_sip`]), the conferencing protocol ([`rampart_psom`]). The XDP
+//! program's loader and fast path are [`rampart_xdp`]. [`server`] is the tokio shell around
+//! them, [`config`] the agent's configuration, [`psom`] conferencing admission.
 
 pub mod config;
-pub mod netlink;
-pub mod next_hop;
 pub mod psom;
 pub mod server;
-pub mod sip;
-pub mod xdp;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use rampart::sip::{Frame, Framer, HeaderName, Limits, Message, StartLine};
+use rampart_sip::{Frame, Framer, HeaderName, Limits, Message, StartLine};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,

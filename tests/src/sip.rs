@@ -224,7 +224,7 @@ impl TlsBridge {
     fn run<F, Fut>(listener: std::net::TcpListener, serve: F) -> anyhow::Result<TlsBridge>
     where
         F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;

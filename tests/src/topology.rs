@@ -413,14 +413,7 @@ struct LinkCreateAttr {
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     // SAFETY: `attr` is a valid, initialised prefix of `union bpf_attr` of the size passed;
     // the kernel zero-extends a shorter attribute.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rampart::sip::HeaderName;
-use rampart::sip::uri::NameAddr;
+use rampart_sip::HeaderName;
+use rampart_sip::uri::NameAddr;
 use rampart_tests::access_edge::{
     DOMAIN, INTERNAL_CONTACT, ScriptedNextHop, SipConnection, SipPki, Site, request, status,
 };
@@ -119,7 +119,7 @@ fn a_remote_user_registers_and_calls_through_the_edge_which_hides_the_inside() {
     let bye = &deployment.site.next_hop.requests("BYE")[0];
     assert_eq!(
         bye.start,
-        rampart::sip::StartLine::Request {
+        rampart_sip::StartLine::Request {
             method: "BYE".into(),
             uri: INTERNAL_CONTACT.into()
         }
@@ -240,7 +240,7 @@ fn refusals_say_why_and_do_not_depend_on_who_the_user_is() {
 }
 
 fn torture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../relay-user/tests/data/rfc4475")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../relay-user/sip/tests/data/rfc4475")
 }
 
 /// The Call-ID of a raw message, as bytes (the torture messages are not all UTF-8).
@@ -360,7 +360,7 @@ fn rfc4475_torture_messages_over_tls() {
 }
 
 /// A remote user's REGISTER.
-fn register_request(user: &str, call_id: &str) -> rampart::sip::Message {
+fn register_request(user: &str, call_id: &str) -> rampart_sip::Message {
     let aor = format!("sip:{user}@{DOMAIN}");
     request(
         "REGISTER",
@@ -544,10 +544,10 @@ fn a_lab_tcp_listener_serves_plain_sip_too() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     std::io::Write::write_all(&mut stream, &register.to_bytes()).unwrap();
-    let mut framer = rampart::sip::Framer::new(rampart::sip::Limits::default());
+    let mut framer = rampart_sip::Framer::new(rampart_sip::Limits::default());
     let mut buffer = [0u8; 4096];
     let response = loop {
-        if let Some(rampart::sip::Frame::Message(message)) = framer.next_frame().unwrap() {
+        if let Some(rampart_sip::Frame::Message(message)) = framer.next_frame().unwrap() {
             break message;
         }
         let count = std::io::Read::read(&mut stream, &mut buffer).unwrap();
@@ -603,7 +603,7 @@ fn with_a_token_secret_calls_survive_an_edge_restart() {
     assert_eq!(byes.len(), 1);
     assert_eq!(
         byes[0].start,
-        rampart::sip::StartLine::Request {
+        rampart_sip::StartLine::Request {
             method: "BYE".into(),
             uri: INTERNAL_CONTACT.into()
         },

@@ -6,8 +6,8 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use rampart::sip::uri::NameAddr;
-use rampart::sip::{HeaderName, Message};
+use rampart_sip::uri::NameAddr;
+use rampart_sip::{HeaderName, Message};
 use rampart_tests::access_edge::{
     FakeDns, Federation, SipConnection, SipPki, Site, federation_policy, request, status,
 };

@@ -348,7 +348,7 @@ fn bench_conferencing() {
         let started = Instant::now();
         let tasks: Vec<_> = (0..4)
             .map(|_| {
-                let pki = rampart_tests::control::ControlPki {
+                let pki = ControlPki {
                     dir: edge.pki.dir.clone(),
                 };
                 let external = edge.external;

@@ -41,7 +41,6 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rampart::xdp::monotonic_now_ns;
 use rampart_tests::bpf::{self, BpfFs, MapEntry, read_u32, read_u64};
 use rampart_tests::media::{
     Channel, Count, Expect, Flow, client_to_peer, kernel_flow, messages, next_counters, number,
@@ -51,6 +50,7 @@ use rampart_tests::netns::run_in;
 use rampart_tests::topology::{EDGE_EXT_IF, EDGE_INT_IF, EdgeTopology, SenderChecksums};
 use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, Received, TurnClient, USER};
 use rampart_turn::stun::{AddressFamily, Class, MessageBuilder, Method, TransactionId};
+use rampart_xdp::monotonic_now_ns;
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ChannelCounters, ClientChannelKey,
     ClientChannelValue, Counter, Endpoint, PEER_CHANNELS_MAP, PIN_LAYOUT_VERSION, PeerChannelValue,

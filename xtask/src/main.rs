@@ -190,7 +190,7 @@ fn run(task: Task) -> Result<ExitCode> {
     }
 }
 
-/// The benchmark is an ignored test of relay-user (`tests/xdp_datapath.rs`), so it shares the
+/// The benchmark is an ignored test of rampart-xdp (`relay-user/xdp/tests/xdp_datapath.rs`), so it shares the
 /// namespace topology of the datapath tests. The program is always built in release mode by
 /// aya-build; the test's own profile does not matter for the numbers. It writes
 /// docs/benchmarks/xdp.json, committed beside the tables of docs/benchmarks.md.
@@ -207,7 +207,7 @@ fn bench_xdp() -> Result<()> {
     cmd.args([
         "test",
         "--package",
-        "relay-user",
+        "rampart-xdp",
         "--test",
         "xdp_datapath",
         "--",

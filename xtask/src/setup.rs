@@ -96,7 +96,7 @@ pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// The rustup toolchain name under which relay-user's build script finds the Debian compiler.
+/// The rustup toolchain name under which rampart-xdp's build script (relay-user/xdp) finds the Debian compiler.
 const DEBIAN_TOOLCHAIN: &str = "debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Runs the SIP parser's fuzz target (`relay-user/fuzz`) on the nightly toolchain.
@@ -126,7 +126,7 @@ impl Step {
                 text
             }
             Step::RustupLink => format!(
-                "rustup toolchain `{DEBIAN_TOOLCHAIN}` -> /usr: relay-user's build script builds \
+                "rustup toolchain `{DEBIAN_TOOLCHAIN}` -> /usr: rampart-xdp's build script (relay-user/xdp) builds \
                  the XDP program with it (aya-build runs `rustup run {DEBIAN_TOOLCHAIN} cargo`)"
             ),
             Step::RustComponents(components) => format!(

@@ -33,7 +33,7 @@ pub fn cargo_bin_dir() -> Option<PathBuf> {
 }
 
 /// `PATH` with the cargo bin directory in front, so binaries that `setup` installed there
-/// (bpf-linker, looked up by relay-user's build script) are found even when the caller's
+/// (bpf-linker, looked up by rampart-xdp's build script (relay-user/xdp)) are found even when the caller's
 /// `PATH` lacks it.
 pub fn path_with_cargo_bin() -> OsString {
     let current = env::var_os("PATH").unwrap_or_default();

@@ -6,13 +6,13 @@
 //!   more bytes or gives up on the stream, and every frame consumes input.
 //!
 //! Seeds: the RFC 4475 torture messages (`corpus/sip_parser`, copies of
-//! `relay-user/tests/data/rfc4475`). Run with `cargo xtask test`, or by hand:
+//! `relay-user/sip/tests/data/rfc4475`). Run with `cargo xtask test`, or by hand:
 //! `cargo +nightly fuzz run sip_parser -- -max_total_time=60` in `relay-user`.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rampart::sip::{Framer, Limits, Message};
+use rampart_sip::{Framer, Limits, Message};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();

@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::Credentials;
 use rampart_turn::channel_data::{ChannelData, next_stream_frame};
 use rampart_turn::peer_policy::PeerPolicy;
-use rampart_turn::rate_limit::RateLimit;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
 use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};

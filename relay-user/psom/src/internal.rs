@@ -73,7 +73,7 @@ pub async fn read_frame<S: tokio::io::AsyncRead + Unpin>(
 pub async fn run<H, F>(link: EdgeLink, initial: usize, handler: H, shutdown: CancellationToken)
 where
     H: Fn(Assign, Session) -> F + Send + Sync + 'static,
-    F: std::future::Future<Output = ()> + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let handler = Arc::new(handler);
     let (dial_tx, mut dial_rx) = mpsc::unbounded_channel::<Duration>();

@@ -12,11 +12,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::{ConfigError, certificate_and_key, invalid, pem_certificates, read_file};
-use crate::sip::Limits;
-use crate::sip::guard::GuardSettings;
-use crate::sip::policy::{AccessPolicy, FederationPolicy};
-use crate::sip::proxy::ProxySettings;
-use rampart_turn::rate_limit::RateLimit;
+use rampart_rate_limit::RateLimit;
+use rampart_sip::Limits;
+use rampart_sip::guard::GuardSettings;
+use rampart_sip::policy::{AccessPolicy, FederationPolicy};
+use rampart_sip::proxy::ProxySettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,7 +210,7 @@ impl fmt::Debug for SipSettings {
 
 fn domain_name(key: &str, name: &str) -> Result<String, ConfigError> {
     let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
-    if crate::sip::uri::parse_host_port(&lower)
+    if rampart_sip::uri::parse_host_port(&lower)
         .is_some_and(|(host, port)| port.is_none() && !host.starts_with('['))
     {
         Ok(lower)

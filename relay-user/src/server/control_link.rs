@@ -25,12 +25,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use super::fast_path::FastPath;
 use super::{Counters, Shared, State};
 use crate::config::{Config, ControlSettings};
-use crate::sip;
+use rampart_rate_limit::RateLimit;
 use rampart_turn::Transport;
-use rampart_turn::rate_limit::RateLimit;
+use rampart_xdp::fast_path::FastPath;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -107,7 +106,7 @@ pub(super) fn unix_now() -> u64 {
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
     #[error("{0}")]
-    Connect(#[from] control::client::ClientError),
+    Connect(#[from] control_link::client::ClientError),
     #[error("timed out connecting")]
     Timeout,
     #[error("{0}")]
@@ -323,9 +322,9 @@ fn apply_policy(state: &mut State, policy: AccessPolicy) {
 /// The Access Edge's view of a control policy; the partner rate falls back to the agent's
 /// configured one when the control plane leaves it unset.
 fn sip_policy(
-    configured: &sip::policy::AccessPolicy,
+    configured: &rampart_sip::policy::AccessPolicy,
     policy: &AccessPolicy,
-) -> sip::policy::AccessPolicy {
+) -> rampart_sip::policy::AccessPolicy {
     let federation = policy.federation.clone().unwrap_or_default();
     let partner_rate = match federation.partner_requests_per_second {
         0 => configured.federation.partner_rate,
@@ -334,10 +333,10 @@ fn sip_policy(
             burst: f64::from(rate) * 5.0,
         },
     };
-    sip::policy::AccessPolicy {
+    rampart_sip::policy::AccessPolicy {
         remote_users: policy.remote_users_enabled,
         anonymous_users: policy.anonymous_users_enabled,
-        federation: sip::policy::FederationPolicy {
+        federation: rampart_sip::policy::FederationPolicy {
             enabled: federation.enabled,
             allowed_domains: federation.allowed_domains.into_iter().collect(),
             blocked_domains: federation.blocked_domains.into_iter().collect(),

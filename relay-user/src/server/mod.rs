@@ -6,7 +6,6 @@
 
 mod conferencing;
 mod control_link;
-mod fast_path;
 mod relay_socket;
 mod sip;
 
@@ -27,12 +26,12 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
-use crate::xdp::XdpError;
 use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
 use rampart_turn::server::{Output, Payload};
 use rampart_turn::{FiveTuple, Server, Stats, Transmit, Transport};
+use rampart_xdp::XdpError;
 
-pub use fast_path::{FastPath, FastPathStats};
+pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
 
 /// Frames queued towards one stream client before further ones are dropped: a client that
 /// does not read its media must not hold memory without bound.
@@ -615,7 +614,10 @@ pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<Arc<UdpSocket>> {
 /// Hands the kernel's routing, neighbour and link announcements to the fast path as they come,
 /// until the edge is gone. Its own thread: netlink sockets are blocking, and a change must
 /// reach the XDP maps at once (the next-hop cache follows the kernel within milliseconds).
-fn read_announcements(shared: Weak<Shared>, mut announcements: crate::netlink::Announcements) {
+fn read_announcements(
+    shared: Weak<Shared>,
+    mut announcements: rampart_xdp::netlink::Announcements,
+) {
     loop {
         let batch = match announcements.next_batch() {
             Ok(batch) => batch,

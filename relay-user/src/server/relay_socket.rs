@@ -106,7 +106,7 @@ fn set_dont_fragment(socket: &impl AsRawFd, ipv6: bool) -> std::io::Result<()> {
             level,
             option,
             (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc == 0 {

@@ -1,7 +1,7 @@
 //! The Access Edge's I/O: TLS listeners outside (remote users, guests, partner edges), the
 //! mutual-TLS listener inside, the long-lived connection to the next hop (with failover) and
 //! to partner edges (static route or DNS SRV), all carrying many users each. Every connection
-//! is cut into messages by [`crate::sip::Framer`] and handed to [`crate::sip::proxy::Proxy`];
+//! is cut into messages by [`rampart_sip::Framer`] and handed to [`rampart_sip::proxy::Proxy`];
 //! this file only moves bytes, keeps time limits and counts what it drops.
 
 use std::collections::HashMap;
@@ -25,10 +25,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
 use crate::config::{SipPeer, SipSettings};
-use crate::sip::guard::{SourceGuard, Verdict};
-use crate::sip::proxy::{Action, ConnectionId, Destination, Origin, Proxy, Side, SipCounters};
-use crate::sip::token::Sealer;
-use crate::sip::{Frame, Framer, Message};
+use rampart_sip::guard::{SourceGuard, Verdict};
+use rampart_sip::proxy::{Action, ConnectionId, Destination, Origin, Proxy, Side, SipCounters};
+use rampart_sip::token::Sealer;
+use rampart_sip::{Frame, Framer, Message};
 
 /// Messages queued towards one connection before further ones are dropped (counted).
 const SEND_QUEUE: usize = 1024;
@@ -100,7 +100,7 @@ impl SipEdge {
         })
     }
 
-    pub(super) fn set_policy(&self, policy: crate::sip::policy::AccessPolicy) {
+    pub(super) fn set_policy(&self, policy: rampart_sip::policy::AccessPolicy) {
         let mut proxy = lock(&self.proxy);
         if *proxy.policy() != policy {
             info!(
@@ -116,7 +116,7 @@ impl SipEdge {
     }
 
     /// The configured policy's partner rate, for control policies that leave it unset.
-    pub(super) fn configured_policy(&self) -> &crate::sip::policy::AccessPolicy {
+    pub(super) fn configured_policy(&self) -> &rampart_sip::policy::AccessPolicy {
         &self.settings.policy
     }
 
@@ -657,11 +657,11 @@ fn peer_names(certificates: Option<&[CertificateDer<'_>]>) -> Vec<String> {
     let Some(certificate) = certificates.and_then(<[_]>::first) else {
         return Vec::new();
     };
-    control::identity::san_names(certificate)
+    control_link::san::san_names(certificate)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|name| match name {
-            control::identity::SanName::Dns(dns) => Some(dns),
+            control_link::san::SanName::Dns(dns) => Some(dns),
             _ => None,
         })
         .collect()

@@ -11,7 +11,6 @@ pub mod auth;
 pub mod channel_data;
 pub mod peer_policy;
 pub mod ports;
-pub mod rate_limit;
 pub mod server;
 pub mod stun;
 

@@ -30,8 +30,8 @@ use crate::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
 use crate::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, frame_in_place};
 use crate::peer_policy::PeerPolicy;
 use crate::ports::{Candidate, Parity, PortAllocator, PortSearch};
-use crate::rate_limit::{RateLimit, SourceRateLimiter};
 use crate::{FiveTuple, Transport};
+use rampart_rate_limit::{RateLimit, SourceRateLimiter};
 
 /// RFC 8656 §14.9: a reservation made with EVEN-PORT's R bit is held for about 30 s.
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::Credentials;
 use rampart_turn::channel_data::encode_channel_data;
 use rampart_turn::peer_policy::PeerPolicy;
-use rampart_turn::rate_limit::RateLimit;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
 use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};

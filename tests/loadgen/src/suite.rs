@@ -584,7 +584,7 @@ mod tests {
     use super::*;
 
     fn step(target_pps: f64, loss: f64) -> Step {
-        let mut step = Step::from_counts(crate::stats::StepInput {
+        let mut step = Step::from_counts(StepInput {
             target_pps,
             sent: 1000,
             generator_drops: 0,

@@ -387,7 +387,7 @@ pub fn send(
                 let result = match direction {
                     Direction::ToPeer => match flows.client_socket(flow) {
                         Some(socket) => socket.send(&buf),
-                        None => Err(std::io::ErrorKind::NotConnected.into()),
+                        None => Err(ErrorKind::NotConnected.into()),
                     },
                     Direction::ToClient => flows.peer.send_to(&buf[4..], flows.relayed[flow]),
                 };

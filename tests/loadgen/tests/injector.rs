@@ -81,14 +81,14 @@ fn every_injected_frame_is_counted_once_per_flow_in_sequence() {
         // Paced gently: the receiving ring holds 256 frames.
         for _ in 0..100 {
             injector.inject(200)?;
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(2));
         }
         Ok(())
     })
     .unwrap();
     let sent = injector.stamped().unwrap();
     assert_eq!(sent, 20_000);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200));
     let counted = counters.read(7).unwrap();
     let mut delivered = 0;
     for (direction, direction_sent) in per_direction(sent).into_iter().enumerate() {
@@ -112,13 +112,13 @@ fn every_injected_frame_is_counted_once_per_flow_in_sequence() {
     counters.start_step(2, 7).unwrap();
     injector.start_step(2, Some(20_000.0)).unwrap();
     let stopped = netns::run_in(a.name(), || {
-        rampart_loadgen::injection::inject_for(&injector, std::time::Duration::from_millis(500))
+        rampart_loadgen::injection::inject_for(&injector, Duration::from_millis(500))
     });
     stopped.unwrap();
     let paced = injector.stamped().unwrap();
     // 20 000 per second for half a second, give or take the start and the stop.
     assert!((8_000..=12_000).contains(&paced), "{paced} frames");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200));
     let counted = counters.read(7).unwrap();
     let delivered: u64 = counted.flows.iter().map(|f| f.delivered).sum();
     assert_eq!(delivered, paced);

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use rampart_turn::rate_limit::{RateLimit, SourceRateLimiter};
+use rampart_rate_limit::{RateLimit, SourceRateLimiter};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AccessPolicy {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use rampart::sip::{Limits, Message};
+use rampart_sip::{Limits, Message};
 
 fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/rfc4475")

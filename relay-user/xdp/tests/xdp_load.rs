@@ -19,7 +19,7 @@ use nix::{
     sched::{CloneFlags, setns},
     unistd::Uid,
 };
-use rampart::xdp::{Counter, Stat, XdpMode, XdpProgram};
+use rampart_xdp::{Counter, Stat, XdpMode, XdpProgram};
 
 const DATAGRAMS: u64 = 5;
 const PAYLOAD: &[u8] = b"rampart xdp load test";
@@ -123,7 +123,7 @@ fn exchange(count: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn report(e: rampart::xdp::XdpError) -> String {
+fn report(e: rampart_xdp::XdpError) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {

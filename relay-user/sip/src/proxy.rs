@@ -868,8 +868,8 @@ fn request_domain(message: &Message) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::Limits;
-    use crate::sip::policy::FederationPolicy;
+    use crate::Limits;
+    use crate::policy::FederationPolicy;
 
     const CLIENT: ConnectionId = 1;
     const NEXT_HOP: ConnectionId = 2;

@@ -3,13 +3,13 @@
 //! Each test builds a network namespace of its own with two veth pairs (`ext0`: the client
 //! side, the TURN server's addresses; `int0`: the peer side, the relay addresses), addresses,
 //! routes and permanent neighbour entries, with forwarding on, loads the program, binds
-//! channels through `rampart::xdp`, and runs the program on crafted frames with
+//! channels through `rampart_xdp`, and runs the program on crafted frames with
 //! `BPF_PROG_TEST_RUN` (`XdpProgram::test_run`) as if they had arrived on `ext0` or `int0`.
 //! Nothing is transmitted: test runs report the action instead of carrying it out. The
 //! expected frames are built here independently, checksums computed in full.
 //!
 //! Every test runs twice, on both paths of the program's egress: with the next hops the agent
-//! would cache in the bindings (resolved over netlink by `rampart::netlink::resolve`, as the
+//! would cache in the bindings (resolved over netlink by `rampart_xdp::netlink::resolve`, as the
 //! agent's cache does), and without any (`NextHop::NONE`: the program's `bpf_fib_lookup`).
 //!
 //! `bench_xdp` (ignored; `cargo xtask bench-xdp`) measures ns per packet the same way.
@@ -33,8 +33,8 @@ use nix::{
     sched::{CloneFlags, setns},
     unistd::Uid,
 };
-use rampart::next_hop::RouteKey;
-use rampart::xdp::{
+use rampart_xdp::next_hop::RouteKey;
+use rampart_xdp::{
     ChannelBinding, ChannelCounters, Counter, NextHop, Stat, TestRunOutput, XdpError, XdpProgram,
     Yardstick, action, monotonic_now_ns,
 };
@@ -506,7 +506,7 @@ fn with_next_hops(binding: &ChannelBinding) -> ChannelBinding {
     let (path, egress) = PATH.get();
     let resolve = |src: SocketAddr, dst: SocketAddr| match path {
         Path::Fallback => NextHop::NONE,
-        Path::Cached => rampart::netlink::resolve(
+        Path::Cached => rampart_xdp::netlink::resolve(
             RouteKey {
                 src: src.ip(),
                 dst: dst.ip(),

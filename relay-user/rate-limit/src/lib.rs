@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn burst_then_refill_at_the_configured_rate() {
-        let t0 = crate::test_origin();
+        let t0 = Instant::now();
         let mut rl = SourceRateLimiter::<IpAddr>::new(RateLimit {
             per_second: 10.0,
             burst: 5.0,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use rampart_turn::rate_limit::{RateLimit, SourceRateLimiter};
+use rampart_rate_limit::{RateLimit, SourceRateLimiter};
 
 /// Bans held at once at most; when full, the oldest-expiring are forgotten first.
 const MAX_BANS: usize = 100_000;

@@ -1,13 +1,14 @@
 //! Builds the XDP program (`relay-ebpf`) for `bpfel-unknown-none` and leaves the object in
-//! `OUT_DIR/rampart-xdp`, where `src/xdp.rs` embeds it (see `ebpf-build` for the tool chain).
+//! `OUT_DIR/rampart-xdp`, where `src/lib.rs` embeds it (see `ebpf-build` for the tool chain).
 
 fn main() {
     let manifest_dir = std::path::PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
     let root_dir = manifest_dir
-        .parent()
-        .expect("relay-user is inside the workspace")
+        .ancestors()
+        .nth(2)
+        .expect("relay-user/xdp is inside the workspace")
         .join("relay-ebpf");
     // The package's binary target `rampart-xdp` names the object.
     ebpf_build::build_or_exit("relay-ebpf", &root_dir, "rampart-xdp");

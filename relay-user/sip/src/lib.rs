@@ -8,7 +8,7 @@
 //! - [`policy`]: access methods and federation; [`guard`]: per-source rate limits, bans and
 //!   connection caps.
 //!
-//! The tokio shell around them is `server::sip`.
+//! The tokio shell around them is the agent's `server::sip` (relay-user).
 
 pub mod framer;
 pub mod guard;

@@ -8,18 +8,48 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use relay_common::{ChannelCounters, PIN_LAYOUT_VERSION};
+use serde::Deserialize;
 
 use tracing::{debug, info, warn};
 
-use crate::config::{XdpMode, XdpSettings};
 use crate::netlink::{Announcement, Announcements, Netlink};
 use crate::next_hop::{Input, NextHopCache, NextHopStats, Output, RouteKey};
-use crate::xdp::{self, Attached, ChannelBinding, MapSizes, NextHop, XdpError, XdpProgram};
+use crate::{Attached, ChannelBinding, MapSizes, NextHop, XdpError, XdpProgram};
 use rampart_turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
 use rampart_turn::{FiveTuple, Transport};
+
+/// How the XDP fast path is attached.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// No fast path: every packet is relayed in userspace.
+    Off,
+    /// Native (driver) mode where the interface supports it, generic mode otherwise, and
+    /// userspace only when BPF is unavailable (not root, old kernel), said once in the log.
+    Auto,
+    /// Native mode or refuse to start.
+    Native,
+    /// Generic (SKB) mode or refuse to start.
+    Generic,
+}
+
+/// The fast path's settings, when it is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub interfaces: Vec<String>,
+    pub max_channels: u32,
+    /// bpffs directory where maps and links are pinned (a versioned subdirectory of it).
+    pub pin_path: PathBuf,
+    /// Resolve every bound channel's next hops over netlink and keep them in the bindings
+    /// (the program then does no FIB lookup per packet); off: every frame takes
+    /// `bpf_fib_lookup`.
+    pub cache_next_hops: bool,
+}
 
 /// A bound channel: the allocation's 5-tuple and the channel number.
 type ChannelKey = (FiveTuple, u16);
@@ -66,10 +96,10 @@ impl FastPath {
     /// Load the program and attach it to every configured interface. In `auto` mode a
     /// failure is reported once, clearly, and the agent relays in userspace (`Ok(None)`); in
     /// `native` or `generic` mode it is an error.
-    pub fn start(settings: &XdpSettings) -> Result<Option<Self>, XdpError> {
+    pub fn start(settings: &Settings) -> Result<Option<Self>, XdpError> {
         match Self::try_start(settings) {
             Ok(fast_path) => Ok(Some(fast_path)),
-            Err(error) if settings.mode == XdpMode::Auto => {
+            Err(error) if settings.mode == Mode::Auto => {
                 warn!(
                     error = %error_chain(&error),
                     "XDP fast path unavailable: relaying every packet in userspace"
@@ -80,7 +110,7 @@ impl FastPath {
         }
     }
 
-    fn try_start(settings: &XdpSettings) -> Result<Self, XdpError> {
+    fn try_start(settings: &Settings) -> Result<Self, XdpError> {
         let pins = settings.pin_path.join(PIN_LAYOUT_VERSION);
         let mut program = XdpProgram::load_pinned(
             MapSizes {
@@ -92,20 +122,20 @@ impl FastPath {
         let mut egress = Vec::new();
         for interface in &settings.interfaces {
             let mode = match settings.mode {
-                XdpMode::Generic => xdp::XdpMode::Skb,
-                _ => xdp::XdpMode::Driver,
+                Mode::Generic => crate::XdpMode::Skb,
+                _ => crate::XdpMode::Driver,
             };
             let attached = match program.attach_pinned(interface, mode, &pins) {
-                Err(error) if settings.mode == XdpMode::Auto => {
+                Err(error) if settings.mode == Mode::Auto => {
                     debug!(interface, error = %error_chain(&error), "native XDP refused, trying generic");
                     program
-                        .attach_pinned(interface, xdp::XdpMode::Skb, &pins)
+                        .attach_pinned(interface, crate::XdpMode::Skb, &pins)
                         .map(|a| (a, "generic"))
                 }
                 other => other.map(|a| {
                     (
                         a,
-                        if mode == xdp::XdpMode::Skb {
+                        if mode == crate::XdpMode::Skb {
                             "generic"
                         } else {
                             "native"
@@ -334,7 +364,7 @@ impl FastPath {
     /// does not stop for a restart) and are removed at their recorded expiry, and
     /// half-written entries are removed.
     fn reconcile(&mut self) -> Result<(), XdpError> {
-        let now_ns = xdp::monotonic_now_ns();
+        let now_ns = crate::monotonic_now_ns();
         for binding in self.program.channel_bindings()? {
             if binding.expires_ns <= now_ns {
                 self.program.unbind_channel(&binding)?;
@@ -373,7 +403,7 @@ impl FastPath {
         if self.adopted.is_empty() {
             return;
         }
-        let now_ns = xdp::monotonic_now_ns();
+        let now_ns = crate::monotonic_now_ns();
         let expired: Vec<_> = self
             .adopted
             .iter()
@@ -445,7 +475,7 @@ impl FastPath {
             peer: channel.peer,
             channel: channel.channel,
             counter_id: 0,
-            expires_ns: xdp::monotonic_now_ns()
+            expires_ns: crate::monotonic_now_ns()
                 .saturating_add(u64::try_from(remaining.as_nanos()).unwrap_or(u64::MAX)),
             to_peer: NextHop::NONE,
             to_client: NextHop::NONE,

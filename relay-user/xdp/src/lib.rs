@@ -17,7 +17,7 @@
 //!
 //! The fast path's egress is the [`NextHop`] each direction of a binding carries (egress
 //! interface, both MACs, MTU), which the agent resolves from the kernel's routing and
-//! neighbour tables and rewrites when they change (`crate::next_hop`). A binding without one
+//! neighbour tables and rewrites when they change ([`next_hop`], over [`netlink`]). A binding without one
 //! (`NextHop::NONE`) is routed by the kernel's FIB (`bpf_fib_lookup`, as for a forwarded
 //! packet; [`XdpProgram::set_fib_flags`]): forwarding must then be enabled on the interfaces
 //! the program is attached to (`net.ipv4.conf.<if>.forwarding`,
@@ -25,7 +25,14 @@
 //! otherwise the datagram goes to userspace, counted in [`Stat::PassForwardingDisabled`] or
 //! [`Stat::PassFibMiss`].
 //!
+//! [`fast_path`] is what the agent runs on top: TURN channels from the core in, bindings and
+//! next hops in the maps, kept true as routes and neighbours change.
+//!
 //! Needs root, or `CAP_BPF` + `CAP_NET_ADMIN` (+ `CAP_PERFMON` for some helpers).
+
+pub mod fast_path;
+pub mod netlink;
+pub mod next_hop;
 
 use std::{
     net::SocketAddr,
