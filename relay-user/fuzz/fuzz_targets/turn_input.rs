@@ -15,6 +15,7 @@
 #![no_main]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -24,7 +25,9 @@ use rampart_turn::channel_data::{ChannelData, next_stream_frame};
 use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
-use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};
+use rampart_turn::{
+    FiveTuple, RelayAddress, Server, ServerConfig, SharedState, Transmit, Transport,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -164,8 +167,10 @@ fn server_with_a_channel(now: Instant) -> (Server, SocketAddr) {
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay_ip], vec![], Some((50000, 50009))),
     };
+    let shared = Arc::new(SharedState::for_config(&config, [1; 32]));
     let mut server = Server::new(
         config,
+        shared,
         StdRng::seed_from_u64(1),
         now,
         Duration::from_secs(1_800_000_000),

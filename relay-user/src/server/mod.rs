@@ -15,8 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -28,7 +28,7 @@ use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
 use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
 use rampart_turn::server::{Output, Payload};
-use rampart_turn::{FiveTuple, Server, Stats, Transmit, Transport};
+use rampart_turn::{FiveTuple, Server, SharedState, Stats, Transmit, Transport};
 use rampart_xdp::XdpError;
 
 pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
@@ -343,7 +343,11 @@ impl Edge {
             let registration = control_link::registration(&config, &settings.agent_id);
             (settings, registration)
         });
-        let core = Server::new(config.turn, StdRng::from_entropy(), now, unix_now);
+        let mut rng = StdRng::from_entropy();
+        let mut nonce_key = [0u8; 32];
+        rng.fill_bytes(&mut nonce_key);
+        let shared_state = Arc::new(SharedState::for_config(&config.turn, nonce_key));
+        let core = Server::new(config.turn, shared_state, rng, now, unix_now);
         let mut local_addresses = Vec::new();
         let mut receivers = Vec::new();
         let mut udp_listeners = HashMap::new();

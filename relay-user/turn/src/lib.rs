@@ -12,11 +12,13 @@ pub mod channel_data;
 pub mod peer_policy;
 pub mod ports;
 pub mod server;
+pub mod shared;
 pub mod stun;
 
 use std::net::SocketAddr;
 
 pub use server::{RelayAddress, Server, ServerConfig, Stats, Transmit};
+pub use shared::SharedState;
 
 /// The client transport an allocation was made over (RFC 8656 §3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

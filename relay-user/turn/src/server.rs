@@ -13,6 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -29,7 +30,8 @@ use crate::stun::{
 use crate::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
 use crate::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, frame_in_place};
 use crate::peer_policy::PeerPolicy;
-use crate::ports::{Candidate, Parity, PortAllocator, PortSearch};
+use crate::ports::{Candidate, Parity, PortSearch};
+use crate::shared::{QuotaRefusal, SharedState};
 use crate::{FiveTuple, Transport};
 use rampart_rate_limit::{RateLimit, SourceRateLimiter};
 
@@ -185,6 +187,12 @@ impl From<&Message<'_>> for ReplyTo {
     }
 }
 
+/// Where an Allocate's first relay comes from.
+enum RelaySource {
+    Reservation([u8; 8]),
+    Search(RelayAddress, Parity),
+}
+
 /// An Allocate waiting for the relay binds it asked the shell for.
 struct PendingAllocate {
     reply: ReplyTo,
@@ -232,11 +240,10 @@ pub struct Server {
     /// Relay binds asked of the shell and not yet answered, by the Allocate they serve.
     binding: HashMap<SocketAddr, FiveTuple>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
-    per_user: HashMap<String, usize>,
     reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     housekeeping: Option<Instant>,
-    ports: PortAllocator,
+    shared: Arc<SharedState>,
     limiter: SourceRateLimiter,
     stats: Stats,
     out: Outputs,
@@ -247,12 +254,18 @@ pub struct Server {
 impl Server {
     /// `now` and `unix_now` are the same moment on the monotonic and the wall clock: TURN REST
     /// credentials carry wall-clock expiries, everything else runs on `Instant`s.
-    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: Duration) -> Self {
-        let mut nonce_key = [0u8; 32];
-        rng.fill_bytes(&mut nonce_key);
+    /// `shared`: what this server has in common with the other relay loops' (see
+    /// [`SharedState`]).
+    pub fn new(
+        config: ServerConfig,
+        shared: Arc<SharedState>,
+        rng: StdRng,
+        now: Instant,
+        unix_now: Duration,
+    ) -> Self {
         Server {
-            nonces: NonceIssuer::new(nonce_key, now, config.nonce_lifetime),
-            ports: PortAllocator::new(config.port_range.0, config.port_range.1),
+            nonces: NonceIssuer::new(shared.nonce_key(), now, config.nonce_lifetime),
+            shared,
             limiter: SourceRateLimiter::new(config.unauthenticated_limit),
             config,
             rng,
@@ -263,7 +276,6 @@ impl Server {
             pending: HashMap::new(),
             binding: HashMap::new(),
             by_relay: HashMap::new(),
-            per_user: HashMap::new(),
             reservations: HashMap::new(),
             timers: BinaryHeap::new(),
             housekeeping: None,
@@ -365,7 +377,7 @@ impl Server {
 
     /// Relay ports bound right now (allocations and reservations).
     pub fn relay_ports_in_use(&self) -> usize {
-        self.ports.in_use()
+        self.shared.ports_in_use()
     }
 
     /// A datagram (UDP) or a complete frame (TCP/TLS) from a client. What it relays refers to
@@ -481,9 +493,9 @@ impl Server {
             pending.search.failed();
             pending.candidate = None;
             pending.binding_pair = false;
-            self.ports.release(candidate.addr);
+            self.shared.release_port(candidate.addr);
             if let Some(odd) = candidate.pair {
-                self.ports.release(odd);
+                self.shared.release_port(odd);
             }
             self.search_next(five_tuple);
             return;
@@ -514,7 +526,9 @@ impl Server {
         let parity = pending.search.parity();
         match self.family_address(family) {
             Some(relay_address) => {
-                let search = self.ports.search(relay_address.bind, parity, &mut self.rng);
+                let search = self
+                    .shared
+                    .search_ports(relay_address.bind, parity, &mut self.rng);
                 let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
                 pending.search = search;
                 pending.advertised = relay_address.advertised;
@@ -592,7 +606,7 @@ impl Server {
             if let Some(mut allocation) = self.allocations.remove(&five_tuple) {
                 allocation.withdraw_fast_path(&mut self.out);
                 self.stats.allocations_expired += 1;
-                self.count_down_user(&allocation.quota_key);
+                self.shared.release(&allocation.quota_key);
                 info!(client = %five_tuple.client, user = %allocation.username, "allocation expired");
             }
         } else {
@@ -630,7 +644,7 @@ impl Server {
 
     /// Give a relay port back, and its socket if one was bound.
     fn release_port(&mut self, addr: SocketAddr, bound: bool) {
-        if self.ports.release(addr) && bound {
+        if self.shared.release_port(addr) && bound {
             self.out.0.push_back(Output::ReleaseRelay { relay: addr });
         }
     }
@@ -874,37 +888,13 @@ impl Server {
         if inconsistent {
             return Some(self.error(request, 400, &[], Some(&auth)));
         }
-        let user_allocations = self.per_user.get(&auth.quota_key).copied().unwrap_or(0);
-        if user_allocations >= self.config.allocations_per_user {
-            self.stats.quota_rejections += 1;
-            warn!(client = %five_tuple.client, user = %auth.username, "allocation quota reached");
-            return Some(self.error(request, 486, &[], Some(&auth)));
-        }
-        let total = self.allocations.len() + self.pending.len();
-        if total >= self.config.allocations_total {
-            self.stats.capacity_rejections += 1;
-            warn!(total, "total allocation limit reached");
-            return Some(self.error(request, 508, &[], Some(&auth)));
-        }
-        let lifetime = self.lifetime(request.lifetime());
-        let mut relays = Vec::new();
-        let (search, advertised) = if let Some(token) = token {
-            match self.reservations.remove(&token) {
-                Some((addr, until)) if until > now => {
-                    let advertised = self
-                        .relay_address(addr.ip())
-                        .map_or(addr.ip(), |r| r.advertised);
-                    relays.push(Relay {
-                        bound: addr,
-                        advertised: SocketAddr::new(advertised, addr.port()),
-                        expires: now + lifetime,
-                    });
-                    (
-                        self.ports.search(addr.ip(), Parity::Any, &mut self.rng),
-                        advertised,
-                    )
-                }
+        // Where the relays come from, checked before a quota is taken (and without using up
+        // a reservation that a refusal would then lose).
+        let source = if let Some(token) = token {
+            match self.reservations.get(&token).copied() {
+                Some((_, until)) if until > now => RelaySource::Reservation(token),
                 Some((addr, _)) => {
+                    self.reservations.remove(&token);
                     self.release_port(addr, true);
                     return Some(self.error(request, 508, &[], Some(&auth)));
                 }
@@ -920,11 +910,53 @@ impl Server {
                 Some(false) => Parity::Even,
                 Some(true) => Parity::EvenPair,
             };
-            let search = self.ports.search(relay_address.bind, parity, &mut self.rng);
-            (search, relay_address.advertised)
+            RelaySource::Search(relay_address, parity)
+        };
+        match self.shared.acquire(&auth.quota_key) {
+            Ok(()) => {}
+            Err(QuotaRefusal::PerUser) => {
+                self.stats.quota_rejections += 1;
+                warn!(client = %five_tuple.client, user = %auth.username, "allocation quota reached");
+                return Some(self.error(request, 486, &[], Some(&auth)));
+            }
+            Err(QuotaRefusal::Total) => {
+                self.stats.capacity_rejections += 1;
+                warn!(
+                    total = self.shared.allocations(),
+                    "total allocation limit reached"
+                );
+                return Some(self.error(request, 508, &[], Some(&auth)));
+            }
+        }
+        let lifetime = self.lifetime(request.lifetime());
+        let mut relays = Vec::new();
+        let (search, advertised) = match source {
+            RelaySource::Reservation(token) => {
+                let Some((addr, _)) = self.reservations.remove(&token) else {
+                    self.shared.release(&auth.quota_key);
+                    return Some(self.error(request, 508, &[], Some(&auth)));
+                };
+                let advertised = self
+                    .relay_address(addr.ip())
+                    .map_or(addr.ip(), |r| r.advertised);
+                relays.push(Relay {
+                    bound: addr,
+                    advertised: SocketAddr::new(advertised, addr.port()),
+                    expires: now + lifetime,
+                });
+                let search = self
+                    .shared
+                    .search_ports(addr.ip(), Parity::Any, &mut self.rng);
+                (search, advertised)
+            }
+            RelaySource::Search(relay_address, parity) => {
+                let search = self
+                    .shared
+                    .search_ports(relay_address.bind, parity, &mut self.rng);
+                (search, relay_address.advertised)
+            }
         };
         let bound = !relays.is_empty();
-        *self.per_user.entry(auth.quota_key.clone()).or_default() += 1;
         self.pending.insert(
             five_tuple,
             PendingAllocate {
@@ -956,7 +988,7 @@ impl Server {
         let Some(pending) = self.pending.get_mut(&five_tuple) else {
             return;
         };
-        match self.ports.next(&mut pending.search) {
+        match self.shared.next_port(&mut pending.search) {
             Some(candidate) => {
                 pending.candidate = Some(candidate);
                 let dont_fragment = pending.dont_fragment;
@@ -1043,10 +1075,10 @@ impl Server {
             if pending.binding_pair {
                 self.release_port(candidate.addr, true);
             } else if let Some(odd) = candidate.pair {
-                self.ports.release(odd);
+                self.shared.release_port(odd);
             }
         }
-        self.count_down_user(&pending.auth.quota_key);
+        self.shared.release(&pending.auth.quota_key);
         Some(pending)
     }
 
@@ -1270,18 +1302,9 @@ impl Server {
             self.by_relay.remove(&relay.bound);
             self.release_port(relay.bound, true);
         }
-        self.count_down_user(&allocation.quota_key);
+        self.shared.release(&allocation.quota_key);
         self.stats.allocations_deleted += 1;
         info!(client = %five_tuple.client, user = %allocation.username, "allocation deleted");
-    }
-
-    fn count_down_user(&mut self, quota_key: &str) {
-        if let Some(count) = self.per_user.get_mut(quota_key) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_user.remove(quota_key);
-            }
-        }
     }
 
     fn family_address(&self, family: AddressFamily) -> Option<RelayAddress> {

@@ -86,7 +86,8 @@ impl Harness {
         let now = crate::test_origin();
         Harness {
             server: Server::new(
-                config,
+                config.clone(),
+                Arc::new(SharedState::for_config(&config, [7; 32])),
                 StdRng::seed_from_u64(7),
                 now,
                 Duration::from_secs(UNIX_T0),

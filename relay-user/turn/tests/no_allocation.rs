@@ -6,6 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -17,7 +18,9 @@ use rampart_turn::channel_data::encode_channel_data;
 use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
-use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};
+use rampart_turn::{
+    FiveTuple, RelayAddress, Server, ServerConfig, SharedState, Transmit, Transport,
+};
 
 struct Counting;
 
@@ -93,8 +96,10 @@ fn server(now: Instant) -> Server {
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay], vec![], Some((50000, 50099))),
     };
+    let shared = Arc::new(SharedState::for_config(&config, [1; 32]));
     Server::new(
         config,
+        shared,
         StdRng::seed_from_u64(1),
         now,
         Duration::from_secs(1_800_000_000),

@@ -1,6 +1,6 @@
-//! The TURN core against random request sequences, peer traffic, failed binds, closed
-//! connections, revocations and time, with the invariants a user relies on checked after every
-//! step:
+//! The TURN core, as two relay loops sharing quotas, ports and nonces, against random request
+//! sequences, peer traffic, failed binds, closed connections, revocations and time, with the
+//! invariants a user relies on checked after every step:
 //! - no panic, whatever arrives;
 //! - nothing is ever sent to a denied peer, and nothing relayed without a live allocation and
 //!   permission;
@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -19,7 +20,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use rampart_rate_limit::RateLimit;
-use rampart_turn::allocation::FastPathEvent;
+use rampart_turn::allocation::{Allocation, FastPathEvent};
 use rampart_turn::auth::Credentials;
 use rampart_turn::channel_data::encode_channel_data;
 use rampart_turn::peer_policy::PeerPolicy;
@@ -27,7 +28,9 @@ use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::stun::{
     AddressFamily, Attribute, Class, Message, MessageBuilder, Method, TransactionId,
 };
-use rampart_turn::{FiveTuple, RelayAddress, Server, ServerConfig, Transmit, Transport};
+use rampart_turn::{
+    FiveTuple, RelayAddress, Server, ServerConfig, SharedState, Transmit, Transport,
+};
 
 const REALM: &str = "rampart.test";
 const SERVER: &str = "198.51.7.1:3478";
@@ -179,9 +182,12 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// The core with a shell that checks everything it is asked to do.
+/// Relay loops, each with its own server, sharing quotas, ports and the nonce key.
+const LOOPS: usize = 2;
+
+/// The cores with a shell that checks everything they ask it to do.
 struct World {
-    server: Server,
+    servers: Vec<Server>,
     now: Instant,
     bound: HashSet<SocketAddr>,
     taken_elsewhere: HashSet<u16>,
@@ -195,13 +201,20 @@ struct World {
 impl World {
     fn new(seed: u64) -> Self {
         let now = origin();
+        let shared = Arc::new(SharedState::for_config(&config(), [3; 32]));
+        let servers = (0..LOOPS as u64)
+            .map(|index| {
+                Server::new(
+                    config(),
+                    shared.clone(),
+                    StdRng::seed_from_u64(seed ^ index),
+                    now,
+                    Duration::from_secs(1_800_000_000),
+                )
+            })
+            .collect();
         World {
-            server: Server::new(
-                config(),
-                StdRng::seed_from_u64(seed),
-                now,
-                Duration::from_secs(1_800_000_000),
-            ),
+            servers,
             now,
             bound: HashSet::new(),
             taken_elsewhere: HashSet::new(),
@@ -225,6 +238,20 @@ impl World {
         }
     }
 
+    /// The loop a client's datagrams reach: users' clients spread over both loops, so the
+    /// quotas are shared for real.
+    fn loop_of(client: usize) -> usize {
+        (client / 2) % LOOPS
+    }
+
+    fn allocation(&self, five_tuple: &FiveTuple) -> Option<&Allocation> {
+        self.servers.iter().find_map(|s| s.allocation(five_tuple))
+    }
+
+    fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.servers.iter().flat_map(Server::allocations)
+    }
+
     fn peer(index: usize) -> SocketAddr {
         ALLOWED_PEERS
             .iter()
@@ -235,10 +262,10 @@ impl World {
             .unwrap()
     }
 
-    /// Do what the core asked; returns the transmits, payloads resolved against `buf`.
-    fn drain(&mut self, buf: &[u8]) -> Vec<(Transmit, Vec<u8>)> {
+    /// Do what loop `at`'s core asked; returns the transmits, payloads resolved against `buf`.
+    fn drain(&mut self, at: usize, buf: &[u8]) -> Vec<(Transmit, Vec<u8>)> {
         let mut sent = Vec::new();
-        while let Some(output) = self.server.poll_output() {
+        while let Some(output) = self.servers[at].poll_output() {
             match output {
                 Output::Transmit(transmit) => {
                     let payload = match &transmit {
@@ -255,14 +282,13 @@ impl World {
                 Output::BindRelay { relay, .. } => {
                     let ok =
                         !self.taken_elsewhere.contains(&relay.port()) && self.bound.insert(relay);
-                    self.server.handle_bind_result(relay, ok, self.now);
+                    self.servers[at].handle_bind_result(relay, ok, self.now);
                 }
                 Output::ReleaseRelay { relay } => {
                     assert!(self.bound.remove(&relay), "{relay} released but not bound");
                 }
                 Output::FastPath(FastPathEvent::Up(channel)) => {
-                    let allocation = self
-                        .server
+                    let allocation = self.servers[at]
                         .allocation(&channel.five_tuple)
                         .expect("a channel goes up only on a live allocation");
                     assert!(allocation.relays.iter().any(|r| r.bound == channel.relay));
@@ -293,7 +319,6 @@ impl World {
         if let Transmit::ToPeer { relay, peer, .. } = transmit {
             assert!(!self.denied.contains(peer), "relayed to denied peer {peer}");
             let allocation = self
-                .server
                 .allocations()
                 .find(|a| a.relays.iter().any(|r| r.bound == *relay))
                 .expect("relayed from a relay no allocation holds");
@@ -309,19 +334,19 @@ impl World {
 
     fn check_invariants(&self) {
         let mut per_user: HashMap<&str, usize> = HashMap::new();
-        for allocation in self.server.allocations() {
+        for allocation in self.allocations() {
             *per_user.entry(&allocation.quota_key).or_default() += 1;
         }
         assert!(per_user.values().all(|n| *n <= PER_USER), "{per_user:?}");
-        assert!(self.server.allocation_count() <= TOTAL);
+        assert!(self.allocations().count() <= TOTAL);
         assert_eq!(
             self.bound.len(),
-            self.server.relay_ports_in_use(),
+            self.servers[0].relay_ports_in_use(),
             "sockets bound and ports in use differ"
         );
         for (five_tuple, _) in self.fast_path.keys() {
             assert!(
-                self.server.allocation(five_tuple).is_some(),
+                self.allocation(five_tuple).is_some(),
                 "a channel outlived its allocation in the fast path"
             );
         }
@@ -342,9 +367,9 @@ impl World {
                 b.sign_long_term(user, REALM, nonce, password);
             }
             let request = b.finish();
-            self.server
-                .handle_client_input(Self::five_tuple(client), &request, self.now);
-            let sent = self.drain(&request);
+            let at = Self::loop_of(client);
+            self.servers[at].handle_client_input(Self::five_tuple(client), &request, self.now);
+            let sent = self.drain(at, &request);
             let Some((_, response)) = sent.first() else {
                 return;
             };
@@ -411,9 +436,9 @@ impl World {
                     &vec![7; len],
                     five_tuple.transport != Transport::Udp,
                 );
-                self.server
-                    .handle_client_input(five_tuple, &frame, self.now);
-                self.drain(&frame);
+                let at = Self::loop_of(client);
+                self.servers[at].handle_client_input(five_tuple, &frame, self.now);
+                self.drain(at, &frame);
             }
             Step::Send { client, peer, len } => {
                 let data = vec![9; len];
@@ -422,9 +447,13 @@ impl World {
                 b.add(&Attribute::XorPeerAddress(Self::peer(peer)))
                     .add(&Attribute::Data(&data));
                 let indication = b.finish();
-                self.server
-                    .handle_client_input(Self::five_tuple(client), &indication, self.now);
-                self.drain(&indication);
+                let at = Self::loop_of(client);
+                self.servers[at].handle_client_input(
+                    Self::five_tuple(client),
+                    &indication,
+                    self.now,
+                );
+                self.drain(at, &indication);
             }
             Step::PeerSends {
                 client,
@@ -432,8 +461,9 @@ impl World {
                 peer,
                 len,
             } => {
-                let relay = self
-                    .server
+                // The relay socket belongs to the loop of the allocation that holds it.
+                let at = Self::loop_of(client);
+                let relay = self.servers[at]
                     .allocation(&Self::five_tuple(client))
                     .and_then(|a| a.relays.iter().find(|r| r.bound.is_ipv6() == v6))
                     .map_or(SocketAddr::new(RELAY_V4.parse().unwrap(), 50000), |r| {
@@ -441,14 +471,12 @@ impl World {
                     });
                 let peer = Self::peer(peer);
                 let mut buf = vec![0xAB; PEER_HEADROOM + len + PEER_TAILROOM];
-                self.server
-                    .handle_peer_input(relay, peer, &mut buf, len, self.now);
-                for (transmit, bytes) in self.drain(&buf) {
+                self.servers[at].handle_peer_input(relay, peer, &mut buf, len, self.now);
+                for (transmit, bytes) in self.drain(at, &buf) {
                     let Transmit::ToClient { five_tuple, .. } = transmit else {
                         panic!("a peer's datagram goes to a client");
                     };
-                    let allocation = self
-                        .server
+                    let allocation = self.servers[at]
                         .allocation(&five_tuple)
                         .expect("to a live allocation");
                     assert!(allocation.relays.iter().any(|r| r.bound == relay));
@@ -462,22 +490,26 @@ impl World {
                 }
             }
             Step::Garbage { client, ref bytes } => {
-                self.server
-                    .handle_client_input(Self::five_tuple(client), bytes, self.now);
-                self.drain(bytes);
+                let at = Self::loop_of(client);
+                self.servers[at].handle_client_input(Self::five_tuple(client), bytes, self.now);
+                self.drain(at, bytes);
             }
             Step::Close { client } => {
                 let five_tuple = Self::five_tuple(client);
                 if five_tuple.transport != Transport::Udp {
-                    self.server.client_closed(five_tuple);
-                    self.drain(&[]);
+                    let at = Self::loop_of(client);
+                    self.servers[at].client_closed(five_tuple);
+                    self.drain(at, &[]);
                 }
             }
             Step::Revoke { user } => {
                 // Refused for this second only, so that later steps are not all 401s.
-                let until = self.server.unix_time(self.now);
-                self.server.revoke_user(USERS[user].0, until, self.now);
-                self.drain(&[]);
+                // Every loop is told, as the shell fans a revocation out.
+                let until = self.servers[0].unix_time(self.now);
+                for at in 0..LOOPS {
+                    self.servers[at].revoke_user(USERS[user].0, until, self.now);
+                    self.drain(at, &[]);
+                }
             }
             Step::Advance { secs } => self.advance(Duration::from_secs(secs)),
             Step::TakePort { port } => {
@@ -491,11 +523,14 @@ impl World {
     fn advance(&mut self, by: Duration) {
         let until = self.now + by;
         for _ in 0..10_000 {
-            match self.server.poll_timeout() {
-                Some(deadline) if deadline <= until => {
+            let next = (0..LOOPS)
+                .filter_map(|at| self.servers[at].poll_timeout().map(|d| (d, at)))
+                .min();
+            match next {
+                Some((deadline, at)) if deadline <= until => {
                     self.now = self.now.max(deadline);
-                    self.server.handle_timeout(self.now);
-                    assert!(self.drain(&[]).is_empty(), "timeouts send nothing");
+                    self.servers[at].handle_timeout(self.now);
+                    assert!(self.drain(at, &[]).is_empty(), "timeouts send nothing");
                 }
                 _ => break,
             }
@@ -515,9 +550,11 @@ proptest! {
         }
         // Past every lifetime, permission, channel, cool-down and reservation: nothing is left.
         world.advance(MAX_LIFETIME + Duration::from_secs(1200));
-        prop_assert_eq!(world.server.allocation_count(), 0);
+        prop_assert_eq!(world.allocations().count(), 0);
         prop_assert!(world.bound.is_empty(), "sockets left bound: {:?}", world.bound);
         prop_assert!(world.fast_path.is_empty(), "channels left in the fast path");
-        prop_assert_eq!(world.server.poll_timeout(), None);
+        for server in &world.servers {
+            prop_assert_eq!(server.poll_timeout(), None);
+        }
     }
 }
