@@ -34,7 +34,7 @@
 //! The object also holds [`reference`], the fixed minimal forwarder that `cargo xtask bench-xdp`
 //! measures beside this program; the agent never loads it.
 //!
-//! This crate is built for `bpfel-unknown-none` by `relay-user`'s build script (aya-build). On
+//! This crate is built for `bpfel-unknown-none` by `rampart-xdp`'s build script (aya-build). On
 //! the host it still compiles (as an empty binary), so that `cargo clippy --workspace` lints the
 //! program's code too.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -156,22 +156,7 @@ fn forward<In: Family>(ctx: &XdpContext, frame_len: usize) -> Result<u32, Error>
     Err(Error::NotOurs)
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic path, so this is never run.
-    loop {}
-}
-
-/// The kernel only lets GPL-compatible programs call the GPL-only helpers.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    eprintln!(
-        "relay-ebpf is an XDP program: relay-user's build script builds it for bpfel-unknown-none \
-         and embeds it in the agent; this host binary does nothing"
-    );
-}
+relay_common::ebpf_binary!(
+    "relay-ebpf is an XDP program: rampart-xdp's build script builds it for bpfel-unknown-none \
+     and embeds it in the agent; this host binary does nothing"
+);

@@ -1,5 +1,6 @@
-//! Builds the XDP program (`relay-ebpf`) for `bpfel-unknown-none` and leaves the object in
-//! `OUT_DIR/rampart-xdp`, where `src/lib.rs` embeds it (see `ebpf-build` for the tool chain).
+//! Builds the XDP program (`relay-ebpf`) for `bpfel-unknown-none` and leaves the objects in
+//! `OUT_DIR/rampart-xdp` and `OUT_DIR/rampart-steer`, where `src/lib.rs` and `src/steering.rs`
+//! embed them (see `ebpf-build` for the tool chain).
 
 fn main() {
     let manifest_dir = std::path::PathBuf::from(
@@ -10,6 +11,6 @@ fn main() {
         .nth(2)
         .expect("relay-user/xdp is inside the workspace")
         .join("relay-ebpf");
-    // The package's binary target `rampart-xdp` names the object.
-    ebpf_build::build_or_exit("relay-ebpf", &root_dir, "rampart-xdp");
+    // The package's binary targets name the objects: the XDP program and the reuseport one.
+    ebpf_build::build_or_exit("relay-ebpf", &root_dir, &["rampart-xdp", "rampart-steer"]);
 }

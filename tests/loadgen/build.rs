@@ -6,5 +6,5 @@ fn main() {
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
     // The package's binary target `loadgen-xdp` names the object.
-    ebpf_build::build_or_exit("loadgen-ebpf", &manifest_dir.join("ebpf"), "loadgen-xdp");
+    ebpf_build::build_or_exit("loadgen-ebpf", &manifest_dir.join("ebpf"), &["loadgen-xdp"]);
 }

@@ -22,10 +22,10 @@ const EBPF_TOOLCHAIN: &str = "debian";
 const SETUP_HINT: &str = "run `cargo xtask setup` (or `cargo xtask test`) to install the eBPF tool chain, \
      or set AYA_BUILD_SKIP=1 to build without the eBPF programs";
 
-/// Builds the eBPF package `package` (at `root_dir`, whose binary target is named `object`)
-/// into `OUT_DIR/<object>`; on failure prints the problem as a cargo error and exits.
-pub fn build_or_exit(package: &str, root_dir: &Path, object: &str) {
-    if let Err(problem) = build(package, root_dir, object) {
+/// Builds the eBPF package `package` (at `root_dir`, whose binary targets are named `objects`)
+/// into `OUT_DIR/<object>` each; on failure prints the problem as a cargo error and exits.
+pub fn build_or_exit(package: &str, root_dir: &Path, objects: &[&str]) {
+    if let Err(problem) = build(package, root_dir, objects) {
         // `cargo::error` makes cargo print the message as a top-level error, not buried in the
         // build script's stderr.
         for line in problem.lines() {
@@ -35,9 +35,8 @@ pub fn build_or_exit(package: &str, root_dir: &Path, object: &str) {
     }
 }
 
-fn build(package: &str, root_dir: &Path, object_name: &str) -> Result<(), String> {
+fn build(package: &str, root_dir: &Path, objects: &[&str]) -> Result<(), String> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("OUT_DIR not set")?);
-    let object = out_dir.join(object_name);
 
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
     if env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
@@ -46,7 +45,11 @@ fn build(package: &str, root_dir: &Path, object_name: &str) -> Result<(), String
         println!(
             "cargo::warning=AYA_BUILD_SKIP is set: {package} is built without its eBPF program"
         );
-        std::fs::write(&object, []).map_err(|e| format!("writing {}: {e}", object.display()))?;
+        for name in objects {
+            let object = out_dir.join(name);
+            std::fs::write(&object, [])
+                .map_err(|e| format!("writing {}: {e}", object.display()))?;
+        }
         return Ok(());
     }
 
@@ -76,11 +79,14 @@ fn build(package: &str, root_dir: &Path, object_name: &str) -> Result<(), String
     )
     .map_err(|e| format!("building the eBPF program {package} failed: {e:#}"))?;
 
-    if !object.is_file() {
-        return Err(format!(
-            "aya-build finished but left no {}; is the binary target of {package} still named {object_name}?",
-            object.display()
-        ));
+    for name in objects {
+        let object = out_dir.join(name);
+        if !object.is_file() {
+            return Err(format!(
+                "aya-build finished but left no {}; does {package} still have a binary target named {name}?",
+                object.display()
+            ));
+        }
     }
     Ok(())
 }

@@ -4,10 +4,12 @@
 //! kernel side and the userspace side agree on the layout byte for byte. The `user` feature
 //! implements [`aya::Pod`] for the key and value types so the agent can read and write them.
 //! [`checksum`] holds the Internet-checksum arithmetic the program uses to rewrite packets, as
-//! pure functions tested on the host.
+//! pure functions tested on the host; [`steering`] the owner function of the relay loops.
 #![no_std]
 
+mod binary;
 pub mod checksum;
+pub mod steering;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

@@ -25,6 +25,7 @@
 //! otherwise the datagram goes to userspace, counted in [`Stat::PassForwardingDisabled`] or
 //! [`Stat::PassFibMiss`].
 //!
+//! [`steering`] keeps each client on the relay loop that owns it (a reuseport program).
 //! [`fast_path`] is what the agent runs on top: TURN channels from the core in, bindings and
 //! next hops in the maps, kept true as routes and neighbours change.
 //!
@@ -33,6 +34,7 @@
 pub mod fast_path;
 pub mod netlink;
 pub mod next_hop;
+pub mod steering;
 
 use std::{
     net::SocketAddr,
@@ -96,6 +98,10 @@ pub enum XdpError {
     },
     #[error("XDP is not attached to interface {0}")]
     NotAttached(String),
+    #[error("a reuseport group of {0} sockets cannot be steered (1 to 256)")]
+    Loops(usize),
+    #[error("attaching the reuseport program to the group failed (SO_ATTACH_REUSEPORT_EBPF)")]
+    Steering(#[source] ProgramError),
     #[error("detaching XDP from interface {interface} failed")]
     Detach {
         interface: String,

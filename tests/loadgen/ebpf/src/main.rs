@@ -144,22 +144,7 @@ pub fn loadgen_reflect(ctx: XdpContext) -> u32 {
         .unwrap_or(xdp_action::XDP_ABORTED)
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic path, so this is never run.
-    loop {}
-}
-
-/// `bpf_ktime_get_ns` and the rest are GPL-only helpers for some program types.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
-
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    eprintln!(
-        "loadgen-ebpf holds XDP programs: rampart-loadgen's build script builds them for \
-         bpfel-unknown-none and embeds them; this host binary does nothing"
-    );
-}
+relay_common::ebpf_binary!(
+    "loadgen-ebpf holds XDP programs: rampart-loadgen's build script builds them for \
+     bpfel-unknown-none and embeds them; this host binary does nothing"
+);
