@@ -449,12 +449,30 @@ impl FastPath {
         withdrawn
     }
 
-    /// What the kernel has forwarded so far on the channels it forwards now, per allocation
-    /// (one map lookup per channel).
+    /// What the kernel has forwarded so far on the channels it forwards now, per allocation:
+    /// every slot read in batches (a few system calls for all channels), or one lookup per
+    /// channel where the kernel has no batched lookups (before 5.6).
     pub fn forwarded_bytes(&self) -> HashMap<FiveTuple, RelayedBytes> {
+        let slots = self
+            .bound
+            .values()
+            .map(|b| b.counter_id + 1)
+            .max()
+            .unwrap_or(0);
+        let batch = self
+            .program
+            .channel_counters_batch(slots)
+            .unwrap_or_else(|error| {
+                debug!(%error, "batched counter lookup unavailable: one lookup per channel");
+                Vec::new()
+            });
         let mut totals: HashMap<FiveTuple, RelayedBytes> = HashMap::new();
         for ((five_tuple, _), binding) in &self.bound {
-            if let Ok(counters) = self.program.channel_counters(binding.counter_id) {
+            let counters = match batch.get(binding.counter_id as usize) {
+                Some(counters) => Ok(*counters),
+                None => self.program.channel_counters(binding.counter_id),
+            };
+            if let Ok(counters) = counters {
                 let bytes = relayed_bytes(counters);
                 let total = totals.entry(*five_tuple).or_default();
                 total.from_client += bytes.from_client;

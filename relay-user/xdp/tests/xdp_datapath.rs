@@ -35,8 +35,8 @@ use nix::{
 };
 use rampart_xdp::next_hop::RouteKey;
 use rampart_xdp::{
-    ChannelBinding, ChannelCounters, Counter, NextHop, Stat, TestRunOutput, XdpError, XdpProgram,
-    Yardstick, action, monotonic_now_ns,
+    COUNTER_BATCH, ChannelBinding, ChannelCounters, Counter, NextHop, Stat, TestRunOutput,
+    XdpError, XdpProgram, Yardstick, action, monotonic_now_ns,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1064,6 +1064,13 @@ fn expired_bindings_are_not_used() {
         assert_eq!(run_on(xdp, &to_client, t.int).action, action::REDIRECT);
         let c = counters(xdp, b.counter_id);
         assert_eq!((c.to_peer_packets, c.to_client_packets), (1, 1));
+        // What reports read: every slot, in more than one batch, with the same counts.
+        let slots = b.counter_id + COUNTER_BATCH + 1;
+        let batch = xdp
+            .channel_counters_batch(slots)
+            .unwrap_or_else(|e| panic!("{}", report(e)));
+        assert_eq!(batch.len(), slots as usize, "every slot, across batches");
+        assert_eq!(batch[b.counter_id as usize], c);
     });
 }
 
