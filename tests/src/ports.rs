@@ -1,8 +1,10 @@
 //! Ports for listeners and relay ranges, chosen so tests running in parallel (threads of one
 //! test binary, or one process per test under nextest) do not collide.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::client::Proto;
@@ -18,15 +20,31 @@ const RELAY_SPAN: u16 = 40;
 
 static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
 
+/// Ports [`free_port`] has handed out in this process: the kernel may offer a port again once
+/// its probe socket is closed, and two listeners of one server given the same port cannot both
+/// start (seen in CI: a SIP edge's external and internal listeners on one port).
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+/// Probes before giving up on finding a port not handed out yet.
+const PROBES: usize = 64;
+
 /// A port that was free on `ip` for `proto` a moment ago: bind to port 0, read it, release.
-/// Another process can take it before the server binds it; [`crate::Rampart::start`] retries
-/// with fresh ports when that happens.
+/// Never the same port twice in one process. Another process can take it before the server
+/// binds it; [`crate::Rampart::start`] retries with fresh ports when that happens.
 pub fn free_port(proto: Proto, ip: IpAddr) -> io::Result<u16> {
     let addr = SocketAddr::new(ip, 0);
-    match proto {
-        Proto::Udp => UdpSocket::bind(addr)?.local_addr().map(|a| a.port()),
-        Proto::Tcp | Proto::Tls => TcpListener::bind(addr)?.local_addr().map(|a| a.port()),
+    for _ in 0..PROBES {
+        let port = match proto {
+            Proto::Udp => UdpSocket::bind(addr)?.local_addr()?.port(),
+            Proto::Tcp | Proto::Tls => TcpListener::bind(addr)?.local_addr()?.port(),
+        };
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
     }
+    Err(io::Error::other(format!(
+        "{PROBES} probes on {ip} found only ports this process already handed out"
+    )))
 }
 
 /// A free TCP address on `ip`, for a listener the test's server will bind.
@@ -48,6 +66,15 @@ pub fn relay_range() -> (u16, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let mut seen = BTreeSet::new();
+        for proto in [Proto::Udp, Proto::Tcp].into_iter().cycle().take(200) {
+            assert!(seen.insert(free_port(proto, ip).unwrap()));
+        }
+    }
 
     #[test]
     fn relay_ranges_stay_below_the_ephemeral_ports() {
