@@ -205,7 +205,8 @@ struct PendingAllocate {
     family_error: Option<AddressFamily>,
     /// The odd port of an EVEN-PORT pair, held for a reservation.
     reservation: Option<SocketAddr>,
-    search: PortSearch,
+    /// Where the next relay port is looked for; None when the relays came from a reservation.
+    search: Option<PortSearch>,
     advertised: IpAddr,
     candidate: Option<Candidate>,
     /// The candidate's even port is bound and its odd one is being bound.
@@ -490,7 +491,9 @@ impl Server {
                 self.release_port(candidate.addr, true);
             }
             let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
-            pending.search.failed();
+            if let Some(search) = pending.search.as_mut() {
+                search.failed();
+            }
             pending.candidate = None;
             pending.binding_pair = false;
             self.shared.release_port(candidate.addr);
@@ -523,14 +526,14 @@ impl Server {
             self.finish_allocate(five_tuple, now);
             return;
         };
-        let parity = pending.search.parity();
+        let parity = pending.search.map_or(Parity::Any, |search| search.parity());
         match self.family_address(family) {
             Some(relay_address) => {
                 let search = self
                     .shared
                     .search_ports(relay_address.bind, parity, &mut self.rng);
                 let pending = self.pending.get_mut(&five_tuple).expect("looked up above");
-                pending.search = search;
+                pending.search = Some(search);
                 pending.advertised = relay_address.advertised;
                 self.search_next(five_tuple);
             }
@@ -944,16 +947,13 @@ impl Server {
                     advertised: SocketAddr::new(advertised, addr.port()),
                     expires: now + lifetime,
                 });
-                let search = self
-                    .shared
-                    .search_ports(addr.ip(), Parity::Any, &mut self.rng);
-                (search, advertised)
+                (None, advertised)
             }
             RelaySource::Search(relay_address, parity) => {
                 let search = self
                     .shared
                     .search_ports(relay_address.bind, parity, &mut self.rng);
-                (search, relay_address.advertised)
+                (Some(search), relay_address.advertised)
             }
         };
         let bound = !relays.is_empty();
@@ -988,7 +988,11 @@ impl Server {
         let Some(pending) = self.pending.get_mut(&five_tuple) else {
             return;
         };
-        match self.shared.next_port(&mut pending.search) {
+        let next = pending
+            .search
+            .as_mut()
+            .and_then(|search| self.shared.next_port(search));
+        match next {
             Some(candidate) => {
                 pending.candidate = Some(candidate);
                 let dont_fragment = pending.dont_fragment;
