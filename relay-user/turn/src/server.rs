@@ -148,6 +148,50 @@ pub struct Stats {
     pub to_client_bytes: u64,
 }
 
+/// Every loop's counters summed: the agent's.
+impl std::ops::AddAssign<&Stats> for Stats {
+    fn add_assign(&mut self, other: &Stats) {
+        let Stats {
+            malformed_dropped,
+            rate_limited,
+            amplification_suppressed,
+            challenges,
+            auth_failures,
+            stale_nonces,
+            forbidden_peers,
+            no_permission_dropped,
+            no_allocation_dropped,
+            quota_rejections,
+            capacity_rejections,
+            allocations_created,
+            allocations_deleted,
+            allocations_expired,
+            to_peer_packets,
+            to_peer_bytes,
+            to_client_packets,
+            to_client_bytes,
+        } = other;
+        self.malformed_dropped += malformed_dropped;
+        self.rate_limited += rate_limited;
+        self.amplification_suppressed += amplification_suppressed;
+        self.challenges += challenges;
+        self.auth_failures += auth_failures;
+        self.stale_nonces += stale_nonces;
+        self.forbidden_peers += forbidden_peers;
+        self.no_permission_dropped += no_permission_dropped;
+        self.no_allocation_dropped += no_allocation_dropped;
+        self.quota_rejections += quota_rejections;
+        self.capacity_rejections += capacity_rejections;
+        self.allocations_created += allocations_created;
+        self.allocations_deleted += allocations_deleted;
+        self.allocations_expired += allocations_expired;
+        self.to_peer_packets += to_peer_packets;
+        self.to_peer_bytes += to_peer_bytes;
+        self.to_client_packets += to_client_packets;
+        self.to_client_bytes += to_client_bytes;
+    }
+}
+
 /// The output queue, which the allocations' fast-path bookkeeping writes into directly.
 #[derive(Debug, Default)]
 struct Outputs(VecDeque<Output>);
@@ -241,7 +285,6 @@ pub struct Server {
     /// Relay binds asked of the shell and not yet answered, by the Allocate they serve.
     binding: HashMap<SocketAddr, FiveTuple>,
     by_relay: HashMap<SocketAddr, FiveTuple>,
-    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     housekeeping: Option<Instant>,
     shared: Arc<SharedState>,
@@ -277,7 +320,6 @@ impl Server {
             pending: HashMap::new(),
             binding: HashMap::new(),
             by_relay: HashMap::new(),
-            reservations: HashMap::new(),
             timers: BinaryHeap::new(),
             housekeeping: None,
             stats: Stats::default(),
@@ -376,7 +418,7 @@ impl Server {
         self.config.peer_policy.set_allowed_by_control(allowed);
     }
 
-    /// Relay ports bound right now (allocations and reservations).
+    /// Relay ports in use right now by every loop (allocations and reservations).
     pub fn relay_ports_in_use(&self) -> usize {
         self.shared.ports_in_use()
     }
@@ -560,14 +602,7 @@ impl Server {
                         self.expire_allocation(five_tuple, now);
                     }
                 }
-                Timer::Reservation(token) => {
-                    if let Some((addr, until)) = self.reservations.get(&token).copied()
-                        && until <= now
-                    {
-                        self.reservations.remove(&token);
-                        self.release_port(addr, true);
-                    }
-                }
+                Timer::Reservation(token) => self.shared.expire_reservation(&token, now),
             }
         }
         if self.housekeeping.is_some_and(|at| at <= now) {
@@ -894,15 +929,10 @@ impl Server {
         // Where the relays come from, checked before a quota is taken (and without using up
         // a reservation that a refusal would then lose).
         let source = if let Some(token) = token {
-            match self.reservations.get(&token).copied() {
-                Some((_, until)) if until > now => RelaySource::Reservation(token),
-                Some((addr, _)) => {
-                    self.reservations.remove(&token);
-                    self.release_port(addr, true);
-                    return Some(self.error(request, 508, &[], Some(&auth)));
-                }
-                None => return Some(self.error(request, 508, &[], Some(&auth))),
+            if !self.shared.reservation_held(&token, now) {
+                return Some(self.error(request, 508, &[], Some(&auth)));
             }
+            RelaySource::Reservation(token)
         } else {
             let primary = requested_family.unwrap_or(AddressFamily::V4);
             let Some(relay_address) = self.family_address(primary) else {
@@ -932,52 +962,53 @@ impl Server {
             }
         }
         let lifetime = self.lifetime(request.lifetime());
-        let mut relays = Vec::new();
-        let (search, advertised) = match source {
+        let dont_fragment = request.dont_fragment();
+        let (search, advertised, candidate) = match source {
             RelaySource::Reservation(token) => {
-                let Some((addr, _)) = self.reservations.remove(&token) else {
+                // Another loop may have redeemed it since it was looked up.
+                let Some(addr) = self.shared.redeem(&token) else {
                     self.shared.release(&auth.quota_key);
                     return Some(self.error(request, 508, &[], Some(&auth)));
                 };
                 let advertised = self
                     .relay_address(addr.ip())
                     .map_or(addr.ip(), |r| r.advertised);
-                relays.push(Relay {
-                    bound: addr,
-                    advertised: SocketAddr::new(advertised, addr.port()),
-                    expires: now + lifetime,
-                });
-                (None, advertised)
+                (None, advertised, Some(Candidate { addr, pair: None }))
             }
             RelaySource::Search(relay_address, parity) => {
                 let search = self
                     .shared
                     .search_ports(relay_address.bind, parity, &mut self.rng);
-                (Some(search), relay_address.advertised)
+                (Some(search), relay_address.advertised, None)
             }
         };
-        let bound = !relays.is_empty();
         self.pending.insert(
             five_tuple,
             PendingAllocate {
                 reply: ReplyTo::from(request),
                 auth,
                 lifetime,
-                dont_fragment: request.dont_fragment(),
-                relays,
+                dont_fragment,
+                relays: Vec::new(),
                 additional: additional_family.filter(|f| *f == AddressFamily::V6),
                 family_error: None,
                 reservation: None,
                 search,
                 advertised,
-                candidate: None,
+                candidate,
                 binding_pair: false,
             },
         );
-        if bound {
-            self.finish_allocate(five_tuple, now);
-        } else {
-            self.search_next(five_tuple);
+        match candidate {
+            // The reserved port is held without a socket: this loop binds it.
+            Some(candidate) => {
+                self.binding.insert(candidate.addr, five_tuple);
+                self.out.0.push_back(Output::BindRelay {
+                    relay: candidate.addr,
+                    dont_fragment,
+                });
+            }
+            None => self.search_next(five_tuple),
         }
         None
     }
@@ -1036,7 +1067,10 @@ impl Server {
             let mut token = [0u8; 8];
             self.rng.fill_bytes(&mut token);
             let until = now + RESERVATION_LIFETIME;
-            self.reservations.insert(token, (held, until));
+            // The port stays taken in the shared port space; its socket closes, so that
+            // whichever loop the token holder's 5-tuple belongs to can bind it.
+            self.shared.reserve(token, held, until);
+            self.out.0.push_back(Output::ReleaseRelay { relay: held });
             self.timers
                 .push(Reverse((until, Timer::Reservation(token))));
             attributes.push(Attribute::ReservationToken(token));

@@ -6,17 +6,21 @@
 //!   UDP and TCP 5-tuples, or a client that moved, land on different loops);
 //! - the quotas: the total number of allocations (an atomic) and each user's (a map under a
 //!   lock), taken when an Allocate starts and given back when it fails or its allocation ends;
-//! - the relay port space (under a lock, taken when a relay is bound or released).
+//! - the relay port space (under a lock, taken when a relay is bound or released);
+//! - reservations (RFC 8656 §7.1, EVEN-PORT with R): the Allocate that redeems a token comes
+//!   from another 5-tuple, so usually to another loop. A reserved port is held in the port space
+//!   only, with no socket (the loop that redeems it binds it); the loop that made it expires it.
 //!
 //! Not shared, on purpose: credentials and the peer policy are read on every request and every
 //! relayed datagram, so each loop keeps its own copy and the shell fans changes (revocations,
-//! the control plane's networks) out to every loop; reservations stay with the loop that made
-//! them.
+//! the control plane's networks) out to every loop. The unauthenticated-request rate limiter is
+//! per loop too: a source spread over several loops (by port) gets at most one budget per loop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::ports::{Candidate, PortAllocator, PortSearch};
 
@@ -37,6 +41,13 @@ pub struct SharedState {
     per_user: Mutex<HashMap<String, usize>>,
     max_per_user: usize,
     ports: Mutex<PortAllocator>,
+    reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    port: SocketAddr,
+    until: Instant,
 }
 
 impl SharedState {
@@ -53,6 +64,7 @@ impl SharedState {
             per_user: Mutex::new(HashMap::new()),
             max_per_user,
             ports: Mutex::new(PortAllocator::new(port_range.0, port_range.1)),
+            reservations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,9 +133,52 @@ impl SharedState {
         lock(&self.ports).release(addr)
     }
 
-    /// Relay ports bound right now by every loop (allocations, reservations, binds under way).
+    /// Relay ports in use right now by every loop (allocations, reservations, binds under way).
     pub fn ports_in_use(&self) -> usize {
         lock(&self.ports).in_use()
+    }
+
+    /// Reservations made and neither redeemed nor expired yet.
+    pub fn reservations_held(&self) -> usize {
+        lock(&self.reservations).len()
+    }
+
+    /// Hold `port` (already taken in the port space) for `token` until `until`.
+    pub(crate) fn reserve(&self, token: [u8; 8], port: SocketAddr, until: Instant) {
+        lock(&self.reservations).insert(token, Reservation { port, until });
+    }
+
+    /// Whether `token` names a reservation that is still held at `now`. An expired one is
+    /// dropped and its port given back.
+    pub(crate) fn reservation_held(&self, token: &[u8; 8], now: Instant) -> bool {
+        let mut reservations = lock(&self.reservations);
+        match reservations.get(token).copied() {
+            Some(reservation) if reservation.until > now => true,
+            Some(reservation) => {
+                reservations.remove(token);
+                self.release_port(reservation.port);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Take the reservation `token` names: its port is the caller's from now on.
+    pub(crate) fn redeem(&self, token: &[u8; 8]) -> Option<SocketAddr> {
+        lock(&self.reservations)
+            .remove(token)
+            .map(|reservation| reservation.port)
+    }
+
+    /// The reservation's deadline came: give its port back unless it was redeemed.
+    pub(crate) fn expire_reservation(&self, token: &[u8; 8], now: Instant) {
+        let mut reservations = lock(&self.reservations);
+        if let Some(reservation) = reservations.get(token).copied()
+            && reservation.until <= now
+        {
+            reservations.remove(token);
+            self.release_port(reservation.port);
+        }
     }
 }
 

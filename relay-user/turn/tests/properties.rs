@@ -5,8 +5,9 @@
 //! - nothing is ever sent to a denied peer, and nothing relayed without a live allocation and
 //!   permission;
 //! - quotas (per user, total) are never exceeded;
-//! - every relay socket bound is released when its allocation or reservation ends (the shell's
-//!   sockets and the core's ports stay equal);
+//! - every relay socket bound is released when its allocation ends, and a reservation holds
+//!   its port without one (the shell's sockets plus reservations equal the ports in use), also
+//!   when its token is redeemed on the other loop;
 //! - every channel the fast path was given is withdrawn when it, or its allocation, ends;
 //! - after the longest lifetime has passed, nothing is left.
 
@@ -147,6 +148,11 @@ enum Step {
     Advance {
         secs: u64,
     },
+    /// An Allocate with one of the RESERVATION-TOKENs handed out so far.
+    Redeem {
+        client: usize,
+        token: usize,
+    },
     /// From now on the "system" refuses to bind this relay port (another process took it).
     TakePort {
         port: u16,
@@ -175,10 +181,11 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(client, v6, peer, len)| Step::PeerSends { client, v6, peer, len }),
         1 => (client.clone(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(client, bytes)| Step::Garbage { client, bytes }),
-        1 => client.prop_map(|client| Step::Close { client }),
+        1 => client.clone().prop_map(|client| Step::Close { client }),
         1 => (0..USERS.len()).prop_map(|user| Step::Revoke { user }),
         3 => prop_oneof![3 => 0u64..5, 1 => 250u64..400, 1 => 550u64..700].prop_map(|secs| Step::Advance { secs }),
         1 => (50000u16..50008).prop_map(|port| Step::TakePort { port }),
+        2 => (client, 0usize..4).prop_map(|(client, token)| Step::Redeem { client, token }),
     ]
 }
 
@@ -188,6 +195,9 @@ const LOOPS: usize = 2;
 /// The cores with a shell that checks everything they ask it to do.
 struct World {
     servers: Vec<Server>,
+    shared: Arc<SharedState>,
+    /// RESERVATION-TOKENs from successful Allocates, redeemed or not.
+    tokens: Vec<[u8; 8]>,
     now: Instant,
     bound: HashSet<SocketAddr>,
     taken_elsewhere: HashSet<u16>,
@@ -215,6 +225,8 @@ impl World {
             .collect();
         World {
             servers,
+            shared,
+            tokens: Vec::new(),
             now,
             bound: HashSet::new(),
             taken_elsewhere: HashSet::new(),
@@ -340,9 +352,9 @@ impl World {
         assert!(per_user.values().all(|n| *n <= PER_USER), "{per_user:?}");
         assert!(self.allocations().count() <= TOTAL);
         assert_eq!(
-            self.bound.len(),
+            self.bound.len() + self.shared.reservations_held(),
             self.servers[0].relay_ports_in_use(),
-            "sockets bound and ports in use differ"
+            "sockets bound plus reservations and ports in use differ"
         );
         for (five_tuple, _) in self.fast_path.keys() {
             assert!(
@@ -374,6 +386,7 @@ impl World {
                 return;
             };
             let message = Message::parse(response).expect("the server sends valid STUN");
+            self.tokens.extend(message.reservation_token());
             match message.error_code() {
                 Some((401 | 438, _)) => {
                     let nonce = message.nonce().expect("a challenge carries a nonce");
@@ -405,6 +418,15 @@ impl World {
                     attributes.push(Attribute::Lifetime(seconds));
                 }
                 self.call(client, Method::ALLOCATE, &attributes);
+            }
+            Step::Redeem { client, token } => {
+                if let Some(token) = self.tokens.get(token).copied() {
+                    let attributes = [
+                        Attribute::RequestedTransport(17),
+                        Attribute::ReservationToken(token),
+                    ];
+                    self.call(client, Method::ALLOCATE, &attributes);
+                }
             }
             Step::Refresh { client, lifetime } => {
                 let attributes: Vec<_> = lifetime.map(Attribute::Lifetime).into_iter().collect();
@@ -552,6 +574,7 @@ proptest! {
         world.advance(MAX_LIFETIME + Duration::from_secs(1200));
         prop_assert_eq!(world.allocations().count(), 0);
         prop_assert!(world.bound.is_empty(), "sockets left bound: {:?}", world.bound);
+        prop_assert_eq!(world.shared.ports_in_use(), 0, "ports left in use");
         prop_assert!(world.fast_path.is_empty(), "channels left in the fast path");
         for server in &world.servers {
             prop_assert_eq!(server.poll_timeout(), None);
