@@ -236,6 +236,16 @@ struct RawRelay {
     allowed_peer_networks: Vec<IpNet>,
     #[serde(default)]
     denied_peer_networks: Vec<IpNet>,
+    /// Relay loops (threads); default: the CPUs this process may use.
+    loops: Option<usize>,
+    /// Steer client datagrams to their owner loop in the kernel (a reuseport BPF program);
+    /// when false, or when the program cannot be loaded, loops hand them over instead.
+    #[serde(default = "steering")]
+    steering: bool,
+}
+
+fn steering() -> bool {
+    true
 }
 
 fn default_port_min() -> u16 {
@@ -350,6 +360,10 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Static usernames, for the start-up summary (never their passwords).
     pub static_users: Vec<String>,
+    /// Relay loops (threads), each owning a TURN core and its share of the sockets.
+    pub relay_loops: usize,
+    /// Whether client datagrams are steered to their loop in the kernel (`relay.steering`).
+    pub steering: bool,
     /// The XDP fast path; `None` when off.
     pub xdp: Option<XdpSettings>,
     /// The control-service link; `None` when the agent runs on its configuration alone.
@@ -445,6 +459,19 @@ impl RawConfig {
                 ),
             ));
         }
+        let max_loops = rampart_xdp::steering::MAX_LOOPS as usize;
+        let relay_loops = match relay.loops {
+            Some(loops) if (1..=max_loops).contains(&loops) => loops,
+            Some(_) => {
+                return Err(invalid(
+                    "relay.loops",
+                    format!("must be 1 to {max_loops}; leave it out for one per CPU"),
+                ));
+            }
+            None => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(max_loops),
+        };
         if relay.default_lifetime == 0 || relay.default_lifetime > relay.max_lifetime {
             return Err(invalid(
                 "relay.default_lifetime",
@@ -582,6 +609,8 @@ impl RawConfig {
                 tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout),
             },
             static_users: auth.users.keys().cloned().collect(),
+            relay_loops,
+            steering: relay.steering,
             xdp,
             control,
             conferencing,

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use proto::control::v1::relay_agent_client::RelayAgentClient;
@@ -25,11 +25,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use super::{Counters, Shared, State};
+use super::relay_loop::{AllocationInfo, Command, LoopChange};
+use super::{Counters, Shared, State, lock};
 use crate::config::{Config, ControlSettings};
 use rampart_rate_limit::RateLimit;
 use rampart_turn::Transport;
-use rampart_xdp::fast_path::FastPath;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -173,7 +173,7 @@ async fn session(
     };
     // The channel is fresh, so these cannot fail.
     let _ = reports.try_send(hello);
-    let _ = reports.try_send(status(shared, stale_since));
+    let _ = reports.try_send(status(shared, stale_since).await);
     let mut updates = client
         .sync(ReceiverStream::new(outgoing))
         .await?
@@ -191,7 +191,9 @@ async fn session(
             update = updates.message() => {
                 let update = update?.ok_or(LinkError::Closed)?;
                 let snapshot = matches!(update.update, Some(control_update::Update::Snapshot(_)));
-                apply(shared, update);
+                for change in apply(shared, update) {
+                    shared.loops.broadcast(|| Command::Change(change.clone())).await;
+                }
                 if snapshot && !*synced {
                     *synced = true;
                     if let Some(since) = stale_since.take() {
@@ -203,12 +205,12 @@ async fn session(
                 }
                 // Say at once what was applied (and, after a snapshot, that the state is
                 // current again): updates are rare, and operators watch the revision.
-                if reports.send(status(shared, stale_since)).await.is_err() {
+                if reports.send(status(shared, stale_since).await).await.is_err() {
                     return Err(LinkError::Closed);
                 }
             }
             _ = tick.tick() => {
-                if reports.send(status(shared, stale_since)).await.is_err() {
+                if reports.send(status(shared, stale_since).await).await.is_err() {
                     return Err(LinkError::Closed);
                 }
             }
@@ -233,13 +235,15 @@ async fn connect(
     Ok((client, interval))
 }
 
-/// Apply one update under the lock.
-fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
+/// Apply one update to the shell's state, under its lock; returns what every relay loop is
+/// to apply to its core.
+fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
     let mut guard = shared.lock();
     let state = &mut *guard;
+    let mut changes = Vec::new();
     match update.update {
         Some(control_update::Update::Snapshot(snapshot)) => {
-            apply_policy(state, snapshot.policy.unwrap_or_default());
+            changes.push(apply_policy(state, snapshot.policy.unwrap_or_default()));
             let gone = state
                 .conferencing
                 .replace_all(snapshot.conferences, unix_now());
@@ -259,14 +263,14 @@ fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
                 .map(|r| (r.user.clone(), r.revoked_at_unix))
                 .collect();
             for revocation in snapshot.revocations {
-                revoke(shared, state, revocation);
+                changes.extend(revoke(state, revocation));
             }
             state
                 .control
                 .revocations
                 .retain(|key| current.contains(key));
         }
-        Some(control_update::Update::Policy(policy)) => apply_policy(state, policy),
+        Some(control_update::Update::Policy(policy)) => changes.push(apply_policy(state, policy)),
         Some(control_update::Update::ConferenceUpserted(conference)) => {
             debug!(
                 conference = conference.conference_id,
@@ -284,10 +288,13 @@ fn apply(shared: &Arc<Shared>, update: ControlUpdate) {
             }
             state.conference_sessions.remove(&removed.conference_id);
         }
-        Some(control_update::Update::UserRevoked(revocation)) => revoke(shared, state, revocation),
+        Some(control_update::Update::UserRevoked(revocation)) => {
+            changes.extend(revoke(state, revocation));
+        }
         None => debug!(revision = update.revision, "empty control update ignored"),
     }
     state.control.revision = state.control.revision.max(update.revision);
+    changes
 }
 
 /// Ends the sessions of a conference's participants (it was revoked).
@@ -301,7 +308,7 @@ fn disconnect(state: &mut State, conference_id: &str) {
     }
 }
 
-fn apply_policy(state: &mut State, policy: AccessPolicy) {
+fn apply_policy(state: &mut State, policy: AccessPolicy) -> LoopChange {
     if let Some(edge) = &state.sip {
         edge.set_policy(sip_policy(edge.configured_policy(), &policy));
     }
@@ -316,7 +323,7 @@ fn apply_policy(state: &mut State, policy: AccessPolicy) {
             }
         })
         .collect();
-    state.core.set_allowed_peer_networks(networks);
+    LoopChange::AllowedPeerNetworks(networks)
 }
 
 /// The Access Edge's view of a control policy; the partner rate falls back to the agent's
@@ -345,32 +352,30 @@ fn sip_policy(
     }
 }
 
-fn revoke(shared: &Arc<Shared>, state: &mut State, revocation: UserRevocation) {
+/// The change a revocation makes, unless it was applied already.
+fn revoke(state: &mut State, revocation: UserRevocation) -> Option<LoopChange> {
     let key = (revocation.user.clone(), revocation.revoked_at_unix);
-    if !state.control.revocations.insert(key) {
-        return;
-    }
-    state.core.revoke_user(
-        &revocation.user,
-        revocation.refuse_expiry_through_unix,
-        Instant::now(),
-    );
-    // The ended allocations' sockets close and their channels leave the kernel.
-    state.carry_out(shared, &mut Vec::new());
+    state
+        .control
+        .revocations
+        .insert(key)
+        .then_some(LoopChange::RevokeUser {
+            user: revocation.user,
+            through_unix: revocation.refuse_expiry_through_unix,
+        })
 }
 
 /// Allocations listed per report at most; the rest are counted (AgentStatus).
 const MAX_LISTED_ALLOCATIONS: usize = 5000;
 
-fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
-    let (counters, revision, allocations, allocations_not_listed, conferences) = {
+async fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
+    let reports = shared.loops.reports(MAX_LISTED_ALLOCATIONS).await;
+    let counters = shared.counters(&reports);
+    let (allocations, allocations_not_listed) = allocation_summaries(shared, reports);
+    let (revision, conferences) = {
         let state = shared.lock();
-        let (allocations, not_listed) = allocation_summaries(&state);
         (
-            state.counters(),
             state.control.revision,
-            allocations,
-            not_listed,
             state.conferencing.conference_counters(),
         )
     };
@@ -403,41 +408,46 @@ fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
 /// The allocations for a status report (at most [`MAX_LISTED_ALLOCATIONS`]) and how many
 /// were left out. Bytes are the userspace relay's plus the kernel's for channels it
 /// forwards or forwarded.
-fn allocation_summaries(state: &State) -> (Vec<AllocationSummary>, u64) {
-    let forwarded = state
-        .fast_path
+fn allocation_summaries(
+    shared: &Shared,
+    reports: Vec<super::relay_loop::LoopReport>,
+) -> (Vec<AllocationSummary>, u64) {
+    let forwarded = lock(&shared.fast_path)
         .as_ref()
-        .map(FastPath::forwarded_bytes)
+        .map(|fast_path| fast_path.forwarded_bytes())
         .unwrap_or_default();
-    let core = &state.core;
-    let listed: Vec<_> = core
-        .allocations()
+    let total: usize = reports.iter().map(|r| r.allocations).sum();
+    let listed: Vec<_> = reports
+        .into_iter()
+        .flat_map(|report| report.listed)
         .take(MAX_LISTED_ALLOCATIONS)
-        .map(|allocation| {
+        .map(|allocation: AllocationInfo| {
             let in_kernel = forwarded
                 .get(&allocation.five_tuple)
                 .copied()
                 .unwrap_or_default();
-            let relay = allocation.relays.first();
             AllocationSummary {
-                username: allocation.username.clone(),
-                user: allocation.quota_key.clone(),
+                username: allocation.username,
+                user: allocation.user,
                 transport: match allocation.five_tuple.transport {
                     Transport::Udp => ClientTransport::Udp,
                     Transport::Tcp => ClientTransport::Tcp,
                     Transport::Tls => ClientTransport::Tls,
                 } as i32,
                 client_address: allocation.five_tuple.client.to_string(),
-                relayed_address: relay.map(|r| r.advertised.to_string()).unwrap_or_default(),
-                expires_at_unix: relay.map_or(0, |r| core.unix_time(r.expires)),
-                permissions: u32::try_from(allocation.permission_count()).unwrap_or(u32::MAX),
-                channels: u32::try_from(allocation.channels().count()).unwrap_or(u32::MAX),
-                bytes_from_client: allocation.relayed.from_client + in_kernel.from_client,
-                bytes_to_client: allocation.relayed.to_client + in_kernel.to_client,
+                relayed_address: allocation
+                    .relayed
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
+                expires_at_unix: allocation.expires_at_unix,
+                permissions: u32::try_from(allocation.permissions).unwrap_or(u32::MAX),
+                channels: u32::try_from(allocation.channels).unwrap_or(u32::MAX),
+                bytes_from_client: allocation.bytes_from_client + in_kernel.from_client,
+                bytes_to_client: allocation.bytes_to_client + in_kernel.to_client,
             }
         })
         .collect();
-    let not_listed = core.allocation_count().saturating_sub(listed.len()) as u64;
+    let not_listed = total.saturating_sub(listed.len()) as u64;
     (listed, not_listed)
 }
 

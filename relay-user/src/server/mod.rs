@@ -1,24 +1,27 @@
-//! The tokio shell around [`rampart_turn::Server`]: sockets in, bytes to the state machine,
-//! bytes out. No protocol decision is made here.
-//!
-//! One lock guards the state machine, the relay sockets and the stream connections; it is
-//! held only for the synchronous call into the state machine, never across an `.await`.
+//! The agent's shells around its cores. The TURN core runs in relay loops (see
+//! [`relay_loop`]: one thread per loop, each owning its core and its sockets, no lock on the
+//! data path); tokio serves what is not a datagram: TCP and TLS clients (whose frames go to
+//! their owner loop), the Web Conferencing Edge, the Access Edge and the control link. The
+//! shell state here (connection admission, control-plane state, conferencing) is under one
+//! lock that no datagram takes.
 
+mod batch_io;
 mod conferencing;
 mod control_link;
-mod relay_socket;
+mod relay_loop;
 mod sip;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use rand::RngCore;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,16 +30,17 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
 use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
-use rampart_turn::server::{Output, Payload};
-use rampart_turn::{FiveTuple, Server, SharedState, Stats, Transmit, Transport};
+use rampart_turn::{FiveTuple, SharedState, Stats, Transport};
 use rampart_xdp::XdpError;
+use rampart_xdp::steering::Steering;
+use relay_loop::{Command, LoopReport, LoopSettings, LoopStats, Loops};
 
 pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
 
 /// Frames queued towards one stream client before further ones are dropped: a client that
 /// does not read its media must not hold memory without bound.
 const STREAM_QUEUE: usize = 256;
-/// How often expiries are swept (the state machine's timers are exact to this).
+/// How often the fast path's next-hop cache is swept.
 const TICK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,8 @@ pub enum ServerError {
         address: SocketAddr,
         source: io::Error,
     },
+    #[error("cannot start the relay loops")]
+    Loops(#[source] io::Error),
     #[error("cannot listen for the Access Edge (SIP) on {address}")]
     ListenSip {
         address: SocketAddr,
@@ -68,15 +74,12 @@ pub enum ServerError {
 pub struct ShellStats {
     pub connections_refused: u64,
     pub tls_handshake_failures: u64,
-    pub stream_frames_dropped: u64,
-    pub send_failures: u64,
+    /// The relay loops' (summed).
+    #[serde(flatten)]
+    pub loops: LoopStats,
 }
 
 struct State {
-    core: Server,
-    fast_path: Option<FastPath>,
-    relays: HashMap<SocketAddr, relay_socket::RelaySocket>,
-    streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
     connections_per_source: HashMap<IpAddr, usize>,
     connections: usize,
     shell: ShellStats,
@@ -89,62 +92,6 @@ struct State {
     conferencing_enabled: bool,
     /// The Access Edge, whose policy the control link sets.
     sip: Option<Arc<sip::SipEdge>>,
-}
-
-impl State {
-    /// Carry out what the core asked for, in order: relay binds are made and answered at
-    /// once, channel changes go to the kernel (or nowhere without a fast path), transmits
-    /// are resolved to where they go and left in `sends` for after the lock.
-    fn carry_out(&mut self, shared: &Arc<Shared>, sends: &mut Vec<Route>) {
-        let mut channel_changes = Vec::new();
-        while let Some(output) = self.core.poll_output() {
-            match output {
-                Output::Transmit(transmit) => sends.extend(self.route(shared, transmit)),
-                Output::BindRelay {
-                    relay,
-                    dont_fragment,
-                } => {
-                    let bound = relay_socket::bind(&mut self.relays, shared, relay, dont_fragment);
-                    self.core.handle_bind_result(relay, bound, Instant::now());
-                }
-                Output::ReleaseRelay { relay } => relay_socket::release(&mut self.relays, relay),
-                Output::FastPath(change) => channel_changes.push(change),
-            }
-        }
-        if let Some(fast_path) = &mut self.fast_path
-            && !channel_changes.is_empty()
-        {
-            for (five_tuple, bytes) in fast_path.apply(channel_changes, Instant::now()) {
-                self.core.credit_fast_path(&five_tuple, bytes);
-            }
-        }
-    }
-
-    fn route(&self, shared: &Shared, transmit: Transmit) -> Option<Route> {
-        match transmit {
-            Transmit::ToClient {
-                five_tuple,
-                payload,
-            } => match five_tuple.transport {
-                Transport::Udp => shared
-                    .udp_listeners
-                    .get(&five_tuple.server)
-                    .map(|s| Route::Datagram(s.clone(), five_tuple.client, payload)),
-                Transport::Tcp | Transport::Tls => self
-                    .streams
-                    .get(&five_tuple)
-                    .map(|tx| Route::Stream(tx.clone(), payload)),
-            },
-            Transmit::ToPeer {
-                relay,
-                peer,
-                payload,
-            } => self
-                .relays
-                .get(&relay)
-                .map(|r| Route::Datagram(r.sender.clone(), peer, payload)),
-        }
-    }
 }
 
 /// Everything an operator counts, as logged on the `counters` line (JSON).
@@ -163,88 +110,62 @@ pub struct Counters {
     pub sip: Option<sip::SipStats>,
 }
 
-impl State {
-    fn counters(&self) -> Counters {
-        Counters {
-            allocations: self.core.allocation_count(),
-            relay: self.core.stats().clone(),
-            shell: self.shell,
-            fast_path: self.fast_path.as_ref().map(FastPath::stats),
-            xdp: self
-                .fast_path
-                .as_ref()
-                .and_then(|f| f.program().stats().ok())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(stat, c)| (stat.name(), c.packets, c.bytes))
-                .collect(),
-            conferencing: self
-                .conferencing_enabled
-                .then(|| self.conferencing.counters.clone()),
-            sip: self.sip.as_ref().map(|edge| edge.stats()),
-        }
-    }
-}
-
 pub(crate) struct Shared {
     state: Mutex<State>,
-    udp_listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
+    loops: Loops,
+    /// Locked when a channel goes up or down, by reports and by the netlink reader; never
+    /// per datagram.
+    fast_path: Arc<Mutex<Option<FastPath>>>,
     limits: ConnectionLimits,
     idle_timeout: Duration,
 }
 
-/// Where a transmit goes, resolved under the lock and sent after it. Datagrams leave with a
-/// plain `sendto` on the socket's descriptor: tokio's `try_send_to` reports a fresh socket
-/// unwritable until its reactor has seen it, which would drop the first packets of every new
-/// allocation.
-enum Route {
-    Datagram(Arc<UdpSocket>, SocketAddr, Payload),
-    Stream(mpsc::Sender<Vec<u8>>, Payload),
+/// A lock whose holder panicked still guards whole data (every update under these locks is
+/// one statement or is redone): carry on rather than take the relay down.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere must not take the whole relay down with a poisoned lock.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
-    /// Run one state-machine step and resolve where its output goes, into `sends`.
-    fn step(self: &Arc<Self>, sends: &mut Vec<Route>, f: impl FnOnce(&mut Server)) {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        f(&mut state.core);
-        state.carry_out(self, sends);
-    }
-
-    /// Send what a step resolved; `buf` is the buffer its input came in (in-place payloads).
-    fn send(&self, sends: &mut Vec<Route>, buf: &[u8]) {
-        let mut failures = 0;
-        for route in sends.drain(..) {
-            let sent = match route {
-                // UDP is best effort: a full socket buffer drops, like the network would.
-                Route::Datagram(socket, to, payload) => {
-                    let bytes = match &payload {
-                        Payload::Message(message) => message.as_slice(),
-                        Payload::InPlace(range) => buf.get(range.clone()).unwrap_or_default(),
-                    };
-                    socket2::SockRef::from(&*socket)
-                        .send_to(bytes, &to.into())
-                        .is_ok()
-                }
-                Route::Stream(tx, payload) => {
-                    let frame = match payload {
-                        Payload::Message(message) => message,
-                        Payload::InPlace(range) => buf.get(range).unwrap_or_default().to_vec(),
-                    };
-                    tx.try_send(frame).is_ok()
-                }
-            };
-            if !sent {
-                failures += 1;
-            }
+    /// The counters, from the loops' `reports` and the shell's own.
+    fn counters(&self, reports: &[LoopReport]) -> Counters {
+        let mut relay = Stats::default();
+        let mut loops = LoopStats::default();
+        for report in reports {
+            relay += &report.stats;
+            loops += &report.shell;
         }
-        if failures > 0 {
-            self.lock().shell.send_failures += failures;
+        let (fast_path, xdp) = match &*lock(&self.fast_path) {
+            Some(fast_path) => (
+                Some(fast_path.stats()),
+                fast_path
+                    .program()
+                    .stats()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(stat, c)| (stat.name(), c.packets, c.bytes))
+                    .collect(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let state = self.lock();
+        Counters {
+            allocations: reports.iter().map(|r| r.allocations).sum(),
+            relay,
+            shell: ShellStats {
+                loops,
+                ..state.shell
+            },
+            fast_path,
+            xdp,
+            conferencing: state
+                .conferencing_enabled
+                .then(|| state.conferencing.counters.clone()),
+            sip: state.sip.as_ref().map(|edge| edge.stats()),
         }
     }
 
@@ -276,10 +197,11 @@ impl Shared {
     }
 }
 
-/// A running edge: listeners bound, tasks spawned.
+/// A running edge: listeners bound, relay loops and tasks started.
 pub struct Edge {
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     local_addresses: Vec<(Transport, SocketAddr)>,
 }
 
@@ -287,6 +209,7 @@ impl Edge {
     /// Bind every listener (failing on the first that cannot be bound) and start serving.
     /// `stats_every`: how often the counters are logged (when they changed).
     pub async fn start(config: Config, stats_every: Duration) -> Result<Self, ServerError> {
+        let loops = config.relay_loops;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for listener in &config.listeners {
@@ -297,7 +220,7 @@ impl Edge {
             };
             match listener.transport {
                 Transport::Udp => {
-                    udp.push(udp_socket(listener.address).map_err(error)?);
+                    udp.push(reuseport_group(listener.address, loops).map_err(error)?);
                 }
                 Transport::Tcp | Transport::Tls => {
                     let socket = TcpListener::bind(listener.address).await.map_err(error)?;
@@ -329,40 +252,48 @@ impl Edge {
             )),
             None => None,
         };
-        let now = Instant::now();
-        let unix_now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let idle_timeout = config.turn.max_lifetime + Duration::from_secs(60);
         let mut fast_path = match &config.xdp {
             Some(settings) => FastPath::start(settings)?,
             None => None,
         };
         let announcements = fast_path.as_mut().and_then(FastPath::take_announcements);
+        let fast_path = Arc::new(Mutex::new(fast_path));
         let control = config.control.clone().map(|settings| {
             let registration = control_link::registration(&config, &settings.agent_id);
             (settings, registration)
         });
-        let mut rng = StdRng::from_entropy();
         let mut nonce_key = [0u8; 32];
-        rng.fill_bytes(&mut nonce_key);
-        let shared_state = Arc::new(SharedState::for_config(&config.turn, nonce_key));
-        let core = Server::new(config.turn, shared_state, rng, now, unix_now);
+        StdRng::from_entropy().fill_bytes(&mut nonce_key);
         let mut local_addresses = Vec::new();
-        let mut receivers = Vec::new();
-        let mut udp_listeners = HashMap::new();
-        for socket in udp {
-            if let Ok(address) = socket.local_addr() {
-                udp_listeners.insert(address, socket.clone());
-                receivers.push((address, socket));
+        let mut steered = config.steering && loops > 1;
+        for group in &udp {
+            if let Some(address) = group.first().and_then(|s| s.local_addr().ok()) {
+                local_addresses.push((Transport::Udp, address));
+            }
+            steered = steered && steer(group);
+        }
+        // Loop i gets the i-th socket of every group.
+        let mut per_loop: Vec<Vec<std::net::UdpSocket>> = (0..loops).map(|_| Vec::new()).collect();
+        for group in udp {
+            for (i, socket) in group.into_iter().enumerate() {
+                per_loop[i].push(socket);
             }
         }
+        let settings = LoopSettings {
+            shared: Arc::new(SharedState::for_config(&config.turn, nonce_key)),
+            turn: config.turn,
+            fast_path: fast_path.clone(),
+        };
+        let (loops, threads) =
+            relay_loop::start(&settings, per_loop).map_err(ServerError::Loops)?;
+        info!(
+            loops = loops.len(),
+            steered,
+            "relay loops started (steered: client datagrams reach their loop in the kernel)"
+        );
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                core,
-                fast_path,
-                relays: HashMap::new(),
-                streams: HashMap::new(),
                 connections_per_source: HashMap::new(),
                 connections: 0,
                 shell: ShellStats::default(),
@@ -372,7 +303,8 @@ impl Edge {
                 conferencing_enabled: conferencing.is_some(),
                 sip: sip.as_ref().map(|(edge, _)| edge.clone()),
             }),
-            udp_listeners,
+            loops,
+            fast_path,
             limits: config.connections,
             idle_timeout,
         });
@@ -386,10 +318,6 @@ impl Edge {
             }
         }
         let mut tasks = JoinSet::new();
-        for (address, receiver) in receivers {
-            local_addresses.push((Transport::Udp, address));
-            tasks.spawn(udp_listener(shared.clone(), address, receiver));
-        }
         let acceptor = config.tls.map(tokio_rustls::TlsAcceptor::from);
         for (transport, listener) in tcp {
             if let Ok(address) = listener.local_addr() {
@@ -446,6 +374,7 @@ impl Edge {
         Ok(Edge {
             shared,
             tasks,
+            threads,
             local_addresses,
         })
     }
@@ -454,40 +383,67 @@ impl Edge {
         &self.local_addresses
     }
 
-    pub fn counters(&self) -> Counters {
-        self.shared.lock().counters()
+    pub async fn counters(&self) -> Counters {
+        let reports = self.shared.loops.reports(0).await;
+        self.shared.counters(&reports)
     }
 
     /// Serve until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) {
         shutdown.cancelled().await;
-        let allocations = self.shared.lock().core.allocation_count();
+        let allocations: usize = self
+            .shared
+            .loops
+            .reports(0)
+            .await
+            .iter()
+            .map(|r| r.allocations)
+            .sum();
         info!(allocations, "shutting down");
         self.tasks.shutdown().await;
+        self.shared.loops.broadcast(|| Command::Shutdown).await;
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
-async fn udp_listener(shared: Arc<Shared>, local: SocketAddr, socket: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; 65536];
-    let mut sends = Vec::new();
-    loop {
-        let (len, client) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                debug!(%local, %error, "UDP receive error");
-                continue;
-            }
-        };
-        let five_tuple = FiveTuple {
-            transport: Transport::Udp,
-            client,
-            server: local,
-        };
-        let input = &buf[..len];
-        shared.step(&mut sends, |core| {
-            core.handle_client_input(five_tuple, input, Instant::now());
-        });
-        shared.send(&mut sends, input);
+/// `loops` UDP sockets bound to `address` in one reuseport group (the first fixes the port
+/// when `address` asks for any).
+fn reuseport_group(address: SocketAddr, loops: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let mut group: Vec<std::net::UdpSocket> = Vec::with_capacity(loops);
+    for _ in 0..loops {
+        let address = group
+            .first()
+            .map_or(Ok(address), std::net::UdpSocket::local_addr)?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        group.push(socket.into());
+    }
+    Ok(group)
+}
+
+/// Attach the steering program to a listener's group, so that each client's datagrams reach
+/// the loop that owns it; false when it cannot be. Without it (no BPF, not permitted) the
+/// kernel spreads datagrams by its own hash and loops hand the ones they do not own to their
+/// owner: correct, slower.
+fn steer(group: &[std::net::UdpSocket]) -> bool {
+    match Steering::attach(group) {
+        Ok(_) => true,
+        Err(error) => {
+            warn!(%error, "cannot steer client datagrams in the kernel: relay loops hand them to their owner loop");
+            false
+        }
     }
 }
 
@@ -550,14 +506,24 @@ async fn stream_listener(
     }
 }
 
-/// One TCP or TLS client: frames in (RFC 8656 §12.5 framing), queued frames out.
+/// One TCP or TLS client: frames in (RFC 8656 §12.5 framing) to the loop that owns it,
+/// frames out from it.
 async fn serve_stream<S>(shared: &Arc<Shared>, five_tuple: FiveTuple, stream: S)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
-    shared.lock().streams.insert(five_tuple, tx);
+    let loops = &shared.loops;
+    loops
+        .send_to_owner(
+            five_tuple.client,
+            Command::StreamOpened {
+                five_tuple,
+                writer: tx,
+            },
+        )
+        .await;
     debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
     let write = async {
         while let Some(frame) = rx.recv().await {
@@ -568,7 +534,6 @@ where
     };
     let read = async {
         let mut buf = Vec::with_capacity(4096);
-        let mut sends = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             let read = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)).await;
@@ -581,12 +546,14 @@ where
             loop {
                 match next_stream_frame(&buf) {
                     Ok(Some(len)) => {
-                        let frame = &buf[..len];
-                        shared.step(&mut sends, |core| {
-                            core.handle_client_input(five_tuple, frame, Instant::now());
-                        });
-                        shared.send(&mut sends, frame);
+                        let frame = buf[..len].to_vec();
                         buf.drain(..len);
+                        loops
+                            .send_to_owner(
+                                five_tuple.client,
+                                Command::StreamFrame { five_tuple, frame },
+                            )
+                            .await;
                     }
                     Ok(None) if buf.len() <= MAX_STREAM_FRAME => break,
                     Ok(None) | Err(_) => return "not STUN or ChannelData framing",
@@ -599,20 +566,9 @@ where
         () = write => "write failed",
     };
     debug!(client = %five_tuple.client, reason, "client disconnected");
-    let mut guard = shared.lock();
-    let state = &mut *guard;
-    state.streams.remove(&five_tuple);
-    state.core.client_closed(five_tuple);
-    state.carry_out(shared, &mut Vec::new());
-}
-
-/// A bound UDP socket as a plain, non-blocking sending half and a tokio receiving half.
-/// A non-blocking UDP socket for both directions: received through tokio, sent with a plain
-/// `sendto` on the same descriptor (see [`Route`]), so each relay costs one descriptor.
-pub(crate) fn udp_socket(address: SocketAddr) -> io::Result<Arc<UdpSocket>> {
-    let socket = std::net::UdpSocket::bind(address)?;
-    socket.set_nonblocking(true)?;
-    Ok(Arc::new(UdpSocket::from_std(socket)?))
+    loops
+        .send_to_owner(five_tuple.client, Command::StreamClosed { five_tuple })
+        .await;
 }
 
 /// Hands the kernel's routing, neighbour and link announcements to the fast path as they come,
@@ -636,7 +592,7 @@ fn read_announcements(
         if batch.is_empty() {
             continue;
         }
-        if let Some(fast_path) = &mut shared.lock().fast_path {
+        if let Some(fast_path) = &mut *lock(&shared.fast_path) {
             fast_path.announced(batch);
         }
     }
@@ -648,17 +604,14 @@ async fn timers(shared: Arc<Shared>, stats_every: Duration) {
     let mut logged = None;
     loop {
         tick.tick().await;
-        let now = Instant::now();
-        let mut guard = shared.lock();
-        let state = &mut *guard;
-        state.core.handle_timeout(now);
-        state.carry_out(&shared, &mut Vec::new());
-        if let Some(fast_path) = &mut state.fast_path {
+        if let Some(fast_path) = &mut *lock(&shared.fast_path) {
             fast_path.sweep();
         }
+        let now = Instant::now();
         if now.duration_since(last_stats) >= stats_every {
             last_stats = now;
-            let current = state.counters();
+            let reports = shared.loops.reports(0).await;
+            let current = shared.counters(&reports);
             if logged.as_ref() != Some(&current) {
                 match serde_json::to_string(&current) {
                     Ok(json) => info!(target: "rampart::counters", "counters {json}"),

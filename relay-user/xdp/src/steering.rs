@@ -14,8 +14,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::Ebpf;
 use aya::maps::{Array, ReusePortSockArray};
 use aya::programs::SkReuseport;
-pub use relay_common::steering::owner_of;
-use relay_common::steering::{LOOPS_MAP, MAX_LOOPS, PROGRAM_NAME, SOCKETS_MAP};
+use relay_common::steering::{LOOPS_MAP, PROGRAM_NAME, SOCKETS_MAP};
+pub use relay_common::steering::{MAX_LOOPS, owner_of};
 
 use crate::XdpError;
 

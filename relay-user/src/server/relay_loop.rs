@@ -1,0 +1,774 @@
+//! Relay loops: N threads (by default one per CPU the process may use), each the sole owner of
+//! a TURN core, of one socket in every UDP listener's reuseport group, and of the relay
+//! sockets of its allocations. Nothing on the data path is shared or locked: a client's
+//! datagrams reach its owner loop (the `rampart-steer` program picks the socket by
+//! [`owner_of`] the client), and its peers' datagrams arrive on relay sockets the same loop
+//! owns. What the loops share is in [`rampart_turn::SharedState`]; the fast path is locked
+//! only when a channel goes up or down.
+//!
+//! Each loop waits on one epoll instance (mio) for all its sockets and its command channel,
+//! with the core's next deadline as the timeout; readable sockets are drained with `recvmmsg`
+//! and what a batch produced leaves with `sendmmsg`, per socket (see [`batch_io`]).
+//!
+//! The tokio side talks to a loop only through [`Command`]s: stream clients' frames (TCP and
+//! TLS are served, and TLS handshakes made, by tokio), control-plane changes, reports.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::batch_io::{BATCH, RecvBatch, SendBatch};
+use super::lock;
+use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
+use rampart_turn::{FiveTuple, Server, ServerConfig, SharedState, Stats, Transmit, Transport};
+use rampart_xdp::fast_path::FastPath;
+use rampart_xdp::steering::owner_of;
+
+/// The largest UDP payload over IPv6 (65535 less the UDP header; IPv4's is smaller).
+const MAX_DATAGRAM: usize = 65527;
+/// Commands queued towards one loop; senders wait beyond that (a stream client's reads
+/// slow down instead of its frames piling up).
+const COMMAND_QUEUE: usize = 1024;
+/// Batches read from one socket before the others get their turn; a socket with more left
+/// is read again after them.
+const BATCHES_PER_TURN: usize = 8;
+const WAKER: Token = Token(usize::MAX);
+
+/// What the tokio side asks of a loop.
+pub(crate) enum Command {
+    /// A TCP or TLS client connected; frames for it go to `writer`.
+    StreamOpened {
+        five_tuple: FiveTuple,
+        writer: mpsc::Sender<Vec<u8>>,
+    },
+    /// One complete frame (RFC 8656 §12.5 framing) from a stream client.
+    StreamFrame {
+        five_tuple: FiveTuple,
+        frame: Vec<u8>,
+    },
+    StreamClosed {
+        five_tuple: FiveTuple,
+    },
+    /// A client datagram that reached another loop's socket (no steering program attached,
+    /// or sent before it was).
+    HandOff {
+        five_tuple: FiveTuple,
+        datagram: Vec<u8>,
+    },
+    Change(LoopChange),
+    /// Counters and up to `list` allocations.
+    Report {
+        list: usize,
+        reply: oneshot::Sender<LoopReport>,
+    },
+    Shutdown,
+}
+
+/// A control-plane change every loop applies to its core.
+#[derive(Clone, Debug)]
+pub(crate) enum LoopChange {
+    AllowedPeerNetworks(Vec<IpNet>),
+    RevokeUser { user: String, through_unix: u64 },
+}
+
+/// Counters of what a loop's shell (not its core) saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LoopStats {
+    pub stream_frames_dropped: u64,
+    pub send_failures: u64,
+    pub datagrams_handed_off: u64,
+    pub datagrams_truncated: u64,
+}
+
+impl std::ops::AddAssign<&LoopStats> for LoopStats {
+    fn add_assign(&mut self, other: &LoopStats) {
+        self.stream_frames_dropped += other.stream_frames_dropped;
+        self.send_failures += other.send_failures;
+        self.datagrams_handed_off += other.datagrams_handed_off;
+        self.datagrams_truncated += other.datagrams_truncated;
+    }
+}
+
+/// One loop's answer to [`Command::Report`].
+pub(crate) struct LoopReport {
+    pub allocations: usize,
+    pub stats: Stats,
+    pub shell: LoopStats,
+    pub listed: Vec<AllocationInfo>,
+}
+
+/// An allocation as a report lists it.
+pub(crate) struct AllocationInfo {
+    pub five_tuple: FiveTuple,
+    pub username: String,
+    pub user: String,
+    pub relayed: Option<SocketAddr>,
+    pub expires_at_unix: u64,
+    pub permissions: usize,
+    pub channels: usize,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+/// How the tokio side reaches one loop.
+#[derive(Clone)]
+struct LoopHandle {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+/// Every loop, by index: the owner of a client is `owner_of(client, len)`.
+#[derive(Clone)]
+pub(crate) struct Loops(Arc<[LoopHandle]>);
+
+impl Loops {
+    fn owner_index(&self, client: SocketAddr) -> usize {
+        owner_of(client, self.0.len() as u32) as usize
+    }
+
+    /// Send to the loop that owns `client`, waiting while its queue is full.
+    pub(crate) async fn send_to_owner(&self, client: SocketAddr, command: Command) {
+        send(&self.0[self.owner_index(client)], command).await;
+    }
+
+    /// Send to every loop.
+    pub(crate) async fn broadcast(&self, command: impl Fn() -> Command) {
+        for handle in self.0.iter() {
+            send(handle, command()).await;
+        }
+    }
+
+    /// Every loop's report, each listing at most `list` allocations.
+    pub(crate) async fn reports(&self, list: usize) -> Vec<LoopReport> {
+        let mut replies = Vec::with_capacity(self.0.len());
+        for handle in self.0.iter() {
+            let (reply, answer) = oneshot::channel();
+            send(handle, Command::Report { list, reply }).await;
+            replies.push(answer);
+        }
+        let mut reports = Vec::with_capacity(replies.len());
+        for answer in replies {
+            // A loop that is gone (it panicked) reports nothing.
+            if let Ok(report) = answer.await {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+async fn send(handle: &LoopHandle, command: Command) {
+    if handle.commands.send(command).await.is_ok() {
+        let _ = handle.waker.wake();
+    }
+}
+
+/// What every loop is started with.
+pub(crate) struct LoopSettings {
+    pub turn: ServerConfig,
+    pub shared: Arc<SharedState>,
+    pub fast_path: Arc<Mutex<Option<FastPath>>>,
+}
+
+/// Start `listeners.len()` loops; `listeners[i]` are loop i's sockets, one per UDP listener
+/// address (the same addresses, in the same order, for every loop).
+pub(crate) fn start(
+    settings: &LoopSettings,
+    listeners: Vec<Vec<std::net::UdpSocket>>,
+) -> io::Result<(Loops, Vec<std::thread::JoinHandle<()>>)> {
+    let mut polls = Vec::new();
+    let mut handles = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in &listeners {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        polls.push(poll);
+        handles.push(LoopHandle { commands, waker });
+        receivers.push(receiver);
+    }
+    let loops = Loops(handles.into());
+    let mut threads = Vec::new();
+    for (index, ((poll, commands), sockets)) in
+        polls.into_iter().zip(receivers).zip(listeners).enumerate()
+    {
+        let mut registered = Vec::new();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let address = socket.local_addr()?;
+            let mut socket = UdpSocket::from_std(socket);
+            poll.registry()
+                .register(&mut socket, Token(i), Interest::READABLE)?;
+            registered.push((address, socket));
+        }
+        let now = Instant::now();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let core = Server::new(
+            settings.turn.clone(),
+            settings.shared.clone(),
+            StdRng::from_entropy(),
+            now,
+            unix_now,
+        );
+        let fast_path = settings.fast_path.clone();
+        let loops = loops.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("rampart-relay-{index}"))
+            .spawn(move || {
+                RelayLoop::new(index, loops, core, poll, commands, registered, fast_path).run();
+            })?;
+        threads.push(thread);
+    }
+    Ok((loops, threads))
+}
+
+struct RelaySocket {
+    address: SocketAddr,
+    socket: UdpSocket,
+}
+
+/// Where the bytes of a queued datagram are.
+enum Bytes {
+    /// In receive buffer `buffer` of the client batch.
+    Clients {
+        buffer: usize,
+        range: Range<usize>,
+    },
+    /// In receive buffer `buffer` of the peer batch.
+    Peers {
+        buffer: usize,
+        range: Range<usize>,
+    },
+    Owned(Vec<u8>),
+}
+
+/// A datagram to send when the batch it came from is done.
+struct Outgoing {
+    fd: RawFd,
+    to: SocketAddr,
+    bytes: Bytes,
+}
+
+/// Where the input that a core step relays from lives: a buffer of the client or the peer
+/// batch being processed, or bytes of a command.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Clients(usize),
+    Peers(usize),
+    Bytes(&'a [u8]),
+}
+
+struct RelayLoop {
+    index: usize,
+    loops: Loops,
+    core: Server,
+    poll: Poll,
+    commands: mpsc::Receiver<Command>,
+    listeners: Vec<(SocketAddr, UdpSocket)>,
+    /// Listener index by local address, for transmits to UDP clients.
+    listener_at: HashMap<SocketAddr, usize>,
+    /// Relay sockets by slot; a slot's token is `listeners.len() + slot`.
+    relays: Vec<Option<RelaySocket>>,
+    free_slots: Vec<usize>,
+    relay_at: HashMap<SocketAddr, usize>,
+    streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    fast_path: Arc<Mutex<Option<FastPath>>>,
+    channel_changes: Vec<rampart_turn::allocation::FastPathEvent>,
+    stats: LoopStats,
+    client_batch: RecvBatch,
+    peer_batch: RecvBatch,
+    sender: SendBatch,
+    outgoing: Vec<Outgoing>,
+    /// Sockets left readable after their turn.
+    unfinished: Vec<Token>,
+    shutdown: bool,
+}
+
+impl RelayLoop {
+    fn new(
+        index: usize,
+        loops: Loops,
+        core: Server,
+        poll: Poll,
+        commands: mpsc::Receiver<Command>,
+        listeners: Vec<(SocketAddr, UdpSocket)>,
+        fast_path: Arc<Mutex<Option<FastPath>>>,
+    ) -> Self {
+        RelayLoop {
+            index,
+            loops,
+            core,
+            poll,
+            commands,
+            listener_at: listeners
+                .iter()
+                .enumerate()
+                .map(|(i, (address, _))| (*address, i))
+                .collect(),
+            listeners,
+            relays: Vec::new(),
+            free_slots: Vec::new(),
+            relay_at: HashMap::new(),
+            streams: HashMap::new(),
+            fast_path,
+            channel_changes: Vec::new(),
+            stats: LoopStats::default(),
+            client_batch: RecvBatch::new(0, MAX_DATAGRAM, 0),
+            peer_batch: RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+            sender: SendBatch::new(),
+            outgoing: Vec::with_capacity(2 * BATCH),
+            unfinished: Vec::new(),
+            shutdown: false,
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        let mut ready = Vec::new();
+        while !self.shutdown {
+            let timeout = if self.unfinished.is_empty() {
+                self.core
+                    .poll_timeout()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!(loop_index = self.index, %error, "relay loop cannot wait for its sockets: stopping");
+                return;
+            }
+            ready.clear();
+            ready.append(&mut self.unfinished);
+            ready.extend(events.iter().map(|event| event.token()));
+            for &token in &ready {
+                if token == WAKER {
+                    self.drain_commands();
+                } else if self.read(token) {
+                    self.unfinished.push(token);
+                }
+            }
+            // What every socket's datagrams of this round produced leaves together.
+            self.flush();
+            self.core.handle_timeout(Instant::now());
+            self.carry_out(Input::Bytes(&[]));
+        }
+        info!(
+            loop_index = self.index,
+            allocations = self.core.allocation_count(),
+            "relay loop stopped"
+        );
+    }
+
+    /// Read a readable socket for its turn; true when it has more.
+    fn read(&mut self, token: Token) -> bool {
+        let listeners = self.listeners.len();
+        if token.0 < listeners {
+            self.read_clients(token.0)
+        } else {
+            self.read_peers(token.0 - listeners)
+        }
+    }
+
+    fn read_clients(&mut self, listener: usize) -> bool {
+        let (server, ref socket) = self.listeners[listener];
+        let fd = socket.as_raw_fd();
+        let loops = self.loops.len() as u32;
+        for _ in 0..BATCHES_PER_TURN {
+            if self.client_batch.free() == 0 {
+                self.flush();
+            }
+            let filled = match self
+                .client_batch
+                .recv(fd, 0, &mut self.stats.datagrams_truncated)
+            {
+                Ok(filled) => filled,
+                Err(error) => {
+                    if error.kind() != io::ErrorKind::WouldBlock {
+                        debug!(%server, %error, "UDP receive error");
+                    }
+                    return false;
+                }
+            };
+            let now = Instant::now();
+            let more = self.client_batch.free() == 0;
+            for i in filled {
+                let Some((buffer, len, client)) = self.client_batch.datagram(i) else {
+                    continue;
+                };
+                let five_tuple = FiveTuple {
+                    transport: Transport::Udp,
+                    client,
+                    server,
+                };
+                let owner = owner_of(client, loops) as usize;
+                if owner != self.index {
+                    let command = Command::HandOff {
+                        five_tuple,
+                        datagram: buffer[..len].to_vec(),
+                    };
+                    let handle = &self.loops.0[owner];
+                    if handle.commands.try_send(command).is_ok() {
+                        let _ = handle.waker.wake();
+                        self.stats.datagrams_handed_off += 1;
+                    } else {
+                        self.stats.send_failures += 1;
+                    }
+                    continue;
+                }
+                self.core
+                    .handle_client_input(five_tuple, &buffer[..len], now);
+                self.carry_out(Input::Clients(i));
+            }
+            if !more {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn read_peers(&mut self, slot: usize) -> bool {
+        let Some(Some(relay)) = self.relays.get(slot) else {
+            return false;
+        };
+        let (address, fd) = (relay.address, relay.socket.as_raw_fd());
+        for _ in 0..BATCHES_PER_TURN {
+            if self.peer_batch.free() == 0 {
+                self.flush();
+            }
+            let filled =
+                match self
+                    .peer_batch
+                    .recv(fd, PEER_HEADROOM, &mut self.stats.datagrams_truncated)
+                {
+                    Ok(filled) => filled,
+                    Err(error) => {
+                        if error.kind() != io::ErrorKind::WouldBlock {
+                            debug!(relay = %address, %error, "relay receive error");
+                        }
+                        return false;
+                    }
+                };
+            let now = Instant::now();
+            let more = self.peer_batch.free() == 0;
+            for i in filled {
+                let Some((buffer, len, peer)) = self.peer_batch.datagram(i) else {
+                    continue;
+                };
+                self.core.handle_peer_input(address, peer, buffer, len, now);
+                self.carry_out(Input::Peers(i));
+            }
+            // The relay may have been released by what the batch did.
+            if !more || !self.relay_at.contains_key(&address) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            let command = match self.commands.try_recv() {
+                Ok(command) => command,
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.shutdown = true;
+                    return;
+                }
+            };
+            let now = Instant::now();
+            match command {
+                Command::StreamOpened { five_tuple, writer } => {
+                    self.streams.insert(five_tuple, writer);
+                }
+                Command::StreamFrame { five_tuple, frame } => {
+                    self.core.handle_client_input(five_tuple, &frame, now);
+                    self.carry_out(Input::Bytes(&frame));
+                }
+                Command::StreamClosed { five_tuple } => {
+                    self.streams.remove(&five_tuple);
+                    self.core.client_closed(five_tuple);
+                    self.carry_out(Input::Bytes(&[]));
+                }
+                Command::HandOff {
+                    five_tuple,
+                    datagram,
+                } => {
+                    self.core.handle_client_input(five_tuple, &datagram, now);
+                    self.carry_out(Input::Bytes(&datagram));
+                }
+                Command::Change(LoopChange::AllowedPeerNetworks(networks)) => {
+                    self.core.set_allowed_peer_networks(networks);
+                }
+                Command::Change(LoopChange::RevokeUser { user, through_unix }) => {
+                    self.core.revoke_user(&user, through_unix, now);
+                    // The ended allocations' sockets close and their channels leave the kernel.
+                    self.carry_out(Input::Bytes(&[]));
+                }
+                Command::Report { list, reply } => {
+                    let _ = reply.send(self.report(list));
+                }
+                Command::Shutdown => self.shutdown = true,
+            }
+        }
+    }
+
+    /// Carry out what the core asked for, in order: relay binds are made and answered at
+    /// once, channel changes go to the kernel (or nowhere without a fast path), datagrams
+    /// from a batch are queued for [`RelayLoop::flush`] and the others sent at once.
+    fn carry_out(&mut self, input: Input<'_>) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Transmit(transmit) => self.transmit(transmit, input),
+                Output::BindRelay {
+                    relay,
+                    dont_fragment,
+                } => {
+                    let bound = self.bind_relay(relay, dont_fragment);
+                    self.core.handle_bind_result(relay, bound, Instant::now());
+                }
+                Output::ReleaseRelay { relay } => self.release_relay(relay),
+                Output::FastPath(change) => self.channel_changes.push(change),
+            }
+        }
+        if self.channel_changes.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut self.channel_changes);
+        let withdrawn = match &mut *lock(&self.fast_path) {
+            Some(fast_path) => fast_path.apply(changes, Instant::now()),
+            None => Vec::new(),
+        };
+        for (five_tuple, bytes) in withdrawn {
+            self.core.credit_fast_path(&five_tuple, bytes);
+        }
+    }
+
+    fn transmit(&mut self, transmit: Transmit, input: Input<'_>) {
+        let (fd, to, payload) = match transmit {
+            Transmit::ToClient {
+                five_tuple,
+                payload,
+            } => match five_tuple.transport {
+                Transport::Udp => match self.listener_at.get(&five_tuple.server) {
+                    Some(&i) => (self.listeners[i].1.as_raw_fd(), five_tuple.client, payload),
+                    None => return,
+                },
+                Transport::Tcp | Transport::Tls => {
+                    let Some(writer) = self.streams.get(&five_tuple) else {
+                        return;
+                    };
+                    let frame = match payload {
+                        Payload::Message(message) => message,
+                        Payload::InPlace(range) => self.input_bytes(input, range).to_vec(),
+                    };
+                    if writer.try_send(frame).is_err() {
+                        self.stats.stream_frames_dropped += 1;
+                    }
+                    return;
+                }
+            },
+            Transmit::ToPeer {
+                relay,
+                peer,
+                payload,
+            } => match self.relay_at.get(&relay) {
+                Some(&slot) => match &self.relays[slot] {
+                    Some(relay) => (relay.socket.as_raw_fd(), peer, payload),
+                    None => return,
+                },
+                None => return,
+            },
+        };
+        match (input, payload) {
+            (Input::Clients(buffer), Payload::InPlace(range)) => self.outgoing.push(Outgoing {
+                fd,
+                to,
+                bytes: Bytes::Clients { buffer, range },
+            }),
+            (Input::Peers(buffer), Payload::InPlace(range)) => self.outgoing.push(Outgoing {
+                fd,
+                to,
+                bytes: Bytes::Peers { buffer, range },
+            }),
+            (Input::Clients(_) | Input::Peers(_), Payload::Message(message)) => {
+                self.outgoing.push(Outgoing {
+                    fd,
+                    to,
+                    bytes: Bytes::Owned(message),
+                });
+            }
+            (Input::Bytes(bytes), payload) => {
+                let bytes = match &payload {
+                    Payload::Message(message) => message.as_slice(),
+                    Payload::InPlace(range) => bytes.get(range.clone()).unwrap_or_default(),
+                };
+                self.stats.send_failures += self.sender.send(fd, [(to, bytes)].into_iter());
+            }
+        }
+    }
+
+    /// In-place bytes of the input a step ran on.
+    fn input_bytes<'a>(&'a self, input: Input<'a>, range: Range<usize>) -> &'a [u8] {
+        let bytes = match input {
+            Input::Clients(buffer) => self.client_batch.buffer(buffer),
+            Input::Peers(buffer) => self.peer_batch.buffer(buffer),
+            Input::Bytes(bytes) => bytes,
+        };
+        bytes.get(range).unwrap_or_default()
+    }
+
+    /// Send what the batches received since the last flush queued, one `sendmmsg` per run
+    /// of datagrams from the same socket, and free their buffers.
+    fn flush(&mut self) {
+        let mut start = 0;
+        while start < self.outgoing.len() {
+            let fd = self.outgoing[start].fd;
+            let run = self.outgoing[start..]
+                .iter()
+                .take_while(|o| o.fd == fd)
+                .count();
+            let (clients, peers) = (&self.client_batch, &self.peer_batch);
+            let datagrams = self.outgoing[start..start + run].iter().map(|o| {
+                let bytes = match &o.bytes {
+                    Bytes::Clients { buffer, range } => clients.buffer(*buffer).get(range.clone()),
+                    Bytes::Peers { buffer, range } => peers.buffer(*buffer).get(range.clone()),
+                    Bytes::Owned(message) => Some(message.as_slice()),
+                };
+                (o.to, bytes.unwrap_or_default())
+            });
+            self.stats.send_failures += self.sender.send(fd, datagrams);
+            start += run;
+        }
+        self.outgoing.clear();
+        self.client_batch.clear();
+        self.peer_batch.clear();
+    }
+
+    fn bind_relay(&mut self, address: SocketAddr, dont_fragment: bool) -> bool {
+        let socket = match relay_socket(address, dont_fragment) {
+            Ok(socket) => socket,
+            Err(error) => {
+                debug!(%address, %error, "relay port unavailable");
+                return false;
+            }
+        };
+        let mut socket = UdpSocket::from_std(socket);
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.relays.push(None);
+            self.relays.len() - 1
+        });
+        let token = Token(self.listeners.len() + slot);
+        if let Err(error) = self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            warn!(%address, %error, "cannot watch a relay socket");
+            self.free_slots.push(slot);
+            return false;
+        }
+        self.relays[slot] = Some(RelaySocket { address, socket });
+        self.relay_at.insert(address, slot);
+        true
+    }
+
+    fn release_relay(&mut self, address: SocketAddr) {
+        let Some(slot) = self.relay_at.remove(&address) else {
+            return;
+        };
+        if let Some(mut relay) = self.relays[slot].take() {
+            let _ = self.poll.registry().deregister(&mut relay.socket);
+        }
+        self.free_slots.push(slot);
+    }
+
+    fn report(&self, list: usize) -> LoopReport {
+        let core = &self.core;
+        LoopReport {
+            allocations: core.allocation_count(),
+            stats: core.stats().clone(),
+            shell: self.stats,
+            listed: core
+                .allocations()
+                .take(list)
+                .map(|allocation| {
+                    let relay = allocation.relays.first();
+                    AllocationInfo {
+                        five_tuple: allocation.five_tuple,
+                        username: allocation.username.clone(),
+                        user: allocation.quota_key.clone(),
+                        relayed: relay.map(|r| r.advertised),
+                        expires_at_unix: relay.map_or(0, |r| core.unix_time(r.expires)),
+                        permissions: allocation.permission_count(),
+                        channels: allocation.channels().count(),
+                        bytes_from_client: allocation.relayed.from_client,
+                        bytes_to_client: allocation.relayed.to_client,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A relay socket: non-blocking, with DF set when the client asked for DONT-FRAGMENT.
+fn relay_socket(address: SocketAddr, dont_fragment: bool) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    if dont_fragment {
+        set_dont_fragment(&socket, address.is_ipv6())?;
+    }
+    Ok(socket)
+}
+
+/// RFC 8656 §14.8 DONT-FRAGMENT: datagrams to the peer leave with DF set (path MTU
+/// discovery "do"), so oversized ones fail instead of being fragmented.
+fn set_dont_fragment(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    let (level, option, value) = if ipv6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    };
+    // SAFETY: a valid socket fd, an int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
