@@ -51,6 +51,29 @@ struct RawConfig {
     roles: RawRoles,
     credentials: RawCredentials,
     turn: RawTurn,
+    #[serde(default)]
+    agents: RawAgents,
+}
+
+/// What relay agents are told when they register.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    /// Seconds between two status reports (health, counters, allocations) of each agent.
+    #[serde(default = "report_interval")]
+    report_interval: u64,
+}
+
+impl Default for RawAgents {
+    fn default() -> Self {
+        RawAgents {
+            report_interval: report_interval(),
+        }
+    }
+}
+
+fn report_interval() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +227,8 @@ pub struct Config {
     pub limits: ConnectionLimits,
     pub roles: RoleMap,
     pub credentials: CredentialSettings,
+    /// How often each agent reports (`[agents] report_interval`, seconds; default 10).
+    pub report_interval: Duration,
 }
 
 impl Config {
@@ -238,6 +263,12 @@ impl RawConfig {
                 "empty path; name the state file, e.g. \"/var/lib/rampart/control.redb\"",
             ));
         }
+        if !(1..=3600).contains(&self.agents.report_interval) {
+            return Err(invalid(
+                "agents.report_interval",
+                "must be 1 to 3600 seconds (how often each agent reports; default 10)",
+            ));
+        }
         Ok(Config {
             listen: self.listen,
             database: base_dir.join(&self.database),
@@ -246,6 +277,7 @@ impl RawConfig {
             limits,
             roles,
             credentials,
+            report_interval: Duration::from_secs(self.agents.report_interval),
         })
     }
 }
@@ -489,6 +521,17 @@ mod tests {
             ]
         );
         assert_eq!(config.credentials.lifetime, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn report_interval_defaults_to_ten_seconds_and_is_bounded() {
+        let config = Config::parse(VALID, Path::new(".")).unwrap();
+        assert_eq!(config.report_interval, Duration::from_secs(10));
+        let every_second = format!("{VALID}\n[agents]\nreport_interval = 1\n");
+        let config = Config::parse(&every_second, Path::new(".")).unwrap();
+        assert_eq!(config.report_interval, Duration::from_secs(1));
+        let never = format!("{VALID}\n[agents]\nreport_interval = 0\n");
+        assert!(error_of(&never).contains("agents.report_interval"));
     }
 
     #[test]

@@ -321,7 +321,12 @@ pub async fn serve(
         require(Role::FrontEnd),
     );
     let agent = RelayAgentServer::with_interceptor(
-        AgentService::new(state.clone(), shutdown.clone(), tasks.clone()),
+        AgentService::new(
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            config.report_interval,
+        ),
         require(Role::RelayAgent),
     );
     let operator = OperatorServer::with_interceptor(

@@ -62,7 +62,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     raise_open_files_limit(config.turn.allocations_total);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(yield_to_relay_loops)
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -152,4 +156,21 @@ async fn serve(
     });
     edge.run(shutdown).await;
     Ok(())
+}
+
+/// Nice value of the tokio side's threads (TCP/TLS clients, control reports, conferencing,
+/// SIP): they yield to the relay loops, which keep the default. A status report that lists
+/// thousands of allocations then waits for the datagrams instead of delaying them when both
+/// share a CPU. Lowering a thread's own priority needs no privilege.
+const RUNTIME_NICE: libc::c_int = 10;
+
+fn yield_to_relay_loops() {
+    // SAFETY: setpriority on the calling thread (who = 0; Linux priorities are per thread).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, RUNTIME_NICE) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower a runtime thread's priority"
+        );
+    }
 }

@@ -195,6 +195,18 @@ impl ControlService {
         address: SocketAddr,
         netns: Option<&str>,
     ) -> anyhow::Result<ControlService> {
+        Self::start_reporting(pki, state_dir, address, netns, None)
+    }
+
+    /// [`ControlService::start_in`], telling agents to report every `report_interval`
+    /// seconds (the service's default when None).
+    pub fn start_reporting(
+        pki: &ControlPki,
+        state_dir: &Path,
+        address: SocketAddr,
+        netns: Option<&str>,
+        report_interval: Option<u64>,
+    ) -> anyhow::Result<ControlService> {
         std::fs::create_dir_all(state_dir)?;
         let config_path = state_dir.join("control.toml");
         let pem = |name: &str| {
@@ -209,6 +221,9 @@ impl ControlService {
             pem("server.key"),
             pem("ca.pem"),
         );
+        if let Some(seconds) = report_interval {
+            let _ = writeln!(config, "\n[agents]\nreport_interval = {seconds}");
+        }
         std::fs::write(&config_path, config)?;
         let log_path = state_dir.join(format!(
             "control-{}.log",
@@ -268,6 +283,11 @@ impl ControlService {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The process id (of `ip netns exec`'s child once it has exec'd: the service itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

@@ -262,6 +262,8 @@ fn bench_sip(seconds: Option<u64>, rate: Option<f64>) -> Result<()> {
 fn loadtest(quick: bool, args: &[OsString]) -> Result<ExitCode> {
     build_release(&[
         ("relay-user", "rampart"),
+        // The agent's control link reports to it in the latency-under-reports measurement.
+        ("control", "rampart-control"),
         ("rampart-loadgen", "rampart-loadgen"),
     ])?;
     let binary = util::target_dir().join("release").join("rampart-loadgen");

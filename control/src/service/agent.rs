@@ -21,8 +21,6 @@ use proto::control::v1::{
 use super::{Caller, blocking, caller, check_id, invalid, now_unix};
 use crate::state::{State, snapshot_update};
 
-/// How often agents send their status.
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// An agent that opens a stream and says nothing is not an agent we serve.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Updates queued for one agent before the stream applies backpressure.
@@ -36,14 +34,22 @@ pub struct AgentService {
     /// on streams that never end by themselves.
     shutdown: CancellationToken,
     sessions: TaskTracker,
+    /// What agents are told when they register (`[agents] report_interval`).
+    report_interval: Duration,
 }
 
 impl AgentService {
-    pub fn new(state: Arc<State>, shutdown: CancellationToken, sessions: TaskTracker) -> Self {
+    pub fn new(
+        state: Arc<State>,
+        shutdown: CancellationToken,
+        sessions: TaskTracker,
+        report_interval: Duration,
+    ) -> Self {
         AgentService {
             state,
             shutdown,
             sessions,
+            report_interval,
         }
     }
 }
@@ -131,7 +137,8 @@ impl RelayAgent for AgentService {
         );
         Ok(Response::new(RegisterAgentResponse {
             registration: Some(registration),
-            report_interval_seconds: REPORT_INTERVAL.as_secs() as u32,
+            report_interval_seconds: u32::try_from(self.report_interval.as_secs())
+                .unwrap_or(u32::MAX),
         }))
     }
 

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Status};
 
-pub use agent::{AgentService, REPORT_INTERVAL};
+pub use agent::AgentService;
 pub use front_end::FrontEndService;
 pub use operator::OperatorService;
 

@@ -427,8 +427,8 @@ fn allocation_summaries(
                 .copied()
                 .unwrap_or_default();
             AllocationSummary {
-                username: allocation.username,
-                user: allocation.user,
+                username: allocation.username.to_string(),
+                user: allocation.user.to_string(),
                 transport: match allocation.five_tuple.transport {
                     Transport::Udp => ClientTransport::Udp,
                     Transport::Tcp => ClientTransport::Tcp,

@@ -87,8 +87,10 @@ impl Expired {
 #[derive(Debug)]
 pub struct Allocation {
     pub five_tuple: FiveTuple,
-    pub username: String,
-    pub quota_key: String,
+    /// Shared, not copied, with whatever lists the allocation (a status report lists
+    /// thousands from the relay loop that owns them).
+    pub username: std::sync::Arc<str>,
+    pub quota_key: std::sync::Arc<str>,
     pub relays: Vec<Relay>,
     pub permissions: HashMap<IpAddr, Instant>,
     channels: HashMap<u16, Channel>,
@@ -110,8 +112,8 @@ pub struct Allocation {
 impl Allocation {
     pub fn new(
         five_tuple: FiveTuple,
-        username: String,
-        quota_key: String,
+        username: std::sync::Arc<str>,
+        quota_key: std::sync::Arc<str>,
         relays: Vec<Relay>,
         allocate_transaction: TransactionId,
     ) -> Self {

@@ -383,7 +383,7 @@ impl Server {
         let theirs: Vec<FiveTuple> = self
             .allocations
             .iter()
-            .filter(|(_, a)| a.quota_key == user)
+            .filter(|(_, a)| &*a.quota_key == user)
             .map(|(five_tuple, _)| *five_tuple)
             .collect();
         for five_tuple in &theirs {
@@ -1090,8 +1090,8 @@ impl Server {
         }
         let mut allocation = Allocation::new(
             five_tuple,
-            pending.auth.username,
-            pending.auth.quota_key,
+            pending.auth.username.into(),
+            pending.auth.quota_key.into(),
             pending.relays,
             pending.reply.transaction_id,
         );
@@ -1325,7 +1325,7 @@ impl Server {
     fn owned_allocation(&self, five_tuple: FiveTuple, auth: &Authenticated) -> Result<(), u16> {
         match self.allocations.get(&five_tuple) {
             None => Err(437),
-            Some(allocation) if allocation.username != auth.username => Err(441),
+            Some(allocation) if *allocation.username != *auth.username => Err(441),
             Some(_) => Ok(()),
         }
     }

@@ -1085,7 +1085,7 @@ fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() 
     // Credit for an allocation that is gone goes nowhere.
     h.server
         .credit_fast_path(&five_tuple("192.0.2.9:1"), RelayedBytes::default());
-    let listed: Vec<_> = h.server.allocations().map(|a| a.username.clone()).collect();
+    let listed: Vec<_> = h.server.allocations().map(|a| &*a.username).collect();
     assert_eq!(listed, ["alice"]);
     assert_eq!(
         h.server.unix_time(h.now + Duration::from_secs(3600)),

@@ -70,16 +70,28 @@ pub fn resident_bytes(pid: u32) -> Result<u64> {
 }
 
 fn parse_resident(text: &str) -> Result<u64> {
+    kib_field(text, "VmRSS:")
+}
+
+/// The kernel's slab memory in bytes (`Slab` of `/proc/meminfo`, machine-wide): where socket
+/// structures and their buffers' bookkeeping live.
+pub fn slab_bytes() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    kib_field(&text, "Slab:")
+}
+
+/// A `Name:   123 kB` line's value, in bytes.
+fn kib_field(text: &str, name: &str) -> Result<u64> {
     let line = text
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS in /proc/<pid>/status")?;
+        .find(|l| l.starts_with(name))
+        .with_context(|| format!("no {name} line"))?;
     let kib: u64 = line
         .split_whitespace()
         .nth(1)
-        .context("VmRSS without a value")?
+        .with_context(|| format!("{name} without a value"))?
         .parse()
-        .context("VmRSS: not a number")?;
+        .with_context(|| format!("{name} not a number"))?;
     Ok(kib * 1024)
 }
 

@@ -55,7 +55,32 @@ pub struct SystemResult {
     pub edge_udp_checksum_errors: u64,
     pub churn: Option<Churn>,
     pub memory: Vec<Memory>,
+    /// rampart-userspace only: p99 latency with and without the control link reporting.
+    pub under_reports: Option<UnderReports>,
 }
+
+/// p99 latency at a fixed rate with many allocations held: two runs without reports (their
+/// spread is the noise), one with the agent reporting to the control service.
+#[derive(Clone, Debug, Serialize)]
+pub struct UnderReports {
+    pub rate_pps: f64,
+    pub allocations_held: usize,
+    pub report_interval_s: u64,
+    pub p99_without_reports_us: [f64; 2],
+    pub p99_with_reports_us: f64,
+}
+
+impl UnderReports {
+    /// The goal: with reports, p99 stays within the spread of the two runs without (or
+    /// below it).
+    pub fn within_spread(&self) -> bool {
+        let [a, b] = self.p99_without_reports_us;
+        self.p99_with_reports_us <= a.max(b)
+    }
+}
+
+/// The userspace relay's resident memory per allocation may not exceed this (issue goal).
+pub const MAX_BYTES_PER_ALLOCATION: f64 = 4096.0;
 
 impl SystemResult {
     /// The step at the saturation point.
@@ -200,6 +225,12 @@ impl Report {
             saturation(coturn),
             Some(5.0),
         );
+        push(
+            "saturation rate: rampart-userspace / coturn",
+            saturation(userspace),
+            saturation(coturn),
+            Some(2.0),
+        );
         if let Some(ceiling) = self.instrument.as_ref().and_then(|c| c.ceiling_pps) {
             push(
                 "saturation rate: rampart-xdp / the instrument's ceiling",
@@ -220,6 +251,16 @@ impl Report {
                 cpu(coturn),
                 cpu(xdp),
                 Some(5.0),
+            );
+            let relay_cpu = |s: Option<&SystemResult>| {
+                s.and_then(|s| s.step_at(rate))
+                    .map(|s| s.relay_cpu_per_packet_us)
+            };
+            push(
+                "relay process CPU per delivered packet: coturn / rampart-userspace (at the common rate)",
+                relay_cpu(coturn),
+                relay_cpu(userspace),
+                Some(3.0),
             );
             push(
                 "CPU per delivered packet: rampart-userspace / rampart-xdp (at the common rate)",
@@ -271,7 +312,10 @@ impl Report {
                         at_common.map(|s| s.relay_cpu_per_packet_us),
                     "p99_us_at_common_rate": at_common.map(|s| s.latency_p99_us),
                     "bytes_per_allocation": result.memory.last().map(|m| m.bytes_per_allocation),
+                    "slab_bytes_per_allocation":
+                        result.memory.last().map(|m| m.slab_bytes_per_allocation),
                     "allocations_measured": result.memory.last().map(|m| m.allocations),
+                    "under_reports": result.under_reports,
                     "churn_per_second": result.churn.as_ref().map(|c| c.cycles_per_second),
                 }),
             );
@@ -358,11 +402,15 @@ impl Report {
                     .iter()
                     .find(|m| m.requested == *point)
                     .map_or_else(dash, |m| {
-                        if m.allocations == m.requested {
-                            format!("{:.0}", m.bytes_per_allocation)
+                        let made = if m.allocations == m.requested {
+                            String::new()
                         } else {
-                            format!("{:.0} ({} made)", m.bytes_per_allocation, m.allocations)
-                        }
+                            format!(" ({} made)", m.allocations)
+                        };
+                        format!(
+                            "{:.0} (+{:.0} slab){made}",
+                            m.bytes_per_allocation, m.slab_bytes_per_allocation
+                        )
                     });
                 let _ = write!(t, " {cell} |");
             }
@@ -389,14 +437,47 @@ impl Report {
                 result.limited_by.describe()
             );
         }
+        let verdict = |met: bool| if met { "met" } else { "NOT met" };
+        if let Some(memory) = self
+            .system(System::RampartUserspace)
+            .and_then(|s| s.memory.last())
+        {
+            let _ = writeln!(
+                t,
+                "- rampart-userspace resident memory per allocation at {} held: {:.0} bytes \
+                 (goal <= {MAX_BYTES_PER_ALLOCATION}: {}); the kernel's slab grew {:.0} bytes \
+                 per allocation (machine-wide: the generator's client socket included)",
+                memory.allocations,
+                memory.bytes_per_allocation,
+                verdict(memory.bytes_per_allocation <= MAX_BYTES_PER_ALLOCATION),
+                memory.slab_bytes_per_allocation
+            );
+        }
+        if let Some(under) = self
+            .system(System::RampartUserspace)
+            .and_then(|s| s.under_reports.as_ref())
+        {
+            let [a, b] = under.p99_without_reports_us;
+            let _ = writeln!(
+                t,
+                "- rampart-userspace p99 at {:.0} pps with {} allocations held: {a:.0} and \
+                 {b:.0} µs without reports, {:.0} µs reporting every {} s (goal: within the \
+                 spread of the two: {})",
+                under.rate_pps,
+                under.allocations_held,
+                under.p99_with_reports_us,
+                under.report_interval_s,
+                verdict(under.within_spread())
+            );
+        }
         if !self.ratios.is_empty() {
             for ratio in &self.ratios {
-                let verdict = match ratio.goal {
+                let goal = match ratio.goal {
                     Some(goal) if ratio.value >= goal => format!(" (goal >= {goal}: met)"),
                     Some(goal) => format!(" (goal >= {goal}: NOT met)"),
                     None => String::new(),
                 };
-                let _ = writeln!(t, "- {}: {:.2}x{verdict}", ratio.what, ratio.value);
+                let _ = writeln!(t, "- {}: {:.2}x{goal}", ratio.what, ratio.value);
             }
         }
         t

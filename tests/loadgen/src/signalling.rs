@@ -92,6 +92,9 @@ pub struct Memory {
     pub resident_before: u64,
     pub resident_after: u64,
     pub bytes_per_allocation: f64,
+    /// Growth of the kernel's slab per allocation (machine-wide, so it includes the load
+    /// generator's one client socket per allocation as well as the relay's sockets).
+    pub slab_bytes_per_allocation: f64,
     /// Allocations refused or lost on the way (quota, ports, timeouts).
     pub failures: usize,
     pub first_failure: Option<String>,
@@ -173,21 +176,24 @@ impl Held {
 
     /// The relay's memory per held allocation against `resident_before` (read before the
     /// first allocation), once it settled.
+    /// `(resident, slab)`: the relay's RSS and the kernel's slab before any was held.
     pub fn measure(
         &self,
         relay_pid: u32,
-        resident_before: u64,
+        (resident_before, slab_before): (u64, u64),
         requested: usize,
     ) -> Result<Memory> {
         std::thread::sleep(Duration::from_millis(500));
         let resident_after = cpu::resident_bytes(relay_pid).context("reading the relay's RSS")?;
+        let slab_after = cpu::slab_bytes()?;
+        let held = self.sockets.len().max(1) as f64;
         Ok(Memory {
             requested,
             allocations: self.sockets.len(),
             resident_before,
             resident_after,
-            bytes_per_allocation: resident_after.saturating_sub(resident_before) as f64
-                / self.sockets.len().max(1) as f64,
+            bytes_per_allocation: resident_after.saturating_sub(resident_before) as f64 / held,
+            slab_bytes_per_allocation: slab_after.saturating_sub(slab_before) as f64 / held,
             failures: self.failures,
             first_failure: self.first_failure.lock().ok().and_then(|f| f.clone()),
         })

@@ -11,7 +11,7 @@ use rampart_tests::topology::{EdgeTopology, PEER4, SenderChecksums};
 use crate::cpu::{self, ProgramStats, Snapshot};
 use crate::injection::Instrument;
 use crate::isolation;
-use crate::report::{Ceiling, LOSS_THRESHOLD, Limit, Report, SystemResult};
+use crate::report::{Ceiling, LOSS_THRESHOLD, Limit, Report, SystemResult, UnderReports};
 use crate::signalling::{self, Held};
 use crate::stats::{Step, StepInput};
 use crate::systems::{Running, System};
@@ -172,7 +172,7 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
     topology
         .client
         .sysctl("net.ipv4.ip_local_port_range=1024 65535")?;
-    let running = Running::start(system, &topology)?;
+    let mut running = Running::start(system, &topology)?;
     let target = Target {
         server: running.server,
         secret: running.secret.clone(),
@@ -211,7 +211,7 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
         first(&churn.first_failure)
     );
 
-    let before = cpu::resident_bytes(running.pid)?;
+    let before = (cpu::resident_bytes(running.pid)?, cpu::slab_bytes()?);
     let mut held = Held::new();
     let mut memory = Vec::new();
     for &wanted in &profile.memory {
@@ -238,9 +238,18 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
         );
         memory.push(measured);
     }
+    // With the allocations still held: does the control link's reporting disturb relaying?
+    let under_reports = match (system, profile.generator) {
+        (System::RampartUserspace, Generator::Injector) => Some(
+            latency_under_reports(profile, &mut topology, &mut flows, &mut running, held.len())
+                .map_err(|e| e.context(format!("relay log:\n{}", tail(&running.log()))))?,
+        ),
+        _ => None,
+    };
     drop(held);
     drop(flows);
     Ok(SystemResult {
+        under_reports,
         system,
         steps,
         saturation_pps,
@@ -250,6 +259,65 @@ fn run_system(profile: &Profile, system: System) -> Result<SystemResult> {
         churn: Some(churn),
         memory,
     })
+}
+
+/// The fixed rate of the latency-under-reports measurement: below every relay's saturation
+/// in the quick and full profiles, the common rate of their tables.
+const UNDER_REPORTS_RATE: f64 = 20_000.0;
+/// Reports every second (the default is 10 s): the issue's worst case.
+const UNDER_REPORTS_INTERVAL: u64 = 1;
+/// Step ids of that measurement, clear of the stepping's.
+const UNDER_REPORTS_STEPS: u32 = 1_000_000;
+
+/// p99 latency at [`UNDER_REPORTS_RATE`] with `held` allocations held: twice with the control
+/// link down (no reports), then once with the control service up and the agent reporting
+/// every second (each report lists up to 5000 allocations and sums every loop's counters).
+fn latency_under_reports(
+    profile: &Profile,
+    topology: &mut EdgeTopology,
+    flows: &mut Flows,
+    running: &mut Running,
+    held: usize,
+) -> Result<UnderReports> {
+    flows.refresh()?;
+    let pid = running.pid;
+    let (mut instrument, system_cpu) = instrument_on(profile, topology, flows, running)?;
+    let mut p99 = |id: u32| -> Result<f64> {
+        let step = injected_step(
+            &mut instrument,
+            topology,
+            (Some(pid), &system_cpu),
+            profile,
+            UNDER_REPORTS_STEPS + id,
+            UNDER_REPORTS_RATE,
+        )?;
+        Ok(step.latency_p99_us)
+    };
+    let without = [p99(0)?, p99(1)?];
+    running.start_control(topology, UNDER_REPORTS_INTERVAL)?;
+    // The link has reported a few times before the step starts.
+    std::thread::sleep(Duration::from_secs(3 * UNDER_REPORTS_INTERVAL));
+    let with = p99(2)?;
+    drop(system_cpu);
+    isolation::unpin_process(pid)?;
+    let result = UnderReports {
+        rate_pps: UNDER_REPORTS_RATE,
+        allocations_held: held,
+        report_interval_s: UNDER_REPORTS_INTERVAL,
+        p99_without_reports_us: without,
+        p99_with_reports_us: with,
+    };
+    eprintln!(
+        "loadtest: {}: p99 at {:.0} pps with {held} allocations held: {:.0} and {:.0} µs \
+         without reports, {:.0} µs reporting every {} s",
+        running.system.name(),
+        UNDER_REPORTS_RATE,
+        without[0],
+        without[1],
+        with,
+        UNDER_REPORTS_INTERVAL
+    );
+    Ok(result)
 }
 
 /// How close bisection brings the saturation point: the last clean and the first lossy rate
@@ -452,14 +520,7 @@ fn injected_steps(
     flows: &mut Flows,
     running: &Running,
 ) -> Result<(Vec<Step>, Limit)> {
-    let mut instrument = Instrument::attach(
-        topology,
-        &flows.addresses()?,
-        running.server,
-        flows.peer_addr(),
-        profile.workload.size,
-    )?;
-    let system_cpu = isolation::split_cpus(topology, Some(running.pid))?;
+    let (mut instrument, system_cpu) = instrument_on(profile, topology, flows, running)?;
     let mut refreshed = Instant::now();
     let result = step_up(profile, system.name(), |step_id, rate| {
         if refreshed.elapsed() > REFRESH_EVERY {
@@ -473,6 +534,24 @@ fn injected_steps(
     // Signalling (churn, memory) is measured with the relay free to use every CPU.
     isolation::unpin_process(running.pid)?;
     result
+}
+
+/// The instrument on the flows, and the CPUs split between it and the system.
+fn instrument_on(
+    profile: &Profile,
+    topology: &mut EdgeTopology,
+    flows: &Flows,
+    running: &Running,
+) -> Result<(Instrument, isolation::SystemCpu)> {
+    let instrument = Instrument::attach(
+        topology,
+        &flows.addresses()?,
+        running.server,
+        flows.peer_addr(),
+        profile.workload.size,
+    )?;
+    let system_cpu = isolation::split_cpus(topology, Some(running.pid))?;
+    Ok((instrument, system_cpu))
 }
 
 /// One injected step, its CPU measured around it: the system's threads are the relay

@@ -11,15 +11,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use rampart_tests::client::TurnClient;
+use rampart_tests::control::{self, ControlPki, ControlService};
+
+use crate::isolation;
 use rampart_tests::process::Rampart;
 use rampart_tests::tools::{self, die_with_parent};
 use rampart_tests::topology::{EDGE_EXT4, EDGE_INT4, EdgeTopology};
 use rampart_tests::{Proto, REST_SECRET};
 use serde::Serialize;
+use tempfile::TempDir;
 
 /// Relay ports of every system: all unprivileged ones, so memory can be measured with tens
 /// of thousands of allocations.
 const RELAY_PORTS: (u16, u16) = (1024, 65535);
+/// The agent retries its control link with a backoff of at most 15 s.
+const CONTROL_LINK_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -56,7 +62,15 @@ pub struct Running {
     pub server: SocketAddr,
     pub secret: String,
     process: Process,
+    /// rampart-userspace: the service once started, and the PKI its `[control]` link trusts
+    /// (the service is started only for the latency-under-reports measurement) in its
+    /// directory, removed last.
+    control: Option<(Option<ControlService>, ControlPki, TempDir)>,
 }
+
+/// Where the control service listens, inside the edge namespace.
+const CONTROL_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7443);
 
 enum Process {
     Rampart(Box<Rampart>),
@@ -81,8 +95,22 @@ impl Running {
                     // Every allocation of the test comes from one client address.
                     .with_limit("unauthenticated_per_second", "1000000.0")
                     .with_limit("unauthenticated_burst", "1000000.0");
+                // The relay gets one CPU (isolation::split_cpus pins it there after start):
+                // one relay loop, as an operator sets loops to the CPUs the edge may use.
+                // Two loops on one CPU measured 22% lower saturation in the quick profile.
+                config.relay.push(("loops".into(), "1".into()));
                 // The default counters interval, not the XDP tests' every second.
                 config.stats_interval = None;
+                // The userspace agent links to a control service that is down until the
+                // latency-under-reports measurement starts it (no reports before).
+                let control = if system == System::RampartUserspace {
+                    let dir = control::temp_dir()?;
+                    let pki = ControlPki::create(dir.path())?;
+                    config.control = Some(pki.agent_link(CONTROL_ADDRESS));
+                    Some((None, pki, dir))
+                } else {
+                    None
+                };
                 let rampart = Rampart::start(&config)?;
                 let server = rampart.addr(Proto::Udp, IpAddr::V4(EDGE_EXT4));
                 Ok(Running {
@@ -91,10 +119,39 @@ impl Running {
                     server,
                     secret: REST_SECRET.to_owned(),
                     process: Process::Rampart(Box::new(rampart)),
+                    control,
                 })
             }
             System::Coturn => start_coturn(topology),
         }
+    }
+
+    /// Start the control service the agent's `[control]` names, telling it to report every
+    /// `report_interval` seconds, and wait until its link is up.
+    pub fn start_control(&mut self, topology: &EdgeTopology, report_interval: u64) -> Result<()> {
+        let Some((service, pki, dir)) = &mut self.control else {
+            bail!("{} has no control link", self.system.name());
+        };
+        let started = ControlService::start_reporting(
+            pki,
+            &dir.path().join("control"),
+            CONTROL_ADDRESS,
+            Some(topology.edge.name()),
+            Some(report_interval),
+        )?;
+        // In a deployment the control service runs on other hosts: here it stays off the
+        // system's CPU, on the instrument's (whose NAPI threads, which count the packets,
+        // preempt it).
+        isolation::pin_process(started.pid(), isolation::INSTRUMENT_CPU)?;
+        *service = Some(started);
+        let deadline = Instant::now() + CONTROL_LINK_WAIT;
+        while !self.log().contains("control link up") {
+            if Instant::now() > deadline {
+                bail!("the agent's control link did not come up within {CONTROL_LINK_WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     /// The relay's own log, for a failure message.
@@ -150,6 +207,7 @@ fn start_coturn(topology: &EdgeTopology) -> Result<Running> {
             "--user-quota",
             "0",
         ]);
+
     let output = File::create(dir.join("turnserver.out"))?;
     let child = die_with_parent(&mut command)
         .stdin(Stdio::null())
@@ -163,6 +221,7 @@ fn start_coturn(topology: &EdgeTopology) -> Result<Running> {
         server,
         secret: REST_SECRET.to_owned(),
         process: Process::Coturn { child, log },
+        control: None,
     };
     // Up once it answers a Binding from the client side.
     let deadline = Instant::now() + Duration::from_secs(15);
