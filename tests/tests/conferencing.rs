@@ -237,17 +237,33 @@ fn refused_joins_say_why_and_nothing_reaches_the_internal_side() {
         assert_eq!(stats.bytes_received, 0);
         shutdown.cancel();
     });
-    // The agent counted each refusal by its reason (on its next counters line).
-    std::thread::sleep(Duration::from_millis(1500));
-    let counters = edge.agent.counters().pop().expect("a counters line");
-    let rejected = &counters["conferencing"]["joins_rejected"];
-    for name in [
+    // The agent counted each refusal by its reason (on a counters line of the next seconds;
+    // lines come each second, later on a loaded machine).
+    let reasons = [
         "wrong_key",
         "expired",
         "revoked",
         "anonymous_not_allowed",
         "unknown_conference",
-    ] {
+    ];
+    let counted = |counters: &serde_json::Value| {
+        reasons.iter().all(|name| {
+            counters["conferencing"]["joins_rejected"][name]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counters = loop {
+        let last = edge.agent.counters().pop();
+        if last.as_ref().is_some_and(counted) || Instant::now() > deadline {
+            break last.expect("a counters line");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rejected = &counters["conferencing"]["joins_rejected"];
+    for name in reasons {
         assert!(
             rejected[name].as_u64().unwrap_or(0) >= 1,
             "{name}: {counters}"

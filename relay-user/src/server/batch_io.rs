@@ -8,12 +8,11 @@
 //! semantics (DF only when the client asked) and per-datagram framing would have to undo.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use socket2::SockAddr;
+use socket2::{SockAddr, SockAddrStorage};
 
 /// Datagrams per system call. Past 32 the gain flattens out (coturn's and quinn's measurements
 /// agree), and the batch's buffers stay small enough to keep in cache.
@@ -28,7 +27,7 @@ pub(crate) struct RecvBatch {
     filled: usize,
     lens: [usize; BATCH],
     sources: [Option<SocketAddr>; BATCH],
-    names: Box<[MaybeUninit<libc::sockaddr_storage>; BATCH]>,
+    names: [SockAddrStorage; BATCH],
     iovecs: [libc::iovec; BATCH],
     headers: [libc::mmsghdr; BATCH],
 }
@@ -45,7 +44,7 @@ impl RecvBatch {
             filled: 0,
             lens: [0; BATCH],
             sources: [None; BATCH],
-            names: Box::new([MaybeUninit::uninit(); BATCH]),
+            names: std::array::from_fn(|_| SockAddrStorage::zeroed()),
             // SAFETY: all-zero iovec and mmsghdr are valid (null pointers, zero lengths); each
             // is filled in before the kernel sees it.
             iovecs: unsafe { std::mem::zeroed() },
@@ -79,15 +78,12 @@ impl RecvBatch {
                 iov_base: self.buffers[i][headroom..].as_mut_ptr().cast(),
                 iov_len: self.capacity,
             };
-            let header = &mut self.headers[i].msg_hdr;
-            header.msg_name = self.names[i].as_mut_ptr().cast();
-            header.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_iov = &mut self.iovecs[i];
-            header.msg_iovlen = 1;
-            header.msg_control = std::ptr::null_mut();
-            header.msg_controllen = 0;
-            header.msg_flags = 0;
-            self.headers[i].msg_len = 0;
+            let namelen = self.names[i].size_of();
+            self.headers[i] = one_datagram(
+                (&raw mut self.names[i]).cast(),
+                namelen,
+                &mut self.iovecs[i],
+            );
         }
         // SAFETY: `headers[first..]` are valid mmsghdrs whose name and iovec pointers point
         // into buffers owned by `self`, which outlive the call.
@@ -111,8 +107,9 @@ impl RecvBatch {
                 *truncated += 1;
             }
             self.lens[i] = header.msg_len as usize;
-            // SAFETY: the kernel wrote the datagram's source address there.
-            let source = socket_addr(unsafe { self.names[i].assume_init_ref() });
+            let name = std::mem::replace(&mut self.names[i], SockAddrStorage::zeroed());
+            // SAFETY: the kernel wrote the datagram's source address there, of this length.
+            let source = unsafe { SockAddr::new(name, header.msg_hdr.msg_namelen) }.as_socket();
             self.sources[i] = source.filter(|_| !truncated_here);
         }
         self.filled = filled.end;
@@ -131,32 +128,20 @@ impl RecvBatch {
     }
 }
 
-/// An IPv4 or IPv6 socket address as the kernel wrote it.
-fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: an AF_INET address is a sockaddr_in, which sockaddr_storage can hold.
-            let v4 =
-                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::from((
-                v4.sin_addr.s_addr.to_ne_bytes(),
-                u16::from_be(v4.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let v6 = unsafe {
-                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                v6.sin6_addr.s6_addr.into(),
-                u16::from_be(v6.sin6_port),
-                v6.sin6_flowinfo,
-                v6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
+/// The header of one datagram: its address at `name`, its bytes in the one buffer `iovec`
+/// names, no control messages.
+fn one_datagram(
+    name: *mut libc::c_void,
+    namelen: libc::socklen_t,
+    iovec: &mut libc::iovec,
+) -> libc::mmsghdr {
+    // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+    header.msg_hdr.msg_name = name;
+    header.msg_hdr.msg_namelen = namelen;
+    header.msg_hdr.msg_iov = iovec;
+    header.msg_hdr.msg_iovlen = 1;
+    header
 }
 
 /// Datagrams queued for one socket, sent with as few `sendmmsg` calls as they need.
@@ -198,14 +183,11 @@ impl SendBatch {
                 count += 1;
             }
             for i in 0..count {
-                let header = &mut self.headers[i].msg_hdr;
-                header.msg_name = self.names[i].as_ptr().cast_mut().cast();
-                header.msg_namelen = self.names[i].len();
-                header.msg_iov = &mut self.iovecs[i];
-                header.msg_iovlen = 1;
-                header.msg_control = std::ptr::null_mut();
-                header.msg_controllen = 0;
-                header.msg_flags = 0;
+                self.headers[i] = one_datagram(
+                    self.names[i].as_ptr().cast_mut().cast(),
+                    self.names[i].len(),
+                    &mut self.iovecs[i],
+                );
             }
             let mut sent = 0;
             while sent < count {

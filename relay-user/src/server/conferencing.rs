@@ -19,8 +19,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Shared;
 use super::control_link::unix_now;
+use super::{Shared, lock};
 use crate::config::ConferencingSettings;
 
 /// Sent on the internal port before the TLS handshake, so that `nc edge 8057` shows what
@@ -68,12 +68,6 @@ impl Conferencing {
     pub(super) fn idle_connections(&self) -> usize {
         lock(&self.pool).len()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The next connection (accept errors, such as running out of descriptors, are passed over).

@@ -246,7 +246,33 @@ pub(crate) fn start(
         let thread = std::thread::Builder::new()
             .name(format!("rampart-relay-{index}"))
             .spawn(move || {
-                RelayLoop::new(index, loops, core, poll, commands, registered, fast_path).run();
+                let relay_loop = RelayLoop {
+                    index,
+                    loops,
+                    core,
+                    poll,
+                    commands,
+                    listener_at: registered
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (address, _))| (*address, i))
+                        .collect(),
+                    listeners: registered,
+                    relays: Vec::new(),
+                    free_slots: Vec::new(),
+                    relay_at: HashMap::new(),
+                    streams: HashMap::new(),
+                    fast_path,
+                    channel_changes: Vec::new(),
+                    stats: LoopStats::default(),
+                    client_batch: RecvBatch::new(0, MAX_DATAGRAM, 0),
+                    peer_batch: RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+                    sender: SendBatch::new(),
+                    outgoing: Vec::with_capacity(2 * BATCH),
+                    unfinished: Vec::new(),
+                    shutdown: false,
+                };
+                relay_loop.run();
             })?;
         threads.push(thread);
     }
@@ -316,43 +342,6 @@ struct RelayLoop {
 }
 
 impl RelayLoop {
-    fn new(
-        index: usize,
-        loops: Loops,
-        core: Server,
-        poll: Poll,
-        commands: mpsc::Receiver<Command>,
-        listeners: Vec<(SocketAddr, UdpSocket)>,
-        fast_path: Arc<Mutex<Option<FastPath>>>,
-    ) -> Self {
-        RelayLoop {
-            index,
-            loops,
-            core,
-            poll,
-            commands,
-            listener_at: listeners
-                .iter()
-                .enumerate()
-                .map(|(i, (address, _))| (*address, i))
-                .collect(),
-            listeners,
-            relays: Vec::new(),
-            free_slots: Vec::new(),
-            relay_at: HashMap::new(),
-            streams: HashMap::new(),
-            fast_path,
-            channel_changes: Vec::new(),
-            stats: LoopStats::default(),
-            client_batch: RecvBatch::new(0, MAX_DATAGRAM, 0),
-            peer_batch: RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
-            sender: SendBatch::new(),
-            outgoing: Vec::with_capacity(2 * BATCH),
-            unfinished: Vec::new(),
-            shutdown: false,
-        }
-    }
-
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         let mut ready = Vec::new();
@@ -393,83 +382,78 @@ impl RelayLoop {
         );
     }
 
-    /// Read a readable socket for its turn; true when it has more.
+    /// Read a readable socket (a listener: client datagrams; a relay socket: peer
+    /// datagrams) for its turn; true when it has more.
     fn read(&mut self, token: Token) -> bool {
         let listeners = self.listeners.len();
-        if token.0 < listeners {
-            self.read_clients(token.0)
-        } else {
-            self.read_peers(token.0 - listeners)
-        }
-    }
-
-    fn read_clients(&mut self, listener: usize) -> bool {
-        let (server, ref socket) = self.listeners[listener];
-        let fd = socket.as_raw_fd();
-        let loops = self.loops.len() as u32;
-        for _ in 0..BATCHES_PER_TURN {
-            let Some((filled, more)) = self.receive(false, fd, server) else {
-                return false;
-            };
-            let now = Instant::now();
-            for i in filled {
-                let Some((buffer, len, client)) = self.client_batch.datagram(i) else {
-                    continue;
-                };
-                let five_tuple = FiveTuple {
-                    transport: Transport::Udp,
-                    client,
-                    server,
-                };
-                let owner = owner_of(client, loops) as usize;
-                if owner != self.index {
-                    let command = Command::HandOff {
-                        five_tuple,
-                        datagram: buffer[..len].to_vec(),
-                    };
-                    let handle = &self.loops.0[owner];
-                    if handle.commands.try_send(command).is_ok() {
-                        let _ = handle.waker.wake();
-                        self.stats.datagrams_handed_off += 1;
-                    } else {
-                        self.stats.send_failures += 1;
-                    }
-                    continue;
-                }
-                self.core
-                    .handle_client_input(five_tuple, &buffer[..len], now);
-                self.carry_out(Input::Clients(i));
+        let (peers, socket, fd) = match token.0.checked_sub(listeners) {
+            None => {
+                let (address, ref socket) = self.listeners[token.0];
+                (false, address, socket.as_raw_fd())
             }
-            if !more {
-                return false;
-            }
-        }
-        true
-    }
-
-    fn read_peers(&mut self, slot: usize) -> bool {
-        let Some(Some(relay)) = self.relays.get(slot) else {
-            return false;
+            Some(slot) => match self.relays.get(slot) {
+                Some(Some(relay)) => (true, relay.address, relay.socket.as_raw_fd()),
+                _ => return false,
+            },
         };
-        let (address, fd) = (relay.address, relay.socket.as_raw_fd());
         for _ in 0..BATCHES_PER_TURN {
-            let Some((filled, more)) = self.receive(true, fd, address) else {
+            let Some((filled, more)) = self.receive(peers, fd, socket) else {
                 return false;
             };
             let now = Instant::now();
             for i in filled {
-                let Some((buffer, len, peer)) = self.peer_batch.datagram(i) else {
-                    continue;
-                };
-                self.core.handle_peer_input(address, peer, buffer, len, now);
-                self.carry_out(Input::Peers(i));
+                if peers {
+                    self.peer_datagram(i, socket, now);
+                } else {
+                    self.client_datagram(i, socket, now);
+                }
             }
-            // The relay may have been released by what the batch did.
-            if !more || !self.relay_at.contains_key(&address) {
+            // A relay may have been released by what the batch did.
+            if !more || (peers && !self.relay_at.contains_key(&socket)) {
                 return false;
             }
         }
         true
+    }
+
+    /// Client datagram `i` of the batch, received on the listener at `server`: to the core,
+    /// or to the loop that owns its client.
+    fn client_datagram(&mut self, i: usize, server: SocketAddr, now: Instant) {
+        let Some((buffer, len, client)) = self.client_batch.datagram(i) else {
+            return;
+        };
+        let five_tuple = FiveTuple {
+            transport: Transport::Udp,
+            client,
+            server,
+        };
+        let owner = self.loops.owner_index(client);
+        if owner != self.index {
+            let command = Command::HandOff {
+                five_tuple,
+                datagram: buffer[..len].to_vec(),
+            };
+            let handle = &self.loops.0[owner];
+            if handle.commands.try_send(command).is_ok() {
+                let _ = handle.waker.wake();
+                self.stats.datagrams_handed_off += 1;
+            } else {
+                self.stats.send_failures += 1;
+            }
+            return;
+        }
+        self.core
+            .handle_client_input(five_tuple, &buffer[..len], now);
+        self.carry_out(Input::Clients(i));
+    }
+
+    /// Peer datagram `i` of the batch, received on the relay socket at `relay`.
+    fn peer_datagram(&mut self, i: usize, relay: SocketAddr, now: Instant) {
+        let Some((buffer, len, peer)) = self.peer_batch.datagram(i) else {
+            return;
+        };
+        self.core.handle_peer_input(relay, peer, buffer, len, now);
+        self.carry_out(Input::Peers(i));
     }
 
     /// Receive from `fd` into the peer batch (`peers`) or the client batch, flushing it

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
@@ -24,6 +24,7 @@ use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 
+use super::lock;
 use crate::config::{SipPeer, SipSettings};
 use rampart_sip::guard::{SourceGuard, Verdict};
 use rampart_sip::proxy::{Action, ConnectionId, Destination, Origin, Proxy, Side, SipCounters};
@@ -60,10 +61,6 @@ pub struct SipStats {
     pub proxy: SipCounters,
     pub connections: usize,
     pub banned_sources: usize,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SipEdge {
