@@ -240,11 +240,16 @@ struct RawRelay {
     loops: Option<usize>,
     /// Steer client datagrams to their owner loop in the kernel (a reuseport BPF program);
     /// when false, or when the program cannot be loaded, loops hand them over instead.
-    #[serde(default = "steering")]
+    #[serde(default = "enabled")]
     steering: bool,
+    /// Gather each loop's peer datagrams on one receive socket per family (an `sk_lookup`
+    /// BPF program); when false, or when the program cannot be loaded, each relay socket is
+    /// read on its own.
+    #[serde(default = "enabled")]
+    gather_peers: bool,
 }
 
-fn steering() -> bool {
+fn enabled() -> bool {
     true
 }
 
@@ -364,6 +369,8 @@ pub struct Config {
     pub relay_loops: usize,
     /// Whether client datagrams are steered to their loop in the kernel (`relay.steering`).
     pub steering: bool,
+    /// Whether peer datagrams are gathered on one socket per loop (`relay.gather_peers`).
+    pub gather_peers: bool,
     /// The XDP fast path; `None` when off.
     pub xdp: Option<XdpSettings>,
     /// The control-service link; `None` when the agent runs on its configuration alone.
@@ -611,6 +618,7 @@ impl RawConfig {
             static_users: auth.users.keys().cloned().collect(),
             relay_loops,
             steering: relay.steering,
+            gather_peers: relay.gather_peers,
             xdp,
             control,
             conferencing,

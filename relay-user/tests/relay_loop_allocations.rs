@@ -2,10 +2,12 @@
 //! real UDP client and peer on loopback, one allocation with a channel, thousands of
 //! datagrams both ways through a relay loop (recvmmsg, the core, sendmmsg), and the
 //! process-wide count of heap allocations taken around them (every thread: the relay loop,
-//! tokio's, this one) does not grow with the number of datagrams.
+//! tokio's, this one) does not grow with the number of datagrams. Then the same over TCP:
+//! frames read by the connection's tokio task, relayed by the loop, written back by the task.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -51,7 +53,7 @@ const CHANNEL: u16 = 0x4000;
 const ROUND_TRIPS: u64 = 2000;
 
 #[test]
-fn relaying_allocates_nothing_per_datagram() {
+fn relaying_allocates_nothing_per_datagram_or_frame() {
     // A port free a moment ago (listeners need a fixed one).
     let port = UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -63,6 +65,9 @@ fn relaying_allocates_nothing_per_datagram() {
 realm = "example.org"
 [[listen]]
 transport = "udp"
+address = "127.0.0.1:{port}"
+[[listen]]
+transport = "tcp"
 address = "127.0.0.1:{port}"
 [relay]
 ipv4 = "127.0.0.1"
@@ -88,76 +93,119 @@ users = {{ {USER} = "{PASSWORD}" }}
             let edge = Edge::start(config, Duration::from_secs(3600))
                 .await
                 .expect("start the edge");
-            let server = edge
-                .local_addresses()
-                .iter()
-                .find(|(transport, _)| *transport == Transport::Udp)
-                .map(|(_, address)| *address)
-                .expect("a UDP listener");
-            server_tx.send(server).expect("the test waits");
+            let listener = |wanted| {
+                edge.local_addresses()
+                    .iter()
+                    .find(|(transport, _)| *transport == wanted)
+                    .map(|(_, address)| *address)
+                    .expect("a listener of each transport")
+            };
+            let servers = (listener(Transport::Udp), listener(Transport::Tcp));
+            server_tx.send(servers).expect("the test waits");
             edge.run(stop).await;
         });
     });
-    let server = server_rx
+    let (udp_server, tcp_server) = server_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the edge started");
-
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     // Not the edge's own address (127.0.0.1): the peer policy refuses that.
     let peer = UdpSocket::bind("127.0.0.2:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let relayed = allocate_with_channel(&client, server, peer_addr);
-
     let to_peer = encode_channel_data(CHANNEL, &[0x55; 160], false);
     let to_client = [0xAA; 160];
-    let relay = || {
-        let mut buf = [0u8; 2048];
-        for _ in 0..ROUND_TRIPS {
-            client.send_to(&to_peer, server).unwrap();
-            let (len, from) = peer.recv_from(&mut buf).expect("the peer gets it");
-            assert!(len == 160 && from == relayed);
-            peer.send_to(&to_client, relayed).unwrap();
-            let (len, from) = client.recv_from(&mut buf).expect("the client gets it");
-            assert!(len == 164 && from == server);
-        }
+    // The heap allocations of the whole process over ROUND_TRIPS round trips (client ->
+    // peer -> client, `send` then `receive` on the client's side), counted after as many
+    // to warm up (buffers, queues and maps reach their steady sizes).
+    let measure = |send: &mut dyn FnMut(), receive: &mut dyn FnMut() -> usize| {
+        let mut run = || {
+            let mut buf = [0u8; 2048];
+            for _ in 0..ROUND_TRIPS {
+                send();
+                let (len, relayed) = peer.recv_from(&mut buf).expect("the peer gets it");
+                assert_eq!(len, 160);
+                peer.send_to(&to_client, relayed).unwrap();
+                assert_eq!(receive(), 164, "the client gets a ChannelData message");
+            }
+        };
+        run();
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        run();
+        ALLOCATIONS.load(Ordering::Relaxed) - before
     };
-    // Warm up: buffers, queues and maps reach their steady sizes.
-    relay();
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    relay();
-    let during = ALLOCATIONS.load(Ordering::Relaxed) - before;
+
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 2048];
+    allocate_with_channel(
+        |request| {
+            udp.send_to(request, udp_server).unwrap();
+            let (len, _) = udp.recv_from(&mut buf).expect("a response");
+            buf[..len].to_vec()
+        },
+        peer_addr,
+    );
+    let over_udp = measure(
+        &mut || {
+            udp.send_to(&to_peer, udp_server).unwrap();
+        },
+        &mut || udp.recv_from(&mut buf).expect("the client gets it").0,
+    );
+
+    // RFC 8656 §12.5: over TCP, ChannelData is padded to 4 bytes; 4 + 160 already is.
+    let mut tcp = TcpStream::connect(tcp_server).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    allocate_with_channel(
+        |request| {
+            tcp.write_all(request).unwrap();
+            let mut header = [0u8; 20];
+            tcp.read_exact(&mut header).expect("a response");
+            let mut response = header.to_vec();
+            response.resize(
+                20 + usize::from(u16::from_be_bytes([header[2], header[3]])),
+                0,
+            );
+            tcp.read_exact(&mut response[20..]).expect("a response");
+            response
+        },
+        peer_addr,
+    );
+    let tcp = std::cell::RefCell::new(tcp);
+    let over_tcp = measure(
+        &mut || tcp.borrow_mut().write_all(&to_peer).unwrap(),
+        &mut || {
+            let mut frame = [0u8; 164];
+            tcp.borrow_mut()
+                .read_exact(&mut frame)
+                .expect("the client gets it");
+            frame.len()
+        },
+    );
 
     shutdown.cancel();
     agent.join().expect("the agent thread");
-    // Anything per datagram would be thousands (2 x ROUND_TRIPS datagrams relayed); the few
-    // allowed are the runtime's own (a timer tick of the agent's tokio side).
+    // Anything per datagram would be thousands (2 x ROUND_TRIPS datagrams relayed each way);
+    // the few allowed are the runtime's own (a timer tick of the agent's tokio side, a block
+    // of a tokio channel).
     assert!(
-        during < 20,
-        "{during} heap allocations while relaying {} datagrams",
-        2 * ROUND_TRIPS
+        over_udp < 20 && over_tcp < 20,
+        "{over_udp} heap allocations while relaying {n} datagrams over UDP, {over_tcp} while \
+         relaying {n} over TCP",
+        n = 2 * ROUND_TRIPS
     );
 }
 
-/// Allocate (after the 401 challenge) and bind `CHANNEL` to `peer`; returns the relayed
-/// address.
-fn allocate_with_channel(client: &UdpSocket, server: SocketAddr, peer: SocketAddr) -> SocketAddr {
-    let mut buf = [0u8; 2048];
-    let mut transact = |request: Vec<u8>| -> Vec<u8> {
-        client.send_to(&request, server).unwrap();
-        let (len, _) = client.recv_from(&mut buf).expect("a response");
-        buf[..len].to_vec()
-    };
+/// Allocate (after the 401 challenge) and bind `CHANNEL` to `peer`, each request through
+/// `transact`.
+fn allocate_with_channel(mut transact: impl FnMut(&[u8]) -> Vec<u8>, peer: SocketAddr) {
     let tid = |n: u8| TransactionId([n; 12]);
     let allocate = |n: u8| {
         let mut b = MessageBuilder::new(Class::Request, Method::ALLOCATE, tid(n));
         b.add(&Attribute::RequestedTransport(17));
         b
     };
-    let challenge = transact(allocate(1).finish());
+    let challenge = transact(&allocate(1).finish());
     let challenge = Message::parse(&challenge).expect("STUN");
     let (realm, nonce) = (
         challenge.realm().expect("REALM").to_owned(),
@@ -165,18 +213,14 @@ fn allocate_with_channel(client: &UdpSocket, server: SocketAddr, peer: SocketAdd
     );
     let mut signed = allocate(2);
     signed.sign_long_term(USER, &realm, &nonce, PASSWORD);
-    let response = transact(signed.finish());
-    let relayed = Message::parse(&response)
-        .expect("STUN")
-        .xor_relayed_addresses()
-        .next()
-        .expect("XOR-RELAYED-ADDRESS");
+    let response = transact(&signed.finish());
+    let response = Message::parse(&response).expect("STUN");
+    assert_eq!(response.error_code(), None, "Allocate succeeds");
     let mut bind = MessageBuilder::new(Class::Request, Method::CHANNEL_BIND, tid(3));
     bind.add(&Attribute::ChannelNumber(CHANNEL))
         .add(&Attribute::XorPeerAddress(peer));
     bind.sign_long_term(USER, &realm, &nonce, PASSWORD);
-    let response = transact(bind.finish());
+    let response = transact(&bind.finish());
     let response = Message::parse(&response).expect("STUN");
     assert_eq!(response.error_code(), None, "ChannelBind succeeds");
-    relayed
 }

@@ -1,5 +1,6 @@
 //! Builds the XDP program (`relay-ebpf`) for `bpfel-unknown-none` and leaves the objects in
-//! `OUT_DIR/rampart-xdp` and `OUT_DIR/rampart-steer`, where `src/lib.rs` and `src/steering.rs`
+//! `OUT_DIR/rampart-xdp`, `OUT_DIR/rampart-steer` and `OUT_DIR/rampart-gather`, where `src/lib.rs`,
+//! `src/steering.rs` and `src/gathering.rs`
 //! embed them (see `ebpf-build` for the tool chain).
 
 fn main() {
@@ -12,5 +13,9 @@ fn main() {
         .expect("relay-user/xdp is inside the workspace")
         .join("relay-ebpf");
     // The package's binary targets name the objects: the XDP program and the reuseport one.
-    ebpf_build::build_or_exit("relay-ebpf", &root_dir, &["rampart-xdp", "rampart-steer"]);
+    ebpf_build::build_or_exit(
+        "relay-ebpf",
+        &root_dir,
+        &["rampart-xdp", "rampart-steer", "rampart-gather"],
+    );
 }

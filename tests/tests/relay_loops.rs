@@ -1,8 +1,9 @@
 //! The relay loops (`[relay] loops`): many clients, spread over several loops, each relayed
 //! both ways through the real binary; with the reuseport steering program every client
 //! datagram reaches its owner loop in the kernel (none is handed over), without it the loops
-//! hand over what they do not own and relaying is just as complete. A reservation made on one
-//! loop is redeemed by a client another loop owns.
+//! hand over what they do not own and relaying is just as complete. With the gathering
+//! program, peer datagrams reach each loop on its one receive socket; without it, on the
+//! relay sockets. A reservation made on one loop is redeemed by a client another loop owns.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -16,31 +17,40 @@ const CLIENTS: usize = 16;
 const CHANNEL: u16 = 0x4001;
 
 #[test]
-fn steered_clients_are_never_handed_over() {
-    let handed_off = relay_through_loops(true);
+fn steered_clients_are_never_handed_over_and_peers_are_gathered() {
+    let shell = relay_through_loops(true);
     assert_eq!(
-        handed_off, 0,
+        shell["datagrams_handed_off"], 0,
         "the steering program put every datagram on its owner loop"
+    );
+    assert!(
+        shell["peer_datagrams_gathered"].as_u64() >= Some(CLIENTS as u64 + 1),
+        "every peer datagram reached its loop's receive socket: {shell}"
     );
 }
 
 #[test]
-fn without_steering_loops_hand_datagrams_to_their_owner() {
-    let handed_off = relay_through_loops(false);
+fn without_the_programs_loops_hand_datagrams_over_and_read_each_relay_socket() {
+    let shell = relay_through_loops(false);
     assert!(
-        handed_off > 0,
+        shell["datagrams_handed_off"].as_u64() > Some(0),
         "{CLIENTS} clients over {LOOPS} loops by the kernel's own hash: some land elsewhere"
     );
+    assert_eq!(shell["peer_datagrams_gathered"], 0, "{shell}");
 }
 
-/// Relay with every client over UDP and one over TCP; returns the datagrams handed over.
-fn relay_through_loops(steering: bool) -> u64 {
+/// Relay with every client over UDP and one over TCP, with both BPF programs or neither;
+/// returns the shell's counters (`datagrams_handed_off` counted since the first line).
+fn relay_through_loops(programs: bool) -> serde_json::Value {
     let mut config = RampartConfig::loopback(&[
         (Proto::Udp, IpAddr::V4(Ipv4Addr::LOCALHOST)),
         (Proto::Tcp, IpAddr::V4(Ipv4Addr::LOCALHOST)),
     ]);
     config.relay.push(("loops".into(), LOOPS.to_string()));
-    config.relay.push(("steering".into(), steering.to_string()));
+    config.relay.push(("steering".into(), programs.to_string()));
+    config
+        .relay
+        .push(("gather_peers".into(), programs.to_string()));
     config
         .limits
         .push(("allocations_per_user".into(), "100".into()));
@@ -48,7 +58,9 @@ fn relay_through_loops(steering: bool) -> u64 {
     let server = Rampart::start(&config).expect("start rampart");
     // Readiness probes that arrived before the steering program was attached may have been
     // handed over: count from the first counters line, logged after them.
-    let before = handed_off(&server, |_| true);
+    let before = shell(&server, |_| true)["datagrams_handed_off"]
+        .as_u64()
+        .unwrap();
     let peer = UdpSocket::bind((PEER_V4, 0)).unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let peer_addr = peer.local_addr().unwrap();
@@ -86,21 +98,23 @@ fn relay_through_loops(steering: bool) -> u64 {
     redeem_a_reservation_elsewhere(&server);
     // Counters are logged each second when they changed: the last line, once it shows
     // every allocation and every relayed packet, covers everything above.
-    let after = handed_off(&server, |last| {
+    let mut after = shell(&server, |last| {
         last["allocations"] == (CLIENTS + 3) as u64
             && last["relay"]["to_client_packets"].as_u64() >= Some(CLIENTS as u64 + 1)
     });
-    after - before
+    after["datagrams_handed_off"] =
+        (after["datagrams_handed_off"].as_u64().unwrap() - before).into();
+    after
 }
 
-/// `datagrams_handed_off` of the last counters line, once that line satisfies `ready`.
-fn handed_off(server: &Rampart, ready: impl Fn(&serde_json::Value) -> bool) -> u64 {
+/// The shell's counters in the last counters line, once that line satisfies `ready`.
+fn shell(server: &Rampart, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(last) = server.counters().pop()
             && ready(&last)
         {
-            return last["shell"]["datagrams_handed_off"].as_u64().unwrap();
+            return last["shell"].clone();
         }
         assert!(
             std::time::Instant::now() < deadline,

@@ -4,14 +4,29 @@
 //! kernel side and the userspace side agree on the layout byte for byte. The `user` feature
 //! implements [`aya::Pod`] for the key and value types so the agent can read and write them.
 //! [`checksum`] holds the Internet-checksum arithmetic the program uses to rewrite packets, as
-//! pure functions tested on the host; [`steering`] the owner function of the relay loops.
+//! pure functions tested on the host; [`steering`] the owner function of the relay loops;
+//! [`gathering`] the keys of the program that gathers a loop's peer datagrams on one socket.
 #![no_std]
 
 mod binary;
 pub mod checksum;
+pub mod gathering;
 pub mod steering;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// An address's bytes in network order, an IPv4 one in the first 4 (the rest zero), and how
+/// many there are (4 or 16): the form the BPF programs' keys hold addresses in.
+pub fn address_bytes(ip: IpAddr) -> ([u8; 16], usize) {
+    let mut address = [0u8; 16];
+    match ip {
+        IpAddr::V4(ip) => {
+            address[..4].copy_from_slice(&ip.octets());
+            (address, 4)
+        }
+        IpAddr::V6(ip) => (ip.octets(), 16),
+    }
+}
 
 /// Subdirectory of the agent's bpffs pin path for this layout of the maps: bumped whenever a
 /// map's key or value changes, so an upgraded agent never adopts maps it would misread.

@@ -37,17 +37,7 @@ pub fn owner(address: &[u8; 16], address_len: usize, port: [u8; 2], loops: u32) 
 /// addresses are not unwrapped: a dual-stack listener's clients are steered by the address
 /// the kernel shows the program, which for them is the IPv6 form.
 pub fn owner_of(client: core::net::SocketAddr, loops: u32) -> u32 {
-    let mut address = [0u8; 16];
-    let address_len = match client.ip() {
-        core::net::IpAddr::V4(ip) => {
-            address[..4].copy_from_slice(&ip.octets());
-            4
-        }
-        core::net::IpAddr::V6(ip) => {
-            address = ip.octets();
-            16
-        }
-    };
+    let (address, address_len) = crate::address_bytes(client.ip());
     owner(&address, address_len, client.port().to_be_bytes(), loops)
 }
 

@@ -10,7 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{SockAddr, SockAddrStorage};
 
@@ -18,10 +18,17 @@ use socket2::{SockAddr, SockAddrStorage};
 /// agree), and the batch's buffers stay small enough to keep in cache.
 pub(crate) const BATCH: usize = 32;
 
+/// Room for one control message holding a `sockaddr_in6` (`CMSG_SPACE(28)` is 48), as
+/// `u64`s so that it is aligned as a `cmsghdr`.
+const CONTROL_WORDS: usize = 8;
+
 /// `BATCH` receive buffers, each with `headroom` free bytes before the datagram and `tailroom`
 /// after it (the TURN core frames peer datagrams in place).
 pub(crate) struct RecvBatch {
     buffers: Vec<Box<[u8]>>,
+    /// With [`RecvBatch::with_destinations`]: each datagram's control message, and the
+    /// original destination read from it (`IP_ORIGDSTADDR`, `IPV6_ORIGDSTADDR`).
+    destinations: Option<Box<Destinations>>,
     capacity: usize,
     /// Buffers received into since the last clear.
     filled: usize,
@@ -40,6 +47,7 @@ impl RecvBatch {
             buffers: (0..BATCH)
                 .map(|_| vec![0u8; headroom + capacity + tailroom].into_boxed_slice())
                 .collect(),
+            destinations: None,
             capacity,
             filled: 0,
             lens: [0; BATCH],
@@ -50,6 +58,17 @@ impl RecvBatch {
             iovecs: unsafe { std::mem::zeroed() },
             headers: unsafe { std::mem::zeroed() },
         }
+    }
+
+    /// Also read each datagram's original destination, from sockets that have
+    /// `IP_RECVORIGDSTADDR` or `IPV6_RECVORIGDSTADDR` set: a socket that receives for many
+    /// addresses (see `rampart_xdp::gathering`).
+    pub(crate) fn with_destinations(mut self) -> Self {
+        self.destinations = Some(Box::new(Destinations {
+            controls: [[0; CONTROL_WORDS]; BATCH],
+            addresses: [None; BATCH],
+        }));
+        self
     }
 
     /// Buffers not yet received into since the last [`RecvBatch::clear`].
@@ -84,6 +103,11 @@ impl RecvBatch {
                 namelen,
                 &mut self.iovecs[i],
             );
+            if let Some(destinations) = &mut self.destinations {
+                let control = &mut destinations.controls[i];
+                self.headers[i].msg_hdr.msg_control = control.as_mut_ptr().cast();
+                self.headers[i].msg_hdr.msg_controllen = size_of_val(control);
+            }
         }
         // SAFETY: `headers[first..]` are valid mmsghdrs whose name and iovec pointers point
         // into buffers owned by `self`, which outlive the call.
@@ -111,6 +135,9 @@ impl RecvBatch {
             // SAFETY: the kernel wrote the datagram's source address there, of this length.
             let source = unsafe { SockAddr::new(name, header.msg_hdr.msg_namelen) }.as_socket();
             self.sources[i] = source.filter(|_| !truncated_here);
+            if let Some(destinations) = &mut self.destinations {
+                destinations.addresses[i] = original_destination(&header.msg_hdr);
+            }
         }
         self.filled = filled.end;
         Ok(filled)
@@ -126,6 +153,47 @@ impl RecvBatch {
     pub(crate) fn buffer(&self, i: usize) -> &[u8] {
         &self.buffers[i]
     }
+
+    /// The original destination of datagram `i` (with [`RecvBatch::with_destinations`]).
+    pub(crate) fn destination(&self, i: usize) -> Option<SocketAddr> {
+        self.destinations.as_ref()?.addresses[i]
+    }
+}
+
+struct Destinations {
+    controls: [[u64; CONTROL_WORDS]; BATCH],
+    addresses: [Option<SocketAddr>; BATCH],
+}
+
+/// The address in the `IP_ORIGDSTADDR` or `IPV6_ORIGDSTADDR` control message of a received
+/// datagram, without flow information or scope (as relay addresses are kept).
+fn original_destination(header: &libc::msghdr) -> Option<SocketAddr> {
+    // SAFETY: `header` is as `recvmmsg` left it: its control pointer and the length the kernel
+    // wrote describe one buffer of ours, and the CMSG_* macros stay within that length.
+    unsafe {
+        let mut message = libc::CMSG_FIRSTHDR(header);
+        while !message.is_null() {
+            let data = libc::CMSG_DATA(message);
+            match ((*message).cmsg_level, (*message).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR) => {
+                    let address = std::ptr::read_unaligned(data.cast::<libc::sockaddr_in>());
+                    return Some(SocketAddr::from((
+                        u32::from_be(address.sin_addr.s_addr).to_be_bytes(),
+                        u16::from_be(address.sin_port),
+                    )));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR) => {
+                    let address = std::ptr::read_unaligned(data.cast::<libc::sockaddr_in6>());
+                    return Some(SocketAddr::from((
+                        address.sin6_addr.s6_addr,
+                        u16::from_be(address.sin6_port),
+                    )));
+                }
+                _ => message = libc::CMSG_NXTHDR(header, message),
+            }
+        }
+    }
+    None
 }
 
 /// The header of one datagram: its address at `name`, its bytes in the one buffer `iovec`
@@ -142,6 +210,30 @@ fn one_datagram(
     header.msg_hdr.msg_iov = iovec;
     header.msg_hdr.msg_iovlen = 1;
     header
+}
+
+/// Set an `int` socket option (those socket2 does not name).
+pub(crate) fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: a valid socket fd, an int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Datagrams queued for one socket, sent with as few `sendmmsg` calls as they need.
@@ -217,7 +309,6 @@ impl SendBatch {
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
 
     use super::*;
 
@@ -260,6 +351,38 @@ mod tests {
         }
         assert_eq!(seen, payloads, "every datagram, in order, at the headroom");
         assert_eq!(truncated, 0);
+    }
+
+    #[test]
+    fn original_destinations_are_read_from_the_control_messages() {
+        for ip in ["127.0.0.1", "::1"] {
+            let Ok(receiver) = UdpSocket::bind((ip, 0)) else {
+                continue; // no IPv6 loopback on this host
+            };
+            receiver.set_nonblocking(true).unwrap();
+            let (level, option) = if receiver.local_addr().unwrap().is_ipv6() {
+                (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
+            } else {
+                (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
+            };
+            set_int_option(&receiver, level, option, 1).unwrap();
+            let sender = UdpSocket::bind((ip, 0)).unwrap();
+            let to = receiver.local_addr().unwrap();
+            sender.send_to(b"first", to).unwrap();
+            sender.send_to(b"second", to).unwrap();
+            let mut batch = RecvBatch::new(0, 64, 0).with_destinations();
+            let mut received = 0..0;
+            for _ in 0..100 {
+                match batch.recv(receiver.as_raw_fd(), 0, &mut 0) {
+                    Ok(filled) => received.end = filled.end,
+                    Err(_) if received.len() == 2 => break,
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+            assert_eq!(received, 0..2);
+            assert_eq!(batch.destination(0), Some(to));
+            assert_eq!(batch.destination(1), Some(to));
+        }
     }
 
     #[test]

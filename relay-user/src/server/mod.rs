@@ -30,16 +30,22 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
 use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
-use rampart_turn::{FiveTuple, SharedState, Stats, Transport};
+use rampart_turn::{FiveTuple, ServerConfig, SharedState, Stats, Transport};
 use rampart_xdp::XdpError;
+use rampart_xdp::gathering::{Gathering, ReceiveSocket, socket_index};
 use rampart_xdp::steering::Steering;
-use relay_loop::{Command, LoopReport, LoopSettings, LoopStats, Loops};
+use relay_loop::{Command, Gather, LoopReport, LoopSettings, LoopStats, Loops, StreamLink};
 
 pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
 
 /// Frames queued towards one stream client before further ones are dropped: a client that
 /// does not read its media must not hold memory without bound.
 const STREAM_QUEUE: usize = 256;
+/// Free space a stream client's read buffer is given before each read.
+const READ_SIZE: usize = 16 * 1024;
+/// A stream client's read buffers waiting to be read into again: one being read into, one
+/// with the loop, one back (more only while the loop lags).
+const READ_BUFFERS: usize = 2;
 /// How often the fast path's next-hop cache is swept.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -203,6 +209,8 @@ pub struct Edge {
     tasks: JoinSet<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
     local_addresses: Vec<(Transport, SocketAddr)>,
+    /// Held for as long as the loops run: dropping it detaches the program.
+    _gathering: Option<Gathering>,
 }
 
 impl Edge {
@@ -280,17 +288,25 @@ impl Edge {
                 per_loop[i].push(socket);
             }
         }
+        let (gathering, gathers) = if config.gather_peers {
+            gather(&config.turn, loops)
+        } else {
+            (None, Vec::new())
+        };
+        let gathered = gathering.is_some();
         let settings = LoopSettings {
             shared: Arc::new(SharedState::for_config(&config.turn, nonce_key)),
             turn: config.turn,
             fast_path: fast_path.clone(),
         };
         let (loops, threads) =
-            relay_loop::start(&settings, per_loop).map_err(ServerError::Loops)?;
+            relay_loop::start(&settings, per_loop, gathers).map_err(ServerError::Loops)?;
         info!(
             loops = loops.len(),
             steered,
-            "relay loops started (steered: client datagrams reach their loop in the kernel)"
+            gathered,
+            "relay loops started (steered: client datagrams reach their loop in the kernel; \
+             gathered: each loop reads its peers' datagrams from one socket per family)"
         );
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -376,6 +392,7 @@ impl Edge {
             tasks,
             threads,
             local_addresses,
+            _gathering: gathering,
         })
     }
 
@@ -431,6 +448,78 @@ fn reuseport_group(address: SocketAddr, loops: usize) -> io::Result<Vec<std::net
         group.push(socket.into());
     }
     Ok(group)
+}
+
+/// Each loop's receive sockets (one per relay address family, bound to the relay address on a
+/// port of the kernel's choosing) with the gathering program attached to this network
+/// namespace, and its handle on the relay address map; none when the program cannot be
+/// attached (no BPF, not permitted): loops then read each relay socket on its own.
+fn gather(turn: &ServerConfig, loops: usize) -> (Option<Gathering>, Vec<Gather>) {
+    let attempt = || -> Result<(Gathering, Vec<Gather>), Box<dyn std::error::Error>> {
+        let relay_ips: Vec<IpAddr> = [&turn.relay_v4, &turn.relay_v6]
+            .into_iter()
+            .flatten()
+            .map(|relay| relay.bind)
+            .collect();
+        let mut receivers = Vec::new();
+        for loop_index in 0..loops {
+            let mut sockets = Vec::new();
+            for &ip in &relay_ips {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(SocketAddr::new(ip, 0)),
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                let (level, option) = if ip.is_ipv6() {
+                    socket.set_only_v6(true)?;
+                    (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
+                } else {
+                    (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
+                };
+                batch_io::set_int_option(&socket, level, option, 1)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&SocketAddr::new(ip, 0).into())?;
+                sockets.push((
+                    socket_index(loop_index as u32, ip.is_ipv6()),
+                    std::net::UdpSocket::from(socket),
+                ));
+            }
+            receivers.push(sockets);
+        }
+        let places: Vec<ReceiveSocket<'_, std::net::UdpSocket>> = receivers
+            .iter()
+            .flatten()
+            .map(|(index, socket)| ReceiveSocket {
+                index: *index,
+                socket,
+            })
+            .collect();
+        let gathering = Gathering::attach(&places, turn.port_range.0..=turn.port_range.1)?;
+        let gathers = receivers
+            .into_iter()
+            .map(|sockets| {
+                Ok(Gather {
+                    receivers: sockets.into_iter().map(|(_, socket)| socket).collect(),
+                    ports: gathering.relay_ports()?,
+                })
+            })
+            .collect::<Result<_, XdpError>>()?;
+        Ok((gathering, gathers))
+    };
+    match attempt() {
+        Ok((gathering, gathers)) => (Some(gathering), gathers),
+        Err(error) => {
+            // The verifier's log is in the sources.
+            let mut reason = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                reason = format!("{reason}: {cause}");
+                source = cause.source();
+            }
+            warn!(error = %reason, "cannot gather peer datagrams in the kernel: relay loops read each relay socket on its own");
+            (None, Vec::new())
+        }
+    }
 }
 
 /// Attach the steering program to a listener's group, so that each client's datagrams reach
@@ -514,14 +603,18 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    let (write_buffers_back, write_buffers) = std::sync::mpsc::sync_channel(STREAM_QUEUE);
+    let (read_buffers_back, read_buffers) = std::sync::mpsc::sync_channel(READ_BUFFERS);
     let loops = &shared.loops;
+    let stream = StreamLink {
+        writer: tx,
+        write_buffers,
+        read_buffers: read_buffers_back,
+    };
     loops
         .send_to_owner(
             five_tuple.client,
-            Command::StreamOpened {
-                five_tuple,
-                writer: tx,
-            },
+            Command::StreamOpened { five_tuple, stream },
         )
         .await;
     debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
@@ -530,35 +623,45 @@ where
             if writer.write_all(&frame).await.is_err() {
                 break;
             }
+            let _ = write_buffers_back.try_send(frame);
         }
     };
-    let read = async {
-        let mut buf = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 16 * 1024];
+    // Frames are relayed from the buffer they were read into: whole frames go to the loop as
+    // read, and only an incomplete one at the end is copied, to the start of the next buffer.
+    let read = async move {
+        let mut buf = Vec::with_capacity(READ_SIZE);
         loop {
-            let read = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)).await;
-            let n = match read {
+            buf.reserve(READ_SIZE);
+            let read = tokio::time::timeout(shared.idle_timeout, reader.read_buf(&mut buf)).await;
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return "closed",
                 Err(_) => return "idle timeout",
-                Ok(Ok(n)) => n,
-            };
-            buf.extend_from_slice(&chunk[..n]);
+                Ok(Ok(_)) => {}
+            }
+            let mut complete = 0;
             loop {
-                match next_stream_frame(&buf) {
-                    Ok(Some(len)) => {
-                        let frame = buf[..len].to_vec();
-                        buf.drain(..len);
-                        loops
-                            .send_to_owner(
-                                five_tuple.client,
-                                Command::StreamFrame { five_tuple, frame },
-                            )
-                            .await;
-                    }
-                    Ok(None) if buf.len() <= MAX_STREAM_FRAME => break,
+                match next_stream_frame(&buf[complete..]) {
+                    Ok(Some(len)) => complete += len,
+                    Ok(None) if buf.len() - complete <= MAX_STREAM_FRAME => break,
                     Ok(None) | Err(_) => return "not STUN or ChannelData framing",
                 }
             }
+            if complete == 0 {
+                continue;
+            }
+            let mut next = read_buffers
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
+            next.clear();
+            next.extend_from_slice(&buf[complete..]);
+            buf.truncate(complete);
+            let frames = std::mem::replace(&mut buf, next);
+            loops
+                .send_to_owner(
+                    five_tuple.client,
+                    Command::StreamFrames { five_tuple, frames },
+                )
+                .await;
         }
     };
     let reason = tokio::select! {

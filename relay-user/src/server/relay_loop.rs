@@ -8,7 +8,11 @@
 //!
 //! Each loop waits on one epoll instance (mio) for all its sockets and its command channel,
 //! with the core's next deadline as the timeout; readable sockets are drained with `recvmmsg`
-//! and what a batch produced leaves with `sendmmsg`, per socket (see [`batch_io`]).
+//! and what a batch produced leaves with `sendmmsg`, per socket (see [`batch_io`]). With
+//! [`Gather`] (the `rampart-gather` program attached), the peer datagrams of all a loop's
+//! allocations arrive on one receive socket per family, read many at a time whatever the
+//! number of allocations; the relay sockets are still watched, for what the program lets
+//! through (an address not yet or no longer in its map).
 //!
 //! The tokio side talks to a loop only through [`Command`]s: stream clients' frames (TCP and
 //! TLS are served, and TLS handshakes made, by tokio), control-plane changes, reports.
@@ -29,11 +33,13 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::batch_io::{BATCH, RecvBatch, SendBatch};
+use super::batch_io::{BATCH, RecvBatch, SendBatch, set_int_option};
 use super::lock;
+use rampart_turn::channel_data::next_stream_frame;
 use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::{FiveTuple, Server, ServerConfig, SharedState, Stats, Transmit, Transport};
 use rampart_xdp::fast_path::FastPath;
+use rampart_xdp::gathering::{RelayPorts, socket_index};
 use rampart_xdp::steering::owner_of;
 
 /// The largest UDP payload over IPv6 (65535 less the UDP header; IPv4's is smaller).
@@ -50,15 +56,16 @@ const LISTED_PER_COMMAND: usize = 256;
 
 /// What the tokio side asks of a loop.
 pub(crate) enum Command {
-    /// A TCP or TLS client connected; frames for it go to `writer`.
+    /// A TCP or TLS client connected.
     StreamOpened {
         five_tuple: FiveTuple,
-        writer: mpsc::Sender<Vec<u8>>,
+        stream: StreamLink,
     },
-    /// One complete frame (RFC 8656 §12.5 framing) from a stream client.
-    StreamFrame {
+    /// Complete frames (RFC 8656 §12.5 framing) from a stream client, as read; the buffer
+    /// goes back to the reader through [`StreamLink::read_buffers`].
+    StreamFrames {
         five_tuple: FiveTuple,
-        frame: Vec<u8>,
+        frames: Vec<u8>,
     },
     StreamClosed {
         five_tuple: FiveTuple,
@@ -78,6 +85,18 @@ pub(crate) enum Command {
     Shutdown,
 }
 
+/// A loop's side of a stream client's connection. Buffers circulate between the loop and the
+/// connection's reader and writer instead of being allocated per frame: the reader's come
+/// back through `read_buffers` once the loop has relayed their frames, the loop takes the
+/// buffers of frames to the client from `write_buffers`, where the writer returns them. Both
+/// pools are bounded: a buffer that finds its pool full is freed.
+pub(crate) struct StreamLink {
+    /// Frames to the client.
+    pub writer: mpsc::Sender<Vec<u8>>,
+    pub write_buffers: std::sync::mpsc::Receiver<Vec<u8>>,
+    pub read_buffers: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
 /// A control-plane change every loop applies to its core.
 #[derive(Clone, Debug)]
 pub(crate) enum LoopChange {
@@ -92,6 +111,8 @@ pub struct LoopStats {
     pub send_failures: u64,
     pub datagrams_handed_off: u64,
     pub datagrams_truncated: u64,
+    /// Peer datagrams read from the loop's receive sockets ([`Gather`]).
+    pub peer_datagrams_gathered: u64,
 }
 
 impl std::ops::AddAssign<&LoopStats> for LoopStats {
@@ -100,6 +121,7 @@ impl std::ops::AddAssign<&LoopStats> for LoopStats {
         self.send_failures += other.send_failures;
         self.datagrams_handed_off += other.datagrams_handed_off;
         self.datagrams_truncated += other.datagrams_truncated;
+        self.peer_datagrams_gathered += other.peer_datagrams_gathered;
     }
 }
 
@@ -200,11 +222,21 @@ pub(crate) struct LoopSettings {
     pub fast_path: Arc<Mutex<Option<FastPath>>>,
 }
 
+/// A loop's share of the gathering of peer datagrams (`rampart_xdp::gathering`): its receive
+/// sockets (bound, `IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR` set, at
+/// `socket_index(loop, family)` in the program's map) and its handle on the relay address map.
+pub(crate) struct Gather {
+    pub receivers: Vec<std::net::UdpSocket>,
+    pub ports: RelayPorts,
+}
+
 /// Start `listeners.len()` loops; `listeners[i]` are loop i's sockets, one per UDP listener
-/// address (the same addresses, in the same order, for every loop).
+/// address (the same addresses, in the same order, for every loop), `gathers[i]` its share of
+/// the gathering, if any (an empty list: none for any loop).
 pub(crate) fn start(
     settings: &LoopSettings,
     listeners: Vec<Vec<std::net::UdpSocket>>,
+    gathers: Vec<Gather>,
 ) -> io::Result<(Loops, Vec<std::thread::JoinHandle<()>>)> {
     let mut polls = Vec::new();
     let mut handles = Vec::new();
@@ -219,6 +251,7 @@ pub(crate) fn start(
     }
     let loops = Loops(handles.into());
     let mut threads = Vec::new();
+    let mut gathers = gathers.into_iter();
     for (index, ((poll, commands), sockets)) in
         polls.into_iter().zip(receivers).zip(listeners).enumerate()
     {
@@ -230,6 +263,24 @@ pub(crate) fn start(
                 .register(&mut socket, Token(i), Interest::READABLE)?;
             registered.push((address, socket));
         }
+        let gather = match gathers.next() {
+            Some(Gather { receivers, ports }) => {
+                let mut gathering = Vec::new();
+                for socket in receivers {
+                    let address = socket.local_addr()?;
+                    let mut socket = UdpSocket::from_std(socket);
+                    let token = Token(registered.len() + gathering.len());
+                    poll.registry()
+                        .register(&mut socket, token, Interest::READABLE)?;
+                    gathering.push((address, socket));
+                }
+                Some(Gathered {
+                    receivers: gathering,
+                    ports,
+                })
+            }
+            None => None,
+        };
         let now = Instant::now();
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -258,6 +309,12 @@ pub(crate) fn start(
                         .map(|(i, (address, _))| (*address, i))
                         .collect(),
                     listeners: registered,
+                    peer_batch: match gather {
+                        Some(_) => RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM)
+                            .with_destinations(),
+                        None => RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
+                    },
+                    gather,
                     relays: Vec::new(),
                     free_slots: Vec::new(),
                     relay_at: HashMap::new(),
@@ -266,7 +323,6 @@ pub(crate) fn start(
                     channel_changes: Vec::new(),
                     stats: LoopStats::default(),
                     client_batch: RecvBatch::new(0, MAX_DATAGRAM, 0),
-                    peer_batch: RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
                     sender: SendBatch::new(),
                     outgoing: Vec::with_capacity(2 * BATCH),
                     unfinished: Vec::new(),
@@ -282,6 +338,20 @@ pub(crate) fn start(
 struct RelaySocket {
     address: SocketAddr,
     socket: UdpSocket,
+}
+
+/// A loop's receive sockets (tokens after the listeners') and relay address map.
+struct Gathered {
+    receivers: Vec<(SocketAddr, UdpSocket)>,
+    ports: RelayPorts,
+}
+
+/// What a token names.
+#[derive(Clone, Copy)]
+enum Source {
+    Listener(usize),
+    Receiver(usize),
+    Relay(usize),
 }
 
 /// Where the bytes of a queued datagram are.
@@ -324,11 +394,12 @@ struct RelayLoop {
     listeners: Vec<(SocketAddr, UdpSocket)>,
     /// Listener index by local address, for transmits to UDP clients.
     listener_at: HashMap<SocketAddr, usize>,
-    /// Relay sockets by slot; a slot's token is `listeners.len() + slot`.
+    gather: Option<Gathered>,
+    /// Relay sockets by slot; a slot's token follows the listeners' and the receivers'.
     relays: Vec<Option<RelaySocket>>,
     free_slots: Vec<usize>,
     relay_at: HashMap<SocketAddr, usize>,
-    streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    streams: HashMap<FiveTuple, StreamLink>,
     fast_path: Arc<Mutex<Option<FastPath>>>,
     channel_changes: Vec<rampart_turn::allocation::FastPathEvent>,
     stats: LoopStats,
@@ -382,34 +453,57 @@ impl RelayLoop {
         );
     }
 
-    /// Read a readable socket (a listener: client datagrams; a relay socket: peer
-    /// datagrams) for its turn; true when it has more.
-    fn read(&mut self, token: Token) -> bool {
+    fn source(&self, token: Token) -> Source {
+        let receivers = self.gather.as_ref().map_or(0, |g| g.receivers.len());
         let listeners = self.listeners.len();
-        let (peers, socket, fd) = match token.0.checked_sub(listeners) {
-            None => {
-                let (address, ref socket) = self.listeners[token.0];
-                (false, address, socket.as_raw_fd())
+        if token.0 < listeners {
+            Source::Listener(token.0)
+        } else if token.0 < listeners + receivers {
+            Source::Receiver(token.0 - listeners)
+        } else {
+            Source::Relay(token.0 - listeners - receivers)
+        }
+    }
+
+    /// Read a readable socket (a listener: client datagrams; a relay socket or a receiver:
+    /// peer datagrams) for its turn; true when it has more.
+    fn read(&mut self, token: Token) -> bool {
+        let source = self.source(token);
+        let (socket, fd) = match source {
+            Source::Listener(i) => {
+                let (address, ref socket) = self.listeners[i];
+                (address, socket.as_raw_fd())
             }
-            Some(slot) => match self.relays.get(slot) {
-                Some(Some(relay)) => (true, relay.address, relay.socket.as_raw_fd()),
+            Source::Receiver(i) => match &self.gather {
+                Some(gather) => (gather.receivers[i].0, gather.receivers[i].1.as_raw_fd()),
+                None => return false,
+            },
+            Source::Relay(slot) => match self.relays.get(slot) {
+                Some(Some(relay)) => (relay.address, relay.socket.as_raw_fd()),
                 _ => return false,
             },
         };
+        let peers = !matches!(source, Source::Listener(_));
         for _ in 0..BATCHES_PER_TURN {
             let Some((filled, more)) = self.receive(peers, fd, socket) else {
                 return false;
             };
             let now = Instant::now();
             for i in filled {
-                if peers {
-                    self.peer_datagram(i, socket, now);
-                } else {
-                    self.client_datagram(i, socket, now);
+                match source {
+                    Source::Listener(_) => self.client_datagram(i, socket, now),
+                    Source::Relay(_) => self.peer_datagram(i, socket, now),
+                    Source::Receiver(_) => {
+                        self.stats.peer_datagrams_gathered += 1;
+                        if let Some(relay) = self.peer_batch.destination(i) {
+                            self.peer_datagram(i, relay, now);
+                        }
+                    }
                 }
             }
             // A relay may have been released by what the batch did.
-            if !more || (peers && !self.relay_at.contains_key(&socket)) {
+            if !more || (matches!(source, Source::Relay(_)) && !self.relay_at.contains_key(&socket))
+            {
                 return false;
             }
         }
@@ -495,12 +589,22 @@ impl RelayLoop {
             };
             let now = Instant::now();
             match command {
-                Command::StreamOpened { five_tuple, writer } => {
-                    self.streams.insert(five_tuple, writer);
+                Command::StreamOpened { five_tuple, stream } => {
+                    self.streams.insert(five_tuple, stream);
                 }
-                Command::StreamFrame { five_tuple, frame } => {
-                    self.core.handle_client_input(five_tuple, &frame, now);
-                    self.carry_out(Input::Bytes(&frame));
+                Command::StreamFrames { five_tuple, frames } => {
+                    let mut offset = 0;
+                    while let Some(frame) = frames.get(offset..)
+                        && let Ok(Some(len)) = next_stream_frame(frame)
+                    {
+                        let frame = &frame[..len];
+                        self.core.handle_client_input(five_tuple, frame, now);
+                        self.carry_out(Input::Bytes(frame));
+                        offset += len;
+                    }
+                    if let Some(stream) = self.streams.get(&five_tuple) {
+                        let _ = stream.read_buffers.try_send(frames);
+                    }
                 }
                 Command::StreamClosed { five_tuple } => {
                     self.streams.remove(&five_tuple);
@@ -572,14 +676,19 @@ impl RelayLoop {
                     None => return,
                 },
                 Transport::Tcp | Transport::Tls => {
-                    let Some(writer) = self.streams.get(&five_tuple) else {
+                    let Some(stream) = self.streams.get(&five_tuple) else {
                         return;
                     };
                     let frame = match payload {
                         Payload::Message(message) => message,
-                        Payload::InPlace(range) => self.input_bytes(input, range).to_vec(),
+                        Payload::InPlace(range) => {
+                            let mut frame = stream.write_buffers.try_recv().unwrap_or_default();
+                            frame.clear();
+                            frame.extend_from_slice(self.input_bytes(input, range));
+                            frame
+                        }
                     };
-                    if writer.try_send(frame).is_err() {
+                    if stream.writer.try_send(frame).is_err() {
                         self.stats.stream_frames_dropped += 1;
                     }
                     return;
@@ -675,7 +784,8 @@ impl RelayLoop {
             self.relays.push(None);
             self.relays.len() - 1
         });
-        let token = Token(self.listeners.len() + slot);
+        let receivers = self.gather.as_ref().map_or(0, |g| g.receivers.len());
+        let token = Token(self.listeners.len() + receivers + slot);
         if let Err(error) = self
             .poll
             .registry()
@@ -684,6 +794,13 @@ impl RelayLoop {
             warn!(%address, %error, "cannot watch a relay socket");
             self.free_slots.push(slot);
             return false;
+        }
+        if let Some(gather) = &mut self.gather {
+            let index = socket_index(self.index as u32, address.is_ipv6());
+            if let Err(error) = gather.ports.insert(address, index) {
+                // Its relay socket, which is watched, receives instead.
+                debug!(%address, %error, "relay address not gathered");
+            }
         }
         self.relays[slot] = Some(RelaySocket { address, socket });
         self.relay_at.insert(address, slot);
@@ -694,6 +811,9 @@ impl RelayLoop {
         let Some(slot) = self.relay_at.remove(&address) else {
             return;
         };
+        if let Some(gather) = &mut self.gather {
+            gather.ports.remove(address);
+        }
         if let Some(mut relay) = self.relays[slot].take() {
             let _ = self.poll.registry().deregister(&mut relay.socket);
         }
@@ -770,19 +890,5 @@ fn set_dont_fragment(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
             libc::IP_PMTUDISC_DO,
         )
     };
-    // SAFETY: a valid socket fd, an int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            option,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int_option(socket, level, option, value)
 }

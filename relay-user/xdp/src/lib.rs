@@ -25,13 +25,15 @@
 //! otherwise the datagram goes to userspace, counted in [`Stat::PassForwardingDisabled`] or
 //! [`Stat::PassFibMiss`].
 //!
-//! [`steering`] keeps each client on the relay loop that owns it (a reuseport program).
+//! [`steering`] keeps each client on the relay loop that owns it (a reuseport program);
+//! [`gathering`] brings each loop's peer datagrams to one socket of its own (`sk_lookup`).
 //! [`fast_path`] is what the agent runs on top: TURN channels from the core in, bindings and
 //! next hops in the maps, kept true as routes and neighbours change.
 //!
 //! Needs root, or `CAP_BPF` + `CAP_NET_ADMIN` (+ `CAP_PERFMON` for some helpers).
 
 pub mod fast_path;
+pub mod gathering;
 pub mod netlink;
 pub mod next_hop;
 pub mod steering;
@@ -121,6 +123,12 @@ pub enum XdpError {
     Loops(usize),
     #[error("attaching the reuseport program to the group failed (SO_ATTACH_REUSEPORT_EBPF)")]
     Steering(#[source] ProgramError),
+    #[error("attaching the sk_lookup program to this network namespace failed")]
+    Gathering(#[source] ProgramError),
+    #[error(
+        "this process's network namespace (/proc/self/ns/net) or a map's descriptor cannot be opened"
+    )]
+    Namespace(#[source] std::io::Error),
     #[error("detaching XDP from interface {interface} failed")]
     Detach {
         interface: String,
@@ -918,6 +926,34 @@ fn is_bpffs(path: &Path) -> bool {
 
 fn map_error(map: &'static str) -> impl Fn(MapError) -> XdpError {
     move |source| XdpError::Map { map, source }
+}
+
+/// Load an object that `build.rs` embedded (empty when built with `AYA_BUILD_SKIP=1`).
+fn load_embedded(object: &[u8]) -> Result<Ebpf, XdpError> {
+    if object.is_empty() {
+        return Err(XdpError::NotBuilt);
+    }
+    Ebpf::load(object).map_err(XdpError::Load)
+}
+
+/// The map `name` of `ebpf` as a `T`.
+fn typed_map<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, XdpError>
+where
+    T: TryFrom<&'a mut Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(XdpError::MapMissing(name))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// The program `name` of `ebpf` as a `P`, not yet loaded.
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, XdpError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(XdpError::ProgramMissing(name))?
+        .try_into()
+        .map_err(|source| XdpError::Verify(name, source))
 }
 
 fn is_errno(error: &MapError, errno: i32) -> bool {

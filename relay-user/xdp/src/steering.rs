@@ -17,7 +17,7 @@ use aya::programs::SkReuseport;
 use relay_common::steering::{LOOPS_MAP, PROGRAM_NAME, SOCKETS_MAP};
 pub use relay_common::steering::{MAX_LOOPS, owner_of};
 
-use crate::XdpError;
+use crate::{XdpError, load_embedded, map_error, typed_map, typed_program};
 
 /// The `rampart-steer` object built by `build.rs`; empty with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart-steer"));
@@ -36,34 +36,16 @@ impl Steering {
             .ok()
             .filter(|n| (1..=MAX_LOOPS).contains(n))
             .ok_or(XdpError::Loops(sockets.len()))?;
-        if OBJECT.is_empty() {
-            return Err(XdpError::NotBuilt);
+        let mut ebpf = load_embedded(OBJECT)?;
+        let mut group: ReusePortSockArray<_> = typed_map(&mut ebpf, SOCKETS_MAP)?;
+        for (index, socket) in (0..loops).zip(sockets) {
+            group
+                .set(index, socket, 0)
+                .map_err(map_error(SOCKETS_MAP))?;
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(XdpError::Load)?;
-        let map_error = |map| move |source| XdpError::Map { map, source };
-        {
-            let map = ebpf
-                .map_mut(SOCKETS_MAP)
-                .ok_or(XdpError::MapMissing(SOCKETS_MAP))?;
-            let mut group = ReusePortSockArray::try_from(map).map_err(map_error(SOCKETS_MAP))?;
-            for (index, socket) in (0..loops).zip(sockets) {
-                group
-                    .set(index, socket, 0)
-                    .map_err(map_error(SOCKETS_MAP))?;
-            }
-        }
-        {
-            let map = ebpf
-                .map_mut(LOOPS_MAP)
-                .ok_or(XdpError::MapMissing(LOOPS_MAP))?;
-            let mut settings: Array<_, u32> = Array::try_from(map).map_err(map_error(LOOPS_MAP))?;
-            settings.set(0, loops, 0).map_err(map_error(LOOPS_MAP))?;
-        }
-        let program: &mut SkReuseport = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(XdpError::ProgramMissing(PROGRAM_NAME))?
-            .try_into()
-            .map_err(|source| XdpError::Verify(PROGRAM_NAME, source))?;
+        let mut settings: Array<_, u32> = typed_map(&mut ebpf, LOOPS_MAP)?;
+        settings.set(0, loops, 0).map_err(map_error(LOOPS_MAP))?;
+        let program: &mut SkReuseport = typed_program(&mut ebpf, PROGRAM_NAME)?;
         program
             .load()
             .map_err(|source| XdpError::Verify(PROGRAM_NAME, source))?;

@@ -31,8 +31,12 @@ enum Command {
         /// sockets (a system call per packet; what a peer's tools would do).
         #[arg(long, default_value = "injector")]
         generator: String,
-        /// Which systems, comma-separated: rampart-xdp, rampart-userspace, coturn.
-        #[arg(long, default_value = "rampart-xdp,rampart-userspace,coturn")]
+        /// Which systems, comma-separated: rampart-xdp, rampart-userspace, rampart-userspace-epoll,
+        /// coturn.
+        #[arg(
+            long,
+            default_value = "rampart-xdp,rampart-userspace,rampart-userspace-epoll,coturn"
+        )]
         systems: String,
         /// Media payload bytes per packet (default: the profile's, 160: audio-like).
         #[arg(long)]
@@ -89,7 +93,10 @@ fn run(command: Command) -> Result<()> {
                 .split(',')
                 .map(|name| {
                     System::parse(name.trim()).with_context(|| {
-                        format!("no system {name:?}: rampart-xdp, rampart-userspace, coturn")
+                        format!(
+                            "no system {name:?}: rampart-xdp, rampart-userspace, \
+                             rampart-userspace-epoll, coturn"
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

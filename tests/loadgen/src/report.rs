@@ -200,6 +200,7 @@ impl Report {
         let mut ratios = Vec::new();
         let xdp = self.system(System::RampartXdp);
         let userspace = self.system(System::RampartUserspace);
+        let epoll = self.system(System::RampartUserspaceEpoll);
         let coturn = self.system(System::Coturn);
         let saturation = |s: Option<&SystemResult>| s.and_then(|s| s.saturation_pps);
         let mut push = |what: &str, a: Option<f64>, b: Option<f64>, goal: Option<f64>| {
@@ -231,6 +232,12 @@ impl Report {
             saturation(coturn),
             Some(2.0),
         );
+        push(
+            "saturation rate: rampart-userspace (sk_lookup gathering) / rampart-userspace-epoll",
+            saturation(userspace),
+            saturation(epoll),
+            None,
+        );
         if let Some(ceiling) = self.instrument.as_ref().and_then(|c| c.ceiling_pps) {
             push(
                 "saturation rate: rampart-xdp / the instrument's ceiling",
@@ -261,6 +268,12 @@ impl Report {
                 relay_cpu(coturn),
                 relay_cpu(userspace),
                 Some(3.0),
+            );
+            push(
+                "relay process CPU per delivered packet: rampart-userspace-epoll / rampart-userspace (sk_lookup gathering; at the common rate)",
+                relay_cpu(epoll),
+                relay_cpu(userspace),
+                None,
             );
             push(
                 "CPU per delivered packet: rampart-userspace / rampart-xdp (at the common rate)",

@@ -32,19 +32,29 @@ const CONTROL_LINK_WAIT: Duration = Duration::from_secs(30);
 pub enum System {
     /// Rampart with the XDP fast path (native mode on the edge's veths).
     RampartXdp,
-    /// Rampart relaying everything in userspace (XDP off).
+    /// Rampart relaying everything in userspace (XDP off), each loop's peer datagrams gathered
+    /// on one socket by the `sk_lookup` program (the default).
     RampartUserspace,
+    /// The same with each relay socket read on its own (`gather_peers = false`: one epoll
+    /// poller per loop, `recvmmsg` per readable socket): what gathering is measured against.
+    RampartUserspaceEpoll,
     /// coturn from the Debian package.
     Coturn,
 }
 
 impl System {
-    pub const ALL: [System; 3] = [System::RampartXdp, System::RampartUserspace, System::Coturn];
+    pub const ALL: [System; 4] = [
+        System::RampartXdp,
+        System::RampartUserspace,
+        System::RampartUserspaceEpoll,
+        System::Coturn,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             System::RampartXdp => "rampart-xdp",
             System::RampartUserspace => "rampart-userspace",
+            System::RampartUserspaceEpoll => "rampart-userspace-epoll",
             System::Coturn => "coturn",
         }
     }
@@ -80,7 +90,7 @@ enum Process {
 impl Running {
     pub fn start(system: System, topology: &EdgeTopology) -> Result<Running> {
         match system {
-            System::RampartXdp | System::RampartUserspace => {
+            System::RampartXdp | System::RampartUserspace | System::RampartUserspaceEpoll => {
                 let mode = if system == System::RampartXdp {
                     "native"
                 } else {
@@ -101,6 +111,9 @@ impl Running {
                 config.relay.push(("loops".into(), "1".into()));
                 // The default counters interval, not the XDP tests' every second.
                 config.stats_interval = None;
+                if system == System::RampartUserspaceEpoll {
+                    config.relay.push(("gather_peers".into(), "false".into()));
+                }
                 // The userspace agent links to a control service that is down until the
                 // latency-under-reports measurement starts it (no reports before).
                 let control = if system == System::RampartUserspace {

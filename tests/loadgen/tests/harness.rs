@@ -34,7 +34,15 @@ fn the_tiny_load_test_delivers_traffic_through_every_system_and_fills_every_colu
         .iter()
         .map(|s| s["system"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["rampart-xdp", "rampart-userspace", "coturn"]);
+    assert_eq!(
+        names,
+        [
+            "rampart-xdp",
+            "rampart-userspace",
+            "rampart-userspace-epoll",
+            "coturn"
+        ]
+    );
     for system in systems {
         let name = &system["system"];
         let steps = system["steps"].as_array().unwrap();
@@ -62,7 +70,7 @@ fn the_tiny_load_test_delivers_traffic_through_every_system_and_fills_every_colu
         .lines()
         .filter(|l| l.starts_with("| rampart") || l.starts_with("| coturn"))
         .collect();
-    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(rows.len(), 4, "{table}");
     for row in rows {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         assert!(
