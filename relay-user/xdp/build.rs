@@ -1,7 +1,7 @@
 //! Builds the XDP program (`relay-ebpf`) for `bpfel-unknown-none` and leaves the objects in
-//! `OUT_DIR/rampart-xdp`, `OUT_DIR/rampart-steer` and `OUT_DIR/rampart-gather`, where `src/lib.rs`,
-//! `src/steering.rs` and `src/gathering.rs`
-//! embed them (see `ebpf-build` for the tool chain).
+//! `OUT_DIR/rampart-xdp`, `OUT_DIR/rampart-steer` and `OUT_DIR/rampart-gather`, where
+//! `src/lib.rs`, `src/steering.rs` and `src/gathering.rs` embed them (see `ebpf-build` for the
+//! tool chain).
 
 fn main() {
     let manifest_dir = std::path::PathBuf::from(
