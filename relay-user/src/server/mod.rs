@@ -43,9 +43,13 @@ pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
 const STREAM_QUEUE: usize = 256;
 /// Free space a stream client's read buffer is given before each read.
 const READ_SIZE: usize = 16 * 1024;
-/// A stream client's read buffers waiting to be read into again: one being read into, one
-/// with the loop, one back (more only while the loop lags).
-const READ_BUFFERS: usize = 2;
+/// A stream client's read buffers waiting to be read into again. One is enough in steady
+/// state (one is read into while the other is with the loop); more would be held by every
+/// idle connection.
+const READ_BUFFERS: usize = 1;
+/// A stream client's write buffers waiting to be filled again: what is in flight towards a
+/// client at media rates; frames beyond it (a burst) get buffers of their own, freed after.
+const WRITE_BUFFERS: usize = 16;
 /// How often the fast path's next-hop cache is swept.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -603,7 +607,7 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
-    let (write_buffers_back, write_buffers) = std::sync::mpsc::sync_channel(STREAM_QUEUE);
+    let (write_buffers_back, write_buffers) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
     let (read_buffers_back, read_buffers) = std::sync::mpsc::sync_channel(READ_BUFFERS);
     let loops = &shared.loops;
     let stream = StreamLink {
