@@ -7,6 +7,10 @@
 //! allows a network explicitly: relaying external users to internal clients is this edge's job,
 //! but only for the networks the operator names.
 //!
+//! Cloud instance-metadata endpoints ([`CLOUD_METADATA`]) are denied even on an allowed
+//! network: a relay in a cloud must never hand a client the instance's credentials. Only an
+//! allowed network that names one of them (lies within its entry) lets it through.
+//!
 //! The relay's own addresses are denied except for its relay ports: two clients that are both
 //! relayed by this edge (the usual case for two external users) talk relay-to-relay, but no
 //! client may reach the edge's listeners or any other service on its addresses.
@@ -25,6 +29,8 @@ pub enum DenyReason {
     /// One of the server's own addresses on a port that is not a relay port (its listeners,
     /// or anything else running on the edge).
     OwnSocket,
+    /// A cloud instance-metadata endpoint ([`CLOUD_METADATA`]).
+    CloudMetadata(&'static str),
 }
 
 impl std::fmt::Display for DenyReason {
@@ -35,6 +41,7 @@ impl std::fmt::Display for DenyReason {
             DenyReason::OwnSocket => {
                 f.write_str("the server's own address outside its relay port range")
             }
+            DenyReason::CloudMetadata(what) => write!(f, "cloud metadata endpoint ({what})"),
         }
     }
 }
@@ -62,6 +69,23 @@ const SPECIAL_V4: &[(&str, &str)] = &[
     ("255.255.255.255/32", "limited broadcast"),
 ];
 
+/// Cloud instance-metadata and platform endpoints: a relayed request there could read the
+/// instance's credentials. Some lie outside every special-purpose range (Azure's 168.63.129.16),
+/// and the others must stay denied when an operator allows their whole range (link-local,
+/// CGNAT, ULA). Denied unless an allowed network of the configuration names them.
+pub const CLOUD_METADATA: &[(&str, &str)] = &[
+    (
+        "169.254.169.254/32",
+        "AWS, Azure, Google Cloud, OpenStack, Oracle and others' instance metadata",
+    ),
+    ("169.254.170.2/32", "AWS ECS task metadata"),
+    ("169.254.0.23/32", "Tencent Cloud metadata"),
+    ("168.63.129.16/32", "Azure WireServer and platform DNS"),
+    ("100.100.100.200/32", "Alibaba Cloud metadata"),
+    ("192.0.0.192/32", "Oracle Cloud metadata"),
+    ("fd00:ec2::254/128", "AWS instance metadata over IPv6"),
+];
+
 /// IANA IPv6 special-purpose address registry (plus multicast). The forms that embed an IPv4
 /// address are unwrapped by [`canonicalize`] before this list is consulted; they stay listed so
 /// that an embedded form which cannot be unwrapped is still refused.
@@ -69,6 +93,7 @@ const SPECIAL_V6: &[(&str, &str)] = &[
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::ffff:0:0/96", "IPv4-mapped"),
+    ("::ffff:0:0:0/96", "IPv4-translated (RFC 2765)"),
     ("::/96", "IPv4-compatible"),
     ("64:ff9b::/96", "NAT64 well-known prefix"),
     ("64:ff9b:1::/48", "NAT64 local-use"),
@@ -84,8 +109,8 @@ const SPECIAL_V6: &[(&str, &str)] = &[
     ("ff00::/8", "multicast"),
 ];
 
-/// The address a packet would really reach: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
-/// (`::a.b.c.d`), NAT64 (`64:ff9b::/96`), 6to4 (`2002:AABB:CCDD::/48`) and Teredo
+/// The address a packet would really reach: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-translated
+/// (`::ffff:0:a.b.c.d`, RFC 2765), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`), 6to4 (`2002:AABB:CCDD::/48`) and Teredo
 /// (`2001:0::/32`, client address inverted) forms are unwrapped to the IPv4 address they carry.
 pub fn canonicalize(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else { return ip };
@@ -94,6 +119,9 @@ pub fn canonicalize(ip: IpAddr) -> IpAddr {
     let last_v4 = || Ipv4Addr::new(o[12], o[13], o[14], o[15]);
     if let Some(v4) = v6.to_ipv4_mapped() {
         return IpAddr::V4(v4);
+    }
+    if seg[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return IpAddr::V4(last_v4());
     }
     // IPv4-compatible, but not :: and ::1, which are IPv6's own unspecified and loopback.
     if seg[..6] == [0; 6] && u32::from(last_v4()) > 1 {
@@ -117,6 +145,7 @@ pub fn canonicalize(ip: IpAddr) -> IpAddr {
 /// The peer policy of one relay: compiled once from configuration.
 #[derive(Clone, Debug)]
 pub struct PeerPolicy {
+    cloud_metadata: Vec<(IpNet, &'static str)>,
     special_v4: Vec<(Ipv4Net, &'static str)>,
     special_v6: Vec<(Ipv6Net, &'static str)>,
     allowed: Vec<IpNet>,
@@ -140,6 +169,10 @@ impl PeerPolicy {
         own_port_range: Option<(u16, u16)>,
     ) -> Self {
         PeerPolicy {
+            cloud_metadata: CLOUD_METADATA
+                .iter()
+                .map(|(net, what)| (net.parse().expect("static metadata range"), *what))
+                .collect(),
             special_v4: SPECIAL_V4
                 .iter()
                 .map(|(net, why)| (net.parse().expect("static IPv4 range"), *why))
@@ -173,6 +206,17 @@ impl PeerPolicy {
         let ip = canonicalize(ip);
         if self.denied.iter().any(|net| net.contains(&ip)) {
             return Err(DenyReason::OperatorDenied);
+        }
+        if let Some((metadata, what)) = self
+            .cloud_metadata
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            && !self
+                .allowed
+                .iter()
+                .any(|net| net.contains(&ip) && metadata.contains(net))
+        {
+            return Err(DenyReason::CloudMetadata(what));
         }
         if self
             .allowed
@@ -297,6 +341,73 @@ mod tests {
         // A mapped public address is allowed, judged as the IPv4 address.
         assert!(!denied(&p, "::ffff:8.8.8.8"));
         assert!(!denied(&p, "64:ff9b::808:808"));
+    }
+
+    #[test]
+    fn ipv4_translated_addresses_are_unwrapped() {
+        let p = default_policy();
+        assert_eq!(
+            canonicalize("::ffff:0:8.8.8.8".parse().unwrap()),
+            "8.8.8.8".parse::<IpAddr>().unwrap()
+        );
+        assert!(!denied(&p, "::ffff:0:8.8.8.8"));
+        for ip in [
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:10.1.2.3",
+            "::ffff:0:169.254.169.254",
+        ] {
+            assert!(denied(&p, ip), "{ip} must be denied");
+        }
+    }
+
+    #[test]
+    fn cloud_metadata_is_denied_unless_an_allowed_network_names_it() {
+        let policy = |allowed: &[&str]| {
+            PeerPolicy::new(
+                allowed.iter().map(|n| n.parse().unwrap()).collect(),
+                vec![],
+                vec![],
+                vec![],
+                None,
+            )
+        };
+        let azure: IpAddr = "168.63.129.16".parse().unwrap();
+        let default = policy(&[]);
+        assert!(matches!(
+            default.check(azure),
+            Err(DenyReason::CloudMetadata(_))
+        ));
+        assert!(
+            default
+                .check("::ffff:168.63.129.16".parse().unwrap())
+                .is_err()
+        );
+        assert!(default.check("168.63.129.17".parse().unwrap()).is_ok());
+        // Allowing a network around it is not naming it.
+        for broad in [&["0.0.0.0/0"][..], &["168.63.0.0/16"], &["169.254.0.0/16"]] {
+            let p = policy(broad);
+            assert!(p.check(azure).is_err(), "{broad:?}");
+            assert!(
+                p.check("169.254.169.254".parse().unwrap()).is_err(),
+                "{broad:?}"
+            );
+        }
+        assert!(
+            policy(&["169.254.0.0/16"])
+                .check("169.254.1.1".parse().unwrap())
+                .is_ok()
+        );
+        assert!(
+            policy(&["fc00::/7"])
+                .check("fd00:ec2::254".parse().unwrap())
+                .is_err()
+        );
+        // Named: allowed.
+        assert!(policy(&["168.63.129.16/32"]).check(azure).is_ok());
+        // The control plane's networks never lift it: only the operator's configuration.
+        let mut controlled = policy(&[]);
+        controlled.set_allowed_by_control(vec!["168.63.129.16/32".parse().unwrap()]);
+        assert!(controlled.check(azure).is_err());
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub struct Stats {
     pub to_peer_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
+    /// Allocates that asked for a second family with the draft attribute 0x8032.
+    pub legacy_additional_address_family: u64,
 }
 
 /// Every loop's counters summed: the agent's.
@@ -170,6 +172,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
             to_peer_bytes,
             to_client_packets,
             to_client_bytes,
+            legacy_additional_address_family,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -189,6 +192,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.to_peer_bytes += to_peer_bytes;
         self.to_client_packets += to_client_packets;
         self.to_client_bytes += to_client_bytes;
+        self.legacy_additional_address_family += legacy_additional_address_family;
     }
 }
 
@@ -917,6 +921,9 @@ impl Server {
         let token = request.reservation_token();
         let requested_family = request.requested_address_family();
         let additional_family = request.additional_address_family();
+        if request.has_legacy_additional_address_family() {
+            self.stats.legacy_additional_address_family += 1;
+        }
         // RFC 8656 §7.2: combinations that are errors in themselves.
         let inconsistent = (token.is_some()
             && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))

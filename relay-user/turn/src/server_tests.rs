@@ -514,6 +514,32 @@ fn unsupported_transport_and_address_families() {
     )));
 }
 
+/// coturn's client asks for the second family with the draft number 0x8032, which coturn's
+/// server takes as ADDITIONAL-ADDRESS-FAMILY: so does this one, and counts it.
+#[test]
+fn the_draft_additional_address_family_attribute_gets_a_dual_allocation() {
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    let response = alice.allocate(
+        &mut h,
+        &[Attribute::LegacyAdditionalAddressFamily(AddressFamily::V6)],
+    );
+    let relays = relayed(&response);
+    assert_eq!(relays.len(), 2);
+    assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
+    assert_eq!(h.server.stats().legacy_additional_address_family, 1);
+    // With REQUESTED-ADDRESS-FAMILY: RFC 8656 §7.2's 400, as under the RFC's number.
+    let mut bob = Client::new("192.0.2.2:5555", "alice", "wonderland");
+    let response = bob.allocate(
+        &mut h,
+        &[
+            Attribute::RequestedAddressFamily(AddressFamily::V6),
+            Attribute::LegacyAdditionalAddressFamily(AddressFamily::V6),
+        ],
+    );
+    assert_eq!(code(&response), Some(400));
+}
+
 #[test]
 fn dual_stack_allocation_relays_both_families() {
     let mut h = Harness::new();

@@ -1,6 +1,7 @@
 //! Username -> password lookup: static users for development, and time-limited credentials in
-//! the TURN REST API scheme (username `expiry:user`, password
-//! base64(HMAC-SHA1(secret, username))) that front-ends mint without talking to the relay.
+//! the TURN REST API scheme (username `expiry:user`, or a bare `expiry`, which the scheme
+//! allows and coturn accepts; password base64(HMAC-SHA1(secret, username))) that front-ends
+//! mint without talking to the relay.
 
 use std::collections::HashMap;
 
@@ -18,7 +19,7 @@ const CLOCK_SKEW_SECS: u64 = 60;
 pub enum CredentialError {
     #[error("unknown user")]
     UnknownUser,
-    #[error("REST API username is not `expiry:user`")]
+    #[error("REST API username is neither `expiry:user` nor `expiry`")]
     MalformedRestUsername,
     #[error("REST API credential expired at {expiry} (now {now})")]
     Expired { expiry: u64, now: u64 },
@@ -135,9 +136,9 @@ impl Credentials {
         let Some(rest) = &self.rest else {
             return Err(CredentialError::UnknownUser);
         };
-        let (expiry, user) = username
-            .split_once(':')
-            .ok_or(CredentialError::MalformedRestUsername)?;
+        // A bare expiry names no user: its quota is the username's own, and no revocation
+        // (which names a user) reaches it before it expires.
+        let (expiry, user) = username.split_once(':').unwrap_or((username, username));
         let expiry: u64 = expiry
             .parse()
             .map_err(|_| CredentialError::MalformedRestUsername)?;
@@ -202,6 +203,17 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_expiry_is_a_rest_username_of_its_own() {
+        let c = creds().candidates("1000", 500).unwrap();
+        assert_eq!(c.quota_key, "1000", "the whole username is the quota key");
+        assert_eq!(c.passwords[0], rest_password(b"new-secret", "1000"));
+        assert!(matches!(
+            creds().candidates("1000", 1000),
+            Err(CredentialError::Expired { .. })
+        ));
+    }
+
+    #[test]
     fn rest_password_matches_the_published_scheme() {
         // echo -n "1700000000:alice" | openssl dgst -sha1 -hmac secret -binary | base64
         assert_eq!(
@@ -247,6 +259,10 @@ mod tests {
         assert!(c.candidates("86461:bob", 0).is_err());
         assert_eq!(
             c.candidates("bob", 0),
+            Err(CredentialError::MalformedRestUsername)
+        );
+        assert_eq!(
+            c.candidates("1000:", 0),
             Err(CredentialError::MalformedRestUsername)
         );
         let static_only = Credentials::new(HashMap::new(), None);

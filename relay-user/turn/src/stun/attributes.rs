@@ -30,6 +30,10 @@ pub mod attr_type {
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+    /// ADDITIONAL-ADDRESS-FAMILY's number in the drafts before RFC 8656
+    /// (draft-ietf-tram-turn-ipv6), which coturn's client still sends for a dual allocation
+    /// and coturn's server accepts.
+    pub const LEGACY_ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8032;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const ALTERNATE_DOMAIN: u16 = 0x8003;
@@ -135,6 +139,8 @@ pub enum Attribute<'a> {
     DontFragment,
     ReservationToken([u8; 8]),
     AdditionalAddressFamily(AddressFamily),
+    /// ADDITIONAL-ADDRESS-FAMILY under its draft number ([`attr_type::LEGACY_ADDITIONAL_ADDRESS_FAMILY`]).
+    LegacyAdditionalAddressFamily(AddressFamily),
     AddressErrorCode {
         family: AddressFamily,
         code: u16,
@@ -188,6 +194,7 @@ impl<'a> Attribute<'a> {
             Attribute::DontFragment => t::DONT_FRAGMENT,
             Attribute::ReservationToken(_) => t::RESERVATION_TOKEN,
             Attribute::AdditionalAddressFamily(_) => t::ADDITIONAL_ADDRESS_FAMILY,
+            Attribute::LegacyAdditionalAddressFamily(_) => t::LEGACY_ADDITIONAL_ADDRESS_FAMILY,
             Attribute::AddressErrorCode { .. } => t::ADDRESS_ERROR_CODE,
             Attribute::Priority(_) => t::PRIORITY,
             Attribute::UseCandidate => t::USE_CANDIDATE,
@@ -246,7 +253,8 @@ impl<'a> Attribute<'a> {
                 out.extend_from_slice(&v.to_be_bytes())
             }
             Attribute::RequestedAddressFamily(family)
-            | Attribute::AdditionalAddressFamily(family) => {
+            | Attribute::AdditionalAddressFamily(family)
+            | Attribute::LegacyAdditionalAddressFamily(family) => {
                 out.extend_from_slice(&[family.wire(), 0, 0, 0])
             }
             Attribute::EvenPort { reserve } => out.push(if *reserve { 0x80 } else { 0 }),
@@ -333,6 +341,9 @@ impl<'a> Attribute<'a> {
             }
             t::ADDITIONAL_ADDRESS_FAMILY => {
                 decode_family_word(value).map(Attribute::AdditionalAddressFamily)
+            }
+            t::LEGACY_ADDITIONAL_ADDRESS_FAMILY => {
+                decode_family_word(value).map(Attribute::LegacyAdditionalAddressFamily)
             }
             // RFC 8656 §18.6: one byte, R flag in the top bit, the rest RFFU.
             t::EVEN_PORT => match *value {
@@ -712,7 +723,11 @@ mod tests {
             decode(t::EVEN_PORT, &[0x7F]),
             Ok(Attribute::EvenPort { reserve: false })
         );
-        for kind in [t::REQUESTED_ADDRESS_FAMILY, t::ADDITIONAL_ADDRESS_FAMILY] {
+        for kind in [
+            t::REQUESTED_ADDRESS_FAMILY,
+            t::ADDITIONAL_ADDRESS_FAMILY,
+            t::LEGACY_ADDITIONAL_ADDRESS_FAMILY,
+        ] {
             assert!(decode(kind, &[1, 0, 0, 0]).is_ok());
             assert!(decode(kind, &[2, 0, 0, 0]).is_ok());
             assert_eq!(decode(kind, &[3, 0, 0, 0]), bad(kind));

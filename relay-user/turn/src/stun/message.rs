@@ -307,11 +307,21 @@ impl<'a> Message<'a> {
         })
     }
 
+    /// ADDITIONAL-ADDRESS-FAMILY, under its RFC number or its draft one.
     pub fn additional_address_family(&self) -> Option<AddressFamily> {
         self.find_map(|a| match a {
-            Attribute::AdditionalAddressFamily(v) => Some(*v),
+            Attribute::AdditionalAddressFamily(v) | Attribute::LegacyAdditionalAddressFamily(v) => {
+                Some(*v)
+            }
             _ => None,
         })
+    }
+
+    /// Whether ADDITIONAL-ADDRESS-FAMILY came under its draft number (0x8032).
+    pub fn has_legacy_additional_address_family(&self) -> bool {
+        self.attributes
+            .iter()
+            .any(|a| matches!(a, Attribute::LegacyAdditionalAddressFamily(_)))
     }
 
     /// `Some(reserve)` when EVEN-PORT is present.
