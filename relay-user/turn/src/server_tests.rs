@@ -518,15 +518,7 @@ fn unsupported_transport_and_address_families() {
 /// server takes as ADDITIONAL-ADDRESS-FAMILY: so does this one, and counts it.
 #[test]
 fn the_draft_additional_address_family_attribute_gets_a_dual_allocation() {
-    let mut h = Harness::new();
-    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
-    let response = alice.allocate(
-        &mut h,
-        &[Attribute::LegacyAdditionalAddressFamily(AddressFamily::V6)],
-    );
-    let relays = relayed(&response);
-    assert_eq!(relays.len(), 2);
-    assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
+    let (mut h, _) = dual_allocation(Attribute::LegacyAdditionalAddressFamily(AddressFamily::V6));
     assert_eq!(h.server.stats().legacy_additional_address_family, 1);
     // With REQUESTED-ADDRESS-FAMILY: RFC 8656 §7.2's 400, as under the RFC's number.
     let mut bob = Client::new("192.0.2.2:5555", "alice", "wonderland");
@@ -540,17 +532,19 @@ fn the_draft_additional_address_family_attribute_gets_a_dual_allocation() {
     assert_eq!(code(&response), Some(400));
 }
 
-#[test]
-fn dual_stack_allocation_relays_both_families() {
+/// alice's allocation asking for a second family with `additional`: an IPv4 and an IPv6 relay.
+fn dual_allocation(additional: Attribute<'static>) -> (Harness, Client) {
     let mut h = Harness::new();
     let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
-    let response = alice.allocate(
-        &mut h,
-        &[Attribute::AdditionalAddressFamily(AddressFamily::V6)],
-    );
-    let relays = relayed(&response);
+    let relays = relayed(&alice.allocate(&mut h, &[additional]));
     assert_eq!(relays.len(), 2);
     assert!(relays[0].is_ipv4() && relays[1].is_ipv6());
+    (h, alice)
+}
+
+#[test]
+fn dual_stack_allocation_relays_both_families() {
+    let (mut h, mut alice) = dual_allocation(Attribute::AdditionalAddressFamily(AddressFamily::V6));
     let peers = [
         Attribute::XorPeerAddress(PEER.parse().unwrap()),
         Attribute::XorPeerAddress(PEER_V6.parse().unwrap()),
