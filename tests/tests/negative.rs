@@ -321,6 +321,22 @@ fn garbage_on_a_stream_closes_only_that_connection() {
         );
     }
 
+    // A request and garbage in one segment: the request is still answered, then the
+    // connection closes.
+    let mut stream = TcpStream::connect_timeout(&addr, RECV_TIMEOUT).unwrap();
+    stream.set_read_timeout(Some(RECV_TIMEOUT)).unwrap();
+    let mut segment =
+        MessageBuilder::new(Class::Request, Method::BINDING, TransactionId([7; 12])).finish();
+    segment.extend_from_slice(&[0xFF; 16]);
+    stream.write_all(&segment).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let response = Message::parse(&answer).expect("the Binding response, before the close");
+    assert_eq!(
+        (response.method, response.class),
+        (Method::BINDING, Class::SuccessResponse)
+    );
+
     // The allocation on the healthy connection is untouched.
     assert!(
         healthy.refresh(600).is_ok(),

@@ -50,6 +50,16 @@ const READ_BUFFERS: usize = 1;
 /// A stream client's write buffers waiting to be filled again: what is in flight towards a
 /// client at media rates; frames beyond it (a burst) get buffers of their own, freed after.
 const WRITE_BUFFERS: usize = 16;
+/// How long a closing stream client's last answers may take to be written.
+const STREAM_DRAIN: Duration = Duration::from_secs(5);
+/// Write buffers larger than this are not pooled: media frames (a ChannelData header and an
+/// MTU-sized payload) fit.
+const POOLED_WRITE_CAPACITY: usize = 2048;
+/// Receive buffer of a loop's gathering socket. It queues the peer datagrams of all the loop's
+/// allocations (where each relay socket had its own ~208 KiB): about 150 ms of the measured
+/// saturation rate in small datagrams. Needs CAP_NET_ADMIN (SO_RCVBUFFORCE), which attaching
+/// the program does too; else SO_RCVBUF, capped by net.core.rmem_max.
+const GATHER_RECEIVE_BUFFER: libc::c_int = 8 << 20;
 /// How often the fast path's next-hop cache is swept.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -465,6 +475,10 @@ fn gather(turn: &ServerConfig, loops: usize) -> (Option<Gathering>, Vec<Gather>)
             .flatten()
             .map(|relay| relay.bind)
             .collect();
+        // The program keys on the address datagrams are sent to, which a wildcard bind is not.
+        if let Some(ip) = relay_ips.iter().find(|ip| ip.is_unspecified()) {
+            return Err(format!("the relay binds {ip}, not one address").into());
+        }
         let mut receivers = Vec::new();
         for loop_index in 0..loops {
             let mut sockets = Vec::new();
@@ -481,6 +495,16 @@ fn gather(turn: &ServerConfig, loops: usize) -> (Option<Gathering>, Vec<Gather>)
                     (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
                 };
                 batch_io::set_int_option(&socket, level, option, 1)?;
+                if batch_io::set_int_option(
+                    &socket,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    GATHER_RECEIVE_BUFFER,
+                )
+                .is_err()
+                {
+                    socket.set_recv_buffer_size(GATHER_RECEIVE_BUFFER as usize)?;
+                }
                 socket.set_nonblocking(true)?;
                 socket.bind(&SocketAddr::new(ip, 0).into())?;
                 sockets.push((
@@ -627,7 +651,10 @@ where
             if writer.write_all(&frame).await.is_err() {
                 break;
             }
-            let _ = write_buffers_back.try_send(frame);
+            // Large ones (a burst of big messages) are freed rather than kept by an idle client.
+            if frame.capacity() <= POOLED_WRITE_CAPACITY {
+                let _ = write_buffers_back.try_send(frame);
+            }
         }
     };
     // Frames are relayed from the buffer they were read into: whole frames go to the loop as
@@ -635,47 +662,61 @@ where
     let read = async move {
         let mut buf = Vec::with_capacity(READ_SIZE);
         loop {
-            buf.reserve(READ_SIZE);
-            let read = tokio::time::timeout(shared.idle_timeout, reader.read_buf(&mut buf)).await;
-            match read {
+            // At most READ_SIZE more per read: a command carries at most one incomplete frame
+            // and READ_SIZE bytes, whatever the buffer's capacity grew to.
+            let start = buf.len();
+            buf.resize(start + READ_SIZE, 0);
+            let read =
+                tokio::time::timeout(shared.idle_timeout, reader.read(&mut buf[start..])).await;
+            let n = match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return "closed",
                 Err(_) => return "idle timeout",
-                Ok(Ok(_)) => {}
-            }
+                Ok(Ok(n)) => n,
+            };
+            buf.truncate(start + n);
             let mut complete = 0;
-            loop {
+            let framing = loop {
                 match next_stream_frame(&buf[complete..]) {
                     Ok(Some(len)) => complete += len,
-                    Ok(None) if buf.len() - complete <= MAX_STREAM_FRAME => break,
-                    Ok(None) | Err(_) => return "not STUN or ChannelData framing",
+                    Ok(None) if buf.len() - complete <= MAX_STREAM_FRAME => break Ok(()),
+                    Ok(None) | Err(_) => break Err("not STUN or ChannelData framing"),
                 }
+            };
+            // The frames before a framing error are still relayed, in order.
+            if complete > 0 {
+                let mut next = read_buffers
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
+                next.clear();
+                next.extend_from_slice(&buf[complete..]);
+                buf.truncate(complete);
+                let frames = std::mem::replace(&mut buf, next);
+                loops
+                    .send_to_owner(
+                        five_tuple.client,
+                        Command::StreamFrames { five_tuple, frames },
+                    )
+                    .await;
             }
-            if complete == 0 {
-                continue;
+            if let Err(reason) = framing {
+                return reason;
             }
-            let mut next = read_buffers
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
-            next.clear();
-            next.extend_from_slice(&buf[complete..]);
-            buf.truncate(complete);
-            let frames = std::mem::replace(&mut buf, next);
-            loops
-                .send_to_owner(
-                    five_tuple.client,
-                    Command::StreamFrames { five_tuple, frames },
-                )
-                .await;
         }
     };
+    tokio::pin!(write);
     let reason = tokio::select! {
         reason = read => reason,
-        () = write => "write failed",
+        () = &mut write => "write failed",
     };
     debug!(client = %five_tuple.client, reason, "client disconnected");
     loops
         .send_to_owner(five_tuple.client, Command::StreamClosed { five_tuple })
         .await;
+    // What the loop answered to the frames it was sent is still written: the loop drops its
+    // end of the writer's queue when it takes the close, which ends the writer once drained.
+    if reason != "write failed" {
+        let _ = tokio::time::timeout(STREAM_DRAIN, write).await;
+    }
 }
 
 /// Hands the kernel's routing, neighbour and link announcements to the fast path as they come,

@@ -79,11 +79,14 @@ pub const CLOUD_METADATA: &[(&str, &str)] = &[
         "AWS, Azure, Google Cloud, OpenStack, Oracle and others' instance metadata",
     ),
     ("169.254.170.2/32", "AWS ECS task metadata"),
+    ("169.254.170.23/32", "AWS EKS Pod Identity"),
     ("169.254.0.23/32", "Tencent Cloud metadata"),
     ("168.63.129.16/32", "Azure WireServer and platform DNS"),
     ("100.100.100.200/32", "Alibaba Cloud metadata"),
     ("192.0.0.192/32", "Oracle Cloud metadata"),
     ("fd00:ec2::254/128", "AWS instance metadata over IPv6"),
+    ("fd00:ec2::23/128", "AWS EKS Pod Identity over IPv6"),
+    ("fd20:ce::254/128", "Google Cloud metadata over IPv6"),
 ];
 
 /// IANA IPv6 special-purpose address registry (plus multicast). The forms that embed an IPv4
@@ -397,11 +400,13 @@ mod tests {
                 .check("169.254.1.1".parse().unwrap())
                 .is_ok()
         );
-        assert!(
-            policy(&["fc00::/7"])
-                .check("fd00:ec2::254".parse().unwrap())
-                .is_err()
-        );
+        for metadata in ["fd00:ec2::254", "fd20:ce::254", "fd00:ec2::23"] {
+            assert!(
+                policy(&["fc00::/7"])
+                    .check(metadata.parse().unwrap())
+                    .is_err()
+            );
+        }
         // Named: allowed.
         assert!(policy(&["168.63.129.16/32"]).check(azure).is_ok());
         // The control plane's networks never lift it: only the operator's configuration.
