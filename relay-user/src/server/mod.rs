@@ -483,33 +483,9 @@ fn gather(turn: &ServerConfig, loops: usize) -> (Option<Gathering>, Vec<Gather>)
         for loop_index in 0..loops {
             let mut sockets = Vec::new();
             for &ip in &relay_ips {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(SocketAddr::new(ip, 0)),
-                    socket2::Type::DGRAM,
-                    Some(socket2::Protocol::UDP),
-                )?;
-                let (level, option) = if ip.is_ipv6() {
-                    socket.set_only_v6(true)?;
-                    (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
-                } else {
-                    (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
-                };
-                batch_io::set_int_option(&socket, level, option, 1)?;
-                if batch_io::set_int_option(
-                    &socket,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    GATHER_RECEIVE_BUFFER,
-                )
-                .is_err()
-                {
-                    socket.set_recv_buffer_size(GATHER_RECEIVE_BUFFER as usize)?;
-                }
-                socket.set_nonblocking(true)?;
-                socket.bind(&SocketAddr::new(ip, 0).into())?;
                 sockets.push((
                     socket_index(loop_index as u32, ip.is_ipv6()),
-                    std::net::UdpSocket::from(socket),
+                    receive_socket(ip, turn.port_range)?,
                 ));
             }
             receivers.push(sockets);
@@ -546,6 +522,51 @@ fn gather(turn: &ServerConfig, loops: usize) -> (Option<Gathering>, Vec<Gather>)
             }
             warn!(error = %reason, "cannot gather peer datagrams in the kernel: relay loops read each relay socket on its own");
             (None, Vec::new())
+        }
+    }
+}
+
+/// Tries at finding a receive socket port outside the relay range, which the kernel's
+/// ephemeral range usually overlaps.
+const RECEIVE_PORT_TRIES: usize = 16;
+
+/// A gathering socket on `ip`: original destinations reported, a large receive queue, bound
+/// to a port the kernel picks, outside `relay_ports` if one of a few picks is (a relay port
+/// it held could not be allocated).
+fn receive_socket(ip: IpAddr, relay_ports: (u16, u16)) -> io::Result<std::net::UdpSocket> {
+    let mut tries = 0;
+    loop {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(SocketAddr::new(ip, 0)),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        let (level, option) = if ip.is_ipv6() {
+            socket.set_only_v6(true)?;
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
+        };
+        batch_io::set_int_option(&socket, level, option, 1)?;
+        if batch_io::set_int_option(
+            &socket,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            GATHER_RECEIVE_BUFFER,
+        )
+        .is_err()
+        {
+            socket.set_recv_buffer_size(GATHER_RECEIVE_BUFFER as usize)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+        let port = socket
+            .local_addr()?
+            .as_socket()
+            .map_or(0, |address| address.port());
+        tries += 1;
+        if !(relay_ports.0..=relay_ports.1).contains(&port) || tries == RECEIVE_PORT_TRIES {
+            return Ok(socket.into());
         }
     }
 }
@@ -768,5 +789,26 @@ async fn timers(shared: Arc<Shared>, stats_every: Duration) {
                 logged = Some(current);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathering_sockets_stay_off_the_relay_ports() {
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        // A third of the kernel's usual ephemeral range (32768-60999): 16 picks all inside
+        // it happen about once in 10^7.
+        let relay_ports = (40000, 49999);
+        let socket = receive_socket(ip, relay_ports).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        assert!(
+            !(relay_ports.0..=relay_ports.1).contains(&port),
+            "port {port}"
+        );
+        // With no port outside the range to find, the last pick is kept.
+        assert!(receive_socket(ip, (1, 65535)).is_ok());
     }
 }
