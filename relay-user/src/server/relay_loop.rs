@@ -297,6 +297,13 @@ pub(crate) fn start(
         let thread = std::thread::Builder::new()
             .name(format!("rampart-relay-{index}"))
             .spawn(move || {
+                // Built on the loop's own thread: the batch holds raw pointers (not Send).
+                let peer_batch = RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM);
+                let peer_batch = if gather.is_some() {
+                    peer_batch.with_destinations()
+                } else {
+                    peer_batch
+                };
                 let relay_loop = RelayLoop {
                     index,
                     loops,
@@ -309,11 +316,7 @@ pub(crate) fn start(
                         .map(|(i, (address, _))| (*address, i))
                         .collect(),
                     listeners: registered,
-                    peer_batch: match gather {
-                        Some(_) => RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM)
-                            .with_destinations(),
-                        None => RecvBatch::new(PEER_HEADROOM, MAX_DATAGRAM, PEER_TAILROOM),
-                    },
+                    peer_batch,
                     gather,
                     relays: Vec::new(),
                     free_slots: Vec::new(),
@@ -453,15 +456,20 @@ impl RelayLoop {
         );
     }
 
+    /// The token of relay slot 0: after the listeners' and the receivers'.
+    fn first_relay_token(&self) -> usize {
+        self.listeners.len() + self.gather.as_ref().map_or(0, |g| g.receivers.len())
+    }
+
     fn source(&self, token: Token) -> Source {
-        let receivers = self.gather.as_ref().map_or(0, |g| g.receivers.len());
         let listeners = self.listeners.len();
+        let relays = self.first_relay_token();
         if token.0 < listeners {
             Source::Listener(token.0)
-        } else if token.0 < listeners + receivers {
+        } else if token.0 < relays {
             Source::Receiver(token.0 - listeners)
         } else {
-            Source::Relay(token.0 - listeners - receivers)
+            Source::Relay(token.0 - relays)
         }
     }
 
@@ -489,12 +497,14 @@ impl RelayLoop {
                 return false;
             };
             let now = Instant::now();
+            if let Source::Receiver(_) = source {
+                self.stats.peer_datagrams_gathered += filled.len() as u64;
+            }
             for i in filled {
                 match source {
                     Source::Listener(_) => self.client_datagram(i, socket, now),
                     Source::Relay(_) => self.peer_datagram(i, socket, now),
                     Source::Receiver(_) => {
-                        self.stats.peer_datagrams_gathered += 1;
                         if let Some(relay) = self.peer_batch.destination(i) {
                             self.peer_datagram(i, relay, now);
                         }
@@ -784,8 +794,7 @@ impl RelayLoop {
             self.relays.push(None);
             self.relays.len() - 1
         });
-        let receivers = self.gather.as_ref().map_or(0, |g| g.receivers.len());
-        let token = Token(self.listeners.len() + receivers + slot);
+        let token = Token(self.first_relay_token() + slot);
         if let Err(error) = self
             .poll
             .registry()
