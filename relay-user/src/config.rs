@@ -303,6 +303,8 @@ struct RawLimits {
     connections_per_source: usize,
     #[serde(default = "tls_handshake_timeout")]
     tls_handshake_timeout: u64,
+    #[serde(default = "peer_connections_per_allocation")]
+    peer_connections_per_allocation: usize,
 }
 
 impl Default for RawLimits {
@@ -315,6 +317,7 @@ impl Default for RawLimits {
             connections_total: connections_total(),
             connections_per_source: connections_per_source(),
             tls_handshake_timeout: tls_handshake_timeout(),
+            peer_connections_per_allocation: peer_connections_per_allocation(),
         }
     }
 }
@@ -339,6 +342,11 @@ fn connections_per_source() -> usize {
 }
 fn tls_handshake_timeout() -> u64 {
     10
+}
+/// A desktop-sharing session needs one; coturn's client in its TCP mode opens one per other
+/// client (`-m` of them).
+fn peer_connections_per_allocation() -> usize {
+    32
 }
 
 /// A client listener.
@@ -530,6 +538,7 @@ impl RawConfig {
             || limits.connections_total == 0
             || limits.connections_per_source == 0
             || limits.tls_handshake_timeout == 0
+            || limits.peer_connections_per_allocation == 0
         {
             return Err(invalid("limits", "limits must be positive"));
         }
@@ -609,6 +618,7 @@ impl RawConfig {
                 },
                 credentials: Credentials::new(users, rest),
                 peer_policy,
+                peer_connections_per_allocation: limits.peer_connections_per_allocation,
             },
             connections: ConnectionLimits {
                 total: limits.connections_total,

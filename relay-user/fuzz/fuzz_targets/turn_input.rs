@@ -128,7 +128,12 @@ fn five_tuple(transport: Transport, host: u8) -> FiveTuple {
 fn check(server: &mut Server, now: Instant) {
     while let Some(output) = server.poll_output() {
         match output {
-            Output::BindRelay { relay, .. } => server.handle_bind_result(relay, true, now),
+            Output::BindRelay { relay, .. } | Output::ListenRelay { relay } => {
+                server.handle_bind_result(relay, true, now)
+            }
+            Output::ConnectPeer { id, .. } => {
+                server.handle_connect_result(id, true, now);
+            }
             Output::Transmit(Transmit::ToPeer { peer, .. }) => {
                 // Permissions are by IP address (RFC 8656 §9): any port of the peer's.
                 let permitted: SocketAddr = PEER.parse().unwrap();
@@ -165,6 +170,7 @@ fn server_with_a_channel(now: Instant) -> (Server, SocketAddr) {
             burst: 1e6,
         },
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
+        peer_connections_per_allocation: 8,
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay_ip], vec![], Some((50000, 50009))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));
@@ -199,7 +205,9 @@ fn server_with_a_channel(now: Instant) -> (Server, SocketAddr) {
         server.handle_client_input(client, &b.finish(), now);
         while let Some(output) = server.poll_output() {
             match output {
-                Output::BindRelay { relay, .. } => server.handle_bind_result(relay, true, now),
+                Output::BindRelay { relay, .. } | Output::ListenRelay { relay } => {
+                    server.handle_bind_result(relay, true, now)
+                }
                 Output::Transmit(Transmit::ToClient {
                     payload: Payload::Message(m),
                     ..

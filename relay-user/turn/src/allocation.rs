@@ -107,6 +107,10 @@ pub struct Allocation {
     pub relayed: RelayedBytes,
     /// The channels last handed to the fast path, to send it only what changed.
     published: HashMap<u16, FastPathChannel>,
+    /// A TCP allocation (RFC 6062): its relay is a listener, it relays over peer connections.
+    pub tcp: bool,
+    /// A TCP allocation's peer connections, by peer (one per peer: RFC 6062 §5.2's 446).
+    pub peer_connections: HashMap<SocketAddr, u32>,
 }
 
 impl Allocation {
@@ -130,6 +134,8 @@ impl Allocation {
             allocate_response: Vec::new(),
             relayed: RelayedBytes::default(),
             published: HashMap::new(),
+            tcp: false,
+            peer_connections: HashMap::new(),
         }
     }
 

@@ -40,8 +40,9 @@ const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often the per-source rate limiter and the revocation list are pruned while they hold
 /// anything: they bound memory under a flood, not any protocol timer.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-/// IANA protocol number carried in REQUESTED-TRANSPORT for UDP (RFC 8656 §14.7).
+/// IANA protocol numbers carried in REQUESTED-TRANSPORT (RFC 8656 §14.7, RFC 6062 §6.1).
 const PROTOCOL_UDP: u8 = 17;
+const PROTOCOL_TCP: u8 = 6;
 const ALGORITHM_MD5: u16 = 0x0001;
 const ALGORITHM_SHA256: u16 = 0x0002;
 /// What we offer in PASSWORD-ALGORITHMS, strongest first (RFC 8489 §14.11).
@@ -79,6 +80,9 @@ pub struct ServerConfig {
     pub unauthenticated_limit: RateLimit,
     pub credentials: Credentials,
     pub peer_policy: PeerPolicy,
+    /// Peer connections (being connected, waiting for their ConnectionBind, or bound) one TCP
+    /// allocation may have at once (RFC 6062 sets none; each holds sockets and buffers).
+    pub peer_connections_per_allocation: usize,
 }
 
 /// What a transmit carries.
@@ -117,9 +121,32 @@ pub enum Output {
         relay: SocketAddr,
         dont_fragment: bool,
     },
-    /// Close the relay socket at `relay`.
+    /// Listen for TCP peers at `relay` (RFC 6062 §5.1), with `SO_REUSEPORT` so that
+    /// connections to peers can leave from the same address, then answer with
+    /// [`Server::handle_bind_result`].
+    ListenRelay {
+        relay: SocketAddr,
+    },
+    /// Close the relay socket (or listener) at `relay`.
     ReleaseRelay {
         relay: SocketAddr,
+    },
+    /// Open a TCP connection from `relay` (the allocation's relayed address) to `peer`, then
+    /// answer with [`Server::handle_connect_result`] (RFC 6062 §5.2).
+    ConnectPeer {
+        id: ConnectionId,
+        relay: SocketAddr,
+        peer: SocketAddr,
+    },
+    /// Join peer connection `id` to the client data connection `client`, whose frames end
+    /// here: from now on bytes pass between the two as they are (RFC 6062 §5.4).
+    SpliceConnection {
+        id: ConnectionId,
+        client: FiveTuple,
+    },
+    /// Close peer connection `id`, whatever state it is in (connecting, waiting or spliced).
+    ClosePeerConnection {
+        id: ConnectionId,
     },
     /// A channel for the kernel's fast path to install, update or withdraw.
     FastPath(FastPathEvent),
@@ -148,6 +175,17 @@ pub struct Stats {
     pub to_client_bytes: u64,
     /// Allocates that asked for a second family with the draft attribute 0x8032.
     pub legacy_additional_address_family: u64,
+    /// TCP allocations (RFC 6062): peer connections opened by Connect, accepted from peers,
+    /// failed or timed out connecting (447), refused on arrival (no permission, policy, cap),
+    /// bound to a client data connection, and closed for want of a ConnectionBind in 30 s.
+    pub peer_connections_connected: u64,
+    pub peer_connections_accepted: u64,
+    pub peer_connections_failed: u64,
+    pub peer_connections_refused: u64,
+    pub peer_connections_bound: u64,
+    pub peer_connections_unbound_expired: u64,
+    /// Send indications and ChannelData for a TCP allocation, which relays no datagrams.
+    pub wrong_transport_dropped: u64,
 }
 
 /// Every loop's counters summed: the agent's.
@@ -173,6 +211,13 @@ impl std::ops::AddAssign<&Stats> for Stats {
             to_client_packets,
             to_client_bytes,
             legacy_additional_address_family,
+            peer_connections_connected,
+            peer_connections_accepted,
+            peer_connections_failed,
+            peer_connections_refused,
+            peer_connections_bound,
+            peer_connections_unbound_expired,
+            wrong_transport_dropped,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -193,6 +238,13 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.to_client_packets += to_client_packets;
         self.to_client_bytes += to_client_bytes;
         self.legacy_additional_address_family += legacy_additional_address_family;
+        self.peer_connections_connected += peer_connections_connected;
+        self.peer_connections_accepted += peer_connections_accepted;
+        self.peer_connections_failed += peer_connections_failed;
+        self.peer_connections_refused += peer_connections_refused;
+        self.peer_connections_bound += peer_connections_bound;
+        self.peer_connections_unbound_expired += peer_connections_unbound_expired;
+        self.wrong_transport_dropped += wrong_transport_dropped;
     }
 }
 
@@ -212,6 +264,7 @@ impl Extend<FastPathEvent> for Outputs {
 enum Timer {
     Allocation(FiveTuple),
     Reservation([u8; 8]),
+    PeerConnection(ConnectionId),
 }
 
 /// What a response needs of the request it answers.
@@ -259,6 +312,8 @@ struct PendingAllocate {
     candidate: Option<Candidate>,
     /// The candidate's even port is bound and its odd one is being bound.
     binding_pair: bool,
+    /// REQUESTED-TRANSPORT TCP: the relay is a listener (RFC 6062).
+    tcp: bool,
 }
 
 /// A request that passed the long-term credential check (RFC 8489 §9.2.4).
@@ -297,6 +352,13 @@ pub struct Server {
     out: Outputs,
     /// Kept across Data indications so that framing one allocates nothing.
     indication: MessageBuilder,
+    /// Peer connections of TCP allocations, by CONNECTION-ID.
+    peer_connections: HashMap<ConnectionId, PeerConnection>,
+    /// Client data connections bound to a peer connection.
+    data_connections: HashMap<FiveTuple, ConnectionId>,
+    /// The top byte of every CONNECTION-ID this server issues: the shell routes a
+    /// ConnectionBind, which arrives on a new connection, to the server that issued its ID.
+    connection_shard: u8,
 }
 
 impl Server {
@@ -333,7 +395,16 @@ impl Server {
                 Method::DATA,
                 TransactionId([0; 12]),
             ),
+            peer_connections: HashMap::new(),
+            data_connections: HashMap::new(),
+            connection_shard: 0,
         }
+    }
+
+    /// The top byte of the CONNECTION-IDs this server issues (see [`connection_shard`]).
+    pub fn with_connection_shard(mut self, shard: u8) -> Self {
+        self.connection_shard = shard;
+        self
     }
 
     pub fn stats(&self) -> &Stats {
@@ -607,6 +678,7 @@ impl Server {
                     }
                 }
                 Timer::Reservation(token) => self.shared.expire_reservation(&token, now),
+                Timer::PeerConnection(id) => self.expire_peer_connection(id, at),
             }
         }
         if self.housekeeping.is_some_and(|at| at <= now) {
@@ -620,6 +692,9 @@ impl Server {
 
     /// A TCP or TLS client connection closed: its allocation goes with it (RFC 8656 §3.1).
     pub fn client_closed(&mut self, five_tuple: FiveTuple) {
+        if let Some(id) = self.data_connections.get(&five_tuple).copied() {
+            self.close_peer_connection(id);
+        }
         if self.allocations.contains_key(&five_tuple) {
             self.delete_allocation(five_tuple);
         }
@@ -647,6 +722,7 @@ impl Server {
         if dead {
             if let Some(mut allocation) = self.allocations.remove(&five_tuple) {
                 allocation.withdraw_fast_path(&mut self.out);
+                self.close_peer_connections(&allocation);
                 self.stats.allocations_expired += 1;
                 self.shared.release(&allocation.quota_key);
                 info!(client = %five_tuple.client, user = %allocation.username, "allocation expired");
@@ -737,6 +813,17 @@ impl Server {
             Method::ALLOCATE => match self.handle_allocate(five_tuple, request, auth, now) {
                 Some(response) => response,
                 None => return,
+            },
+            Method::CONNECTION_BIND => {
+                self.handle_connection_bind(five_tuple, request, &auth);
+                return;
+            }
+            Method::CONNECT => match self.owned_allocation(five_tuple, &auth) {
+                Err(code) => self.error(request, code, &[], Some(&auth)),
+                Ok(()) => match self.handle_connect(five_tuple, request, auth, now) {
+                    Some(response) => response,
+                    None => return,
+                },
             },
             method @ (Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
                 match self.owned_allocation(five_tuple, &auth) {
@@ -912,15 +999,26 @@ impl Server {
             }
             return Some(self.error(request, 437, &[], Some(&auth)));
         }
-        match request.requested_transport() {
+        let tcp = match request.requested_transport() {
             None => return Some(self.error(request, 400, &[], Some(&auth))),
-            Some(PROTOCOL_UDP) => {}
+            Some(PROTOCOL_UDP) => false,
+            Some(PROTOCOL_TCP) => true,
             Some(_) => return Some(self.error(request, 442, &[], Some(&auth))),
-        }
+        };
         let even_port = request.even_port();
         let token = request.reservation_token();
         let requested_family = request.requested_address_family();
         let additional_family = request.additional_address_family();
+        // RFC 6062 §5.1: a TCP allocation is asked for over TCP or TLS, and none of these
+        // datagram attributes applies to it.
+        if tcp
+            && (five_tuple.transport == Transport::Udp
+                || even_port.is_some()
+                || token.is_some()
+                || request.dont_fragment())
+        {
+            return Some(self.error(request, 400, &[], Some(&auth)));
+        }
         if request.has_legacy_additional_address_family() {
             self.stats.legacy_additional_address_family += 1;
         }
@@ -1004,6 +1102,7 @@ impl Server {
                 advertised,
                 candidate,
                 binding_pair: false,
+                tcp,
             },
         );
         match candidate {
@@ -1035,9 +1134,15 @@ impl Server {
                 pending.candidate = Some(candidate);
                 let dont_fragment = pending.dont_fragment;
                 self.binding.insert(candidate.addr, five_tuple);
-                self.out.0.push_back(Output::BindRelay {
-                    relay: candidate.addr,
-                    dont_fragment,
+                self.out.0.push_back(if pending.tcp {
+                    Output::ListenRelay {
+                        relay: candidate.addr,
+                    }
+                } else {
+                    Output::BindRelay {
+                        relay: candidate.addr,
+                        dont_fragment,
+                    }
                 });
             }
             None => {
@@ -1103,6 +1208,7 @@ impl Server {
             pending.reply.transaction_id,
         );
         allocation.allocate_response = response.clone();
+        allocation.tcp = pending.tcp;
         self.allocations.insert(five_tuple, allocation);
         self.schedule(five_tuple);
         self.stats.allocations_created += 1;
@@ -1239,6 +1345,10 @@ impl Server {
             .allocations
             .get_mut(&five_tuple)
             .expect("checked above");
+        // A TCP allocation relays over peer connections, never in datagrams (as coturn).
+        if allocation.tcp {
+            return self.error(request, 403, &[], Some(auth));
+        }
         if allocation.relay_for(&peer).is_none() {
             return self.error(request, 443, &[], Some(auth));
         }
@@ -1304,6 +1414,10 @@ impl Server {
             self.stats.no_allocation_dropped += 1;
             return;
         };
+        if allocation.tcp {
+            self.stats.wrong_transport_dropped += 1;
+            return;
+        }
         if let Err(reason) = self.config.peer_policy.check_socket(peer) {
             self.stats.forbidden_peers += 1;
             debug!(client = %five_tuple.client, %peer, %reason, "data to forbidden peer dropped");
@@ -1343,6 +1457,7 @@ impl Server {
         };
         self.scheduled.remove(&five_tuple);
         allocation.withdraw_fast_path(&mut self.out);
+        self.close_peer_connections(&allocation);
         for relay in &allocation.relays {
             self.by_relay.remove(&relay.bound);
             self.release_port(relay.bound, true);
@@ -1465,6 +1580,14 @@ fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
 fn duration_secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
+
+#[path = "tcp_relay.rs"]
+mod tcp_relay;
+
+use tcp_relay::PeerConnection;
+pub use tcp_relay::{
+    CONNECTION_BIND_TIMEOUT, ConnectionId, PEER_CONNECT_TIMEOUT, connection_shard,
+};
 
 #[cfg(test)]
 #[path = "server_tests.rs"]

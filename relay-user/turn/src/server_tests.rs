@@ -53,6 +53,7 @@ fn config() -> ServerConfig {
                 86_400,
             )),
         ),
+        peer_connections_per_allocation: 8,
         peer_policy: PeerPolicy::new(
             vec![],
             vec![],
@@ -74,6 +75,8 @@ struct Harness {
     server: Server,
     binder: FakeBinder,
     fast_path: Vec<FastPathEvent>,
+    /// What the server asked of the shell for TCP allocations, in order.
+    peer_connection_outputs: Vec<Output>,
     now: Instant,
 }
 
@@ -94,6 +97,7 @@ impl Harness {
             ),
             binder: FakeBinder::default(),
             fast_path: Vec::new(),
+            peer_connection_outputs: Vec::new(),
             now,
         }
     }
@@ -105,7 +109,7 @@ impl Harness {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit(transmit) => transmits.push(resolve(transmit, buf)),
-                Output::BindRelay { relay, .. } => {
+                Output::BindRelay { relay, .. } | Output::ListenRelay { relay } => {
                     let bound = !self.binder.taken_elsewhere.contains(&relay)
                         && self.binder.bound.insert(relay);
                     self.server.handle_bind_result(relay, bound, self.now);
@@ -114,6 +118,9 @@ impl Harness {
                     assert!(self.binder.bound.remove(&relay), "released {relay} twice");
                 }
                 Output::FastPath(event) => self.fast_path.push(event),
+                output @ (Output::ConnectPeer { .. }
+                | Output::SpliceConnection { .. }
+                | Output::ClosePeerConnection { .. }) => self.peer_connection_outputs.push(output),
             }
         }
         transmits
@@ -483,7 +490,7 @@ fn unsupported_transport_and_address_families() {
         code(&alice.call(
             &mut h,
             Method::ALLOCATE,
-            &[Attribute::RequestedTransport(6)]
+            &[Attribute::RequestedTransport(132)]
         )),
         Some(442)
     );
@@ -1112,3 +1119,6 @@ fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() 
         UNIX_T0 + 3600
     );
 }
+
+#[path = "tcp_relay_tests.rs"]
+mod tcp_relay;

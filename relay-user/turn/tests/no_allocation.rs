@@ -94,6 +94,7 @@ fn server(now: Instant) -> Server {
             burst: 1e6,
         },
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
+        peer_connections_per_allocation: 8,
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay], vec![], Some((50000, 50099))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));

@@ -87,6 +87,7 @@ fn config() -> ServerConfig {
                 .collect(),
             None,
         ),
+        peer_connections_per_allocation: 8,
         peer_policy: PeerPolicy::new(
             vec![],
             vec!["10.0.0.0/8".parse().unwrap()],
@@ -291,7 +292,7 @@ impl World {
                     };
                     sent.push((transmit, bytes));
                 }
-                Output::BindRelay { relay, .. } => {
+                Output::BindRelay { relay, .. } | Output::ListenRelay { relay } => {
                     let ok =
                         !self.taken_elsewhere.contains(&relay.port()) && self.bound.insert(relay);
                     self.servers[at].handle_bind_result(relay, ok, self.now);
@@ -318,6 +319,12 @@ impl World {
                             .is_some(),
                         "a channel went down that was never up"
                     );
+                }
+                // The properties drive UDP clients only: TCP allocations are not asked for.
+                Output::ConnectPeer { .. }
+                | Output::SpliceConnection { .. }
+                | Output::ClosePeerConnection { .. } => {
+                    panic!("peer connection output without a TCP allocation: {output:?}")
                 }
             }
         }

@@ -27,6 +27,7 @@ pub mod attr_type {
     pub const USERHASH: u16 = 0x001E;
     pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
     pub const RESERVATION_TOKEN: u16 = 0x0022;
+    pub const CONNECTION_ID: u16 = 0x002A;
     pub const PRIORITY: u16 = 0x0024;
     pub const USE_CANDIDATE: u16 = 0x0025;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
@@ -138,6 +139,8 @@ pub enum Attribute<'a> {
     RequestedTransport(u8),
     DontFragment,
     ReservationToken([u8; 8]),
+    /// RFC 6062 §6.2.1: names one peer data connection of a TCP allocation; opaque to clients.
+    ConnectionId(u32),
     AdditionalAddressFamily(AddressFamily),
     /// ADDITIONAL-ADDRESS-FAMILY under its draft number ([`attr_type::LEGACY_ADDITIONAL_ADDRESS_FAMILY`]).
     LegacyAdditionalAddressFamily(AddressFamily),
@@ -193,6 +196,7 @@ impl<'a> Attribute<'a> {
             Attribute::RequestedTransport(_) => t::REQUESTED_TRANSPORT,
             Attribute::DontFragment => t::DONT_FRAGMENT,
             Attribute::ReservationToken(_) => t::RESERVATION_TOKEN,
+            Attribute::ConnectionId(_) => t::CONNECTION_ID,
             Attribute::AdditionalAddressFamily(_) => t::ADDITIONAL_ADDRESS_FAMILY,
             Attribute::LegacyAdditionalAddressFamily(_) => t::LEGACY_ADDITIONAL_ADDRESS_FAMILY,
             Attribute::AddressErrorCode { .. } => t::ADDRESS_ERROR_CODE,
@@ -249,7 +253,7 @@ impl<'a> Attribute<'a> {
                 out.extend_from_slice(&channel.to_be_bytes());
                 out.extend_from_slice(&[0, 0]);
             }
-            Attribute::Lifetime(v) | Attribute::Priority(v) => {
+            Attribute::Lifetime(v) | Attribute::Priority(v) | Attribute::ConnectionId(v) => {
                 out.extend_from_slice(&v.to_be_bytes())
             }
             Attribute::RequestedAddressFamily(family)
@@ -335,6 +339,7 @@ impl<'a> Attribute<'a> {
             },
             t::LIFETIME => be32(value).map(Attribute::Lifetime),
             t::PRIORITY => be32(value).map(Attribute::Priority),
+            t::CONNECTION_ID => be32(value).map(Attribute::ConnectionId),
             t::DATA => Some(Attribute::Data(value)),
             t::REQUESTED_ADDRESS_FAMILY => {
                 decode_family_word(value).map(Attribute::RequestedAddressFamily)
@@ -512,13 +517,14 @@ mod tests {
 
     #[test]
     fn fixed_size_values_reject_other_lengths() {
-        let sizes: [(u16, &[usize]); 14] = [
+        let sizes: [(u16, &[usize]); 15] = [
             (t::USERHASH, &[32]),
             (t::MESSAGE_INTEGRITY, &[20]),
             (t::FINGERPRINT, &[4]),
             (t::CHANNEL_NUMBER, &[4]),
             (t::LIFETIME, &[4]),
             (t::PRIORITY, &[4]),
+            (t::CONNECTION_ID, &[4]),
             (t::REQUESTED_TRANSPORT, &[4]),
             (t::EVEN_PORT, &[1]),
             (t::DONT_FRAGMENT, &[0]),

@@ -35,6 +35,10 @@ impl Method {
     pub const DATA: Method = Method(0x007);
     pub const CREATE_PERMISSION: Method = Method(0x008);
     pub const CHANNEL_BIND: Method = Method(0x009);
+    /// RFC 6062 §6.1: TCP allocations.
+    pub const CONNECT: Method = Method(0x00A);
+    pub const CONNECTION_BIND: Method = Method(0x00B);
+    pub const CONNECTION_ATTEMPT: Method = Method(0x00C);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -346,6 +350,14 @@ impl<'a> Message<'a> {
     pub fn channel_number(&self) -> Option<u16> {
         self.find_map(|a| match a {
             Attribute::ChannelNumber(v) => Some(*v),
+            _ => None,
+        })
+    }
+
+    /// RFC 6062 §6.2.1 CONNECTION-ID.
+    pub fn connection_id(&self) -> Option<u32> {
+        self.find_map(|a| match a {
+            Attribute::ConnectionId(v) => Some(*v),
             _ => None,
         })
     }
