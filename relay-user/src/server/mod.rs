@@ -8,6 +8,7 @@
 mod batch_io;
 mod conferencing;
 mod control_link;
+mod data_connection;
 mod relay_loop;
 mod sip;
 
@@ -29,12 +30,15 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConnectionLimits};
 use crate::psom::{Admission, ConferencingCounters};
+use rampart_turn::allocation::RelayedBytes;
 use rampart_turn::channel_data::{MAX_STREAM_FRAME, next_stream_frame};
 use rampart_turn::{FiveTuple, ServerConfig, SharedState, Stats, Transport};
 use rampart_xdp::XdpError;
 use rampart_xdp::gathering::{Gathering, ReceiveSocket, socket_index};
 use rampart_xdp::steering::Steering;
-use relay_loop::{Command, Gather, LoopReport, LoopSettings, LoopStats, Loops, StreamLink};
+use relay_loop::{
+    Command, Gather, LoopReport, LoopSettings, LoopStats, Loops, StreamLink, ToStream,
+};
 
 pub use rampart_xdp::fast_path::{FastPath, FastPathStats};
 
@@ -312,6 +316,7 @@ impl Edge {
             shared: Arc::new(SharedState::for_config(&config.turn, nonce_key)),
             turn: config.turn,
             fast_path: fast_path.clone(),
+            runtime: tokio::runtime::Handle::current(),
         };
         let (loops, threads) =
             relay_loop::start(&settings, per_loop, gathers).map_err(ServerError::Loops)?;
@@ -644,99 +649,190 @@ async fn stream_listener(
     }
 }
 
-/// One TCP or TLS client: frames in (RFC 8656 §12.5 framing) to the loop that owns it,
-/// frames out from it.
+/// One TCP or TLS client: frames in (RFC 8656 §12.5 framing) to the loop that serves it,
+/// frames out from it. A client data connection of a TCP allocation (RFC 6062) is served by
+/// the loop that issued the CONNECTION-ID of its ConnectionBind, and passes bytes as they are
+/// once that loop splices it to its peer connection.
 async fn serve_stream<S>(shared: &Arc<Shared>, five_tuple: FiveTuple, stream: S)
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Send + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<ToStream>(STREAM_QUEUE);
     let (write_buffers_back, write_buffers) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
-    let (read_buffers_back, read_buffers) = std::sync::mpsc::sync_channel(READ_BUFFERS);
+    let (read_buffers_back, mut read_buffers) = std::sync::mpsc::sync_channel(READ_BUFFERS);
     let loops = &shared.loops;
-    let stream = StreamLink {
+    // Given to the loop with the first frames, once they say which loop serves the connection.
+    let mut link = Some(StreamLink {
         writer: tx,
         write_buffers,
         read_buffers: read_buffers_back,
+    });
+    let mut serving: Option<Option<usize>> = None;
+    let mut incoming = Incoming::default();
+    debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
+    let spliced = {
+        let write = async {
+            while let Some(item) = rx.recv().await {
+                let frame = match item {
+                    ToStream::Frame(frame) => frame,
+                    ToStream::Splice(peer) => return Some(peer),
+                };
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+                // Large ones (a burst of big messages) are freed rather than kept by an idle
+                // client.
+                if frame.capacity() <= POOLED_WRITE_CAPACITY {
+                    let _ = write_buffers_back.try_send(frame);
+                }
+            }
+            None
+        };
+        let read = read_frames(
+            shared,
+            five_tuple,
+            &mut reader,
+            &mut incoming,
+            &mut link,
+            &mut serving,
+            &mut read_buffers,
+        );
+        tokio::pin!(write);
+        let reason = tokio::select! {
+            reason = read => Err(reason),
+            ended = &mut write => ended.ok_or("write failed"),
+        };
+        match reason {
+            Ok(peer) => Some(peer),
+            Err(reason) => {
+                debug!(client = %five_tuple.client, reason, "client disconnected");
+                if let Some(to) = serving {
+                    let closed = Command::StreamClosed {
+                        five_tuple,
+                        relayed: RelayedBytes::default(),
+                    };
+                    loops.send_to(to, five_tuple.client, closed).await;
+                    // What the loop answered to the frames it was sent is still written: the
+                    // loop drops its end of the writer's queue when it takes the close, which
+                    // ends the writer once drained.
+                    if reason != "write failed" {
+                        let _ = tokio::time::timeout(STREAM_DRAIN, write).await;
+                    }
+                }
+                None
+            }
+        }
     };
+    let (Some(peer), Some(to)) = (spliced, serving) else {
+        return;
+    };
+    debug!(client = %five_tuple.client, "client data connection spliced to its peer");
+    let relayed = data_connection::splice(reader.unsplit(writer), peer, incoming.bytes()).await;
+    debug!(client = %five_tuple.client, ?relayed, "client data connection closed");
     loops
-        .send_to_owner(
+        .send_to(
+            to,
             five_tuple.client,
-            Command::StreamOpened { five_tuple, stream },
+            Command::StreamClosed {
+                five_tuple,
+                relayed,
+            },
         )
         .await;
-    debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
-    let write = async {
-        while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                break;
+}
+
+/// A stream client's read buffer: `buf[..valid]` is what was read and not yet sent to the
+/// loop (an incomplete frame), kept outside the reading task so that it survives the task's
+/// end when the connection turns into a data connection.
+#[derive(Default)]
+struct Incoming {
+    buf: Vec<u8>,
+    valid: usize,
+}
+
+impl Incoming {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.valid]
+    }
+}
+
+/// Read frames and send them to the loop that serves the connection (`serving`, decided by
+/// the first frame: `Some(None)` is the client's owner) until the connection ends; returns
+/// why. Frames are relayed from the buffer they were read into: whole frames go to the loop
+/// as read, and only an incomplete one at the end is copied, to the start of the next buffer.
+async fn read_frames<R>(
+    shared: &Arc<Shared>,
+    five_tuple: FiveTuple,
+    reader: &mut R,
+    incoming: &mut Incoming,
+    link: &mut Option<StreamLink>,
+    serving: &mut Option<Option<usize>>,
+    // Mutable, not shared: a std Receiver is Send but not Sync.
+    read_buffers: &mut std::sync::mpsc::Receiver<Vec<u8>>,
+) -> &'static str
+where
+    R: AsyncRead + Unpin,
+{
+    let loops = &shared.loops;
+    incoming.buf.reserve(READ_SIZE);
+    loop {
+        // At most READ_SIZE more per read: a command carries at most one incomplete frame
+        // and READ_SIZE bytes, whatever the buffer's capacity grew to.
+        let start = incoming.valid;
+        incoming.buf.resize(start + READ_SIZE, 0);
+        let read =
+            tokio::time::timeout(shared.idle_timeout, reader.read(&mut incoming.buf[start..]))
+                .await;
+        let n = match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return "closed",
+            Err(_) => return "idle timeout",
+            Ok(Ok(n)) => n,
+        };
+        incoming.valid = start + n;
+        let buf = &incoming.buf[..incoming.valid];
+        let mut complete = 0;
+        let mut first_frame = None;
+        let framing = loop {
+            match next_stream_frame(&buf[complete..]) {
+                Ok(Some(len)) => {
+                    first_frame.get_or_insert(len);
+                    complete += len;
+                }
+                Ok(None) if buf.len() - complete <= MAX_STREAM_FRAME => break Ok(()),
+                Ok(None) | Err(_) => break Err("not STUN or ChannelData framing"),
             }
-            // Large ones (a burst of big messages) are freed rather than kept by an idle client.
-            if frame.capacity() <= POOLED_WRITE_CAPACITY {
-                let _ = write_buffers_back.try_send(frame);
-            }
-        }
-    };
-    // Frames are relayed from the buffer they were read into: whole frames go to the loop as
-    // read, and only an incomplete one at the end is copied, to the start of the next buffer.
-    let read = async move {
-        let mut buf = Vec::with_capacity(READ_SIZE);
-        loop {
-            // At most READ_SIZE more per read: a command carries at most one incomplete frame
-            // and READ_SIZE bytes, whatever the buffer's capacity grew to.
-            let start = buf.len();
-            buf.resize(start + READ_SIZE, 0);
-            let read =
-                tokio::time::timeout(shared.idle_timeout, reader.read(&mut buf[start..])).await;
-            let n = match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return "closed",
-                Err(_) => return "idle timeout",
-                Ok(Ok(n)) => n,
-            };
-            buf.truncate(start + n);
-            let mut complete = 0;
-            let framing = loop {
-                match next_stream_frame(&buf[complete..]) {
-                    Ok(Some(len)) => complete += len,
-                    Ok(None) if buf.len() - complete <= MAX_STREAM_FRAME => break Ok(()),
-                    Ok(None) | Err(_) => break Err("not STUN or ChannelData framing"),
+        };
+        // The frames before a framing error are still relayed, in order.
+        if complete > 0 {
+            let to = match *serving {
+                Some(to) => to,
+                None => {
+                    let to = first_frame
+                        .and_then(|len| data_connection::connection_bind_loop(&buf[..len]));
+                    *serving = Some(to);
+                    if let Some(stream) = link.take() {
+                        let opened = Command::StreamOpened { five_tuple, stream };
+                        loops.send_to(to, five_tuple.client, opened).await;
+                    }
+                    to
                 }
             };
-            // The frames before a framing error are still relayed, in order.
-            if complete > 0 {
-                let mut next = read_buffers
-                    .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
-                next.clear();
-                next.extend_from_slice(&buf[complete..]);
-                buf.truncate(complete);
-                let frames = std::mem::replace(&mut buf, next);
-                loops
-                    .send_to_owner(
-                        five_tuple.client,
-                        Command::StreamFrames { five_tuple, frames },
-                    )
-                    .await;
-            }
-            if let Err(reason) = framing {
-                return reason;
-            }
+            let mut next = read_buffers
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(READ_SIZE));
+            next.clear();
+            next.extend_from_slice(&incoming.buf[complete..incoming.valid]);
+            incoming.buf.truncate(complete);
+            incoming.valid = next.len();
+            let frames = std::mem::replace(&mut incoming.buf, next);
+            let command = Command::StreamFrames { five_tuple, frames };
+            loops.send_to(to, five_tuple.client, command).await;
         }
-    };
-    tokio::pin!(write);
-    let reason = tokio::select! {
-        reason = read => reason,
-        () = &mut write => "write failed",
-    };
-    debug!(client = %five_tuple.client, reason, "client disconnected");
-    loops
-        .send_to_owner(five_tuple.client, Command::StreamClosed { five_tuple })
-        .await;
-    // What the loop answered to the frames it was sent is still written: the loop drops its
-    // end of the writer's queue when it takes the close, which ends the writer once drained.
-    if reason != "write failed" {
-        let _ = tokio::time::timeout(STREAM_DRAIN, write).await;
+        incoming.buf.truncate(incoming.valid);
+        if let Err(reason) = framing {
+            return reason;
+        }
     }
 }
 

@@ -16,6 +16,11 @@
 //!
 //! The tokio side talks to a loop only through [`Command`]s: stream clients' frames (TCP and
 //! TLS are served, and TLS handshakes made, by tokio), control-plane changes, reports.
+//!
+//! TCP allocations (RFC 6062) are served by tokio too, on the loop's orders: a loop's relay
+//! listeners and connects to peers are tokio tasks that hand their connections to the loop,
+//! which holds each one unread until the core splices it to a client data connection; the
+//! bytes then pass between the two in that connection's task ([`PeerStream`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -31,12 +36,14 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::batch_io::{BATCH, RecvBatch, SendBatch, set_int_option};
 use super::lock;
+use rampart_turn::allocation::RelayedBytes;
 use rampart_turn::channel_data::next_stream_frame;
-use rampart_turn::server::{Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
+use rampart_turn::server::{ConnectionId, Output, PEER_HEADROOM, PEER_TAILROOM, Payload};
 use rampart_turn::{FiveTuple, Server, ServerConfig, SharedState, Stats, Transmit, Transport};
 use rampart_xdp::fast_path::FastPath;
 use rampart_xdp::gathering::{RelayPorts, socket_index};
@@ -53,6 +60,14 @@ const BATCHES_PER_TURN: usize = 8;
 const WAKER: Token = Token(usize::MAX);
 /// Allocations a loop lists per report command (about 0.1 ms of its time).
 const LISTED_PER_COMMAND: usize = 256;
+/// Receive and send buffer of every TCP socket towards a peer (relay listeners, whose
+/// accepted connections inherit it, and connects), fixed before listen or connect so that the
+/// window follows it: what a peer connection holds in the kernel, and what a peer may send
+/// before its ConnectionBind (RFC 6062 §5.3: the window closes when it is full). The kernel
+/// doubles it for its bookkeeping. 256 KiB keeps a 20 Mbit/s flow at 100 ms round trips.
+pub(crate) const PEER_SOCKET_BUFFER: usize = 256 * 1024;
+/// Connections a relay listener queues before the loop takes them.
+const PEER_BACKLOG: i32 = 64;
 
 /// What the tokio side asks of a loop.
 pub(crate) enum Command {
@@ -69,6 +84,19 @@ pub(crate) enum Command {
     },
     StreamClosed {
         five_tuple: FiveTuple,
+        /// What the connection relayed as a client data connection (RFC 6062), if it was one.
+        relayed: RelayedBytes,
+    },
+    /// A TCP peer connected to the relay listener at `relay`.
+    PeerAccepted {
+        relay: SocketAddr,
+        peer: SocketAddr,
+        stream: tokio::net::TcpStream,
+    },
+    /// The answer to a connect the loop asked for; None when it failed.
+    PeerConnected {
+        id: ConnectionId,
+        stream: Option<tokio::net::TcpStream>,
     },
     /// A client datagram that reached another loop's socket (no steering program attached,
     /// or sent before it was).
@@ -92,9 +120,31 @@ pub(crate) enum Command {
 /// pools are bounded: a buffer that finds its pool full is freed.
 pub(crate) struct StreamLink {
     /// Frames to the client.
-    pub writer: mpsc::Sender<Vec<u8>>,
+    pub writer: mpsc::Sender<ToStream>,
     pub write_buffers: std::sync::mpsc::Receiver<Vec<u8>>,
     pub read_buffers: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+/// What a stream client's writer is given, in order.
+pub(crate) enum ToStream {
+    Frame(Vec<u8>),
+    /// The connection is now a client data connection (RFC 6062 §5.4): frames end, and bytes
+    /// pass as they are between it and this peer connection.
+    Splice(PeerStream),
+}
+
+/// A peer connection handed to a client data connection, and how the loop ends it.
+pub(crate) struct PeerStream {
+    pub stream: tokio::net::TcpStream,
+    pub closed: CancellationToken,
+}
+
+/// A peer connection as the loop holds it.
+enum PeerSide {
+    Connecting(tokio::task::AbortHandle),
+    /// Up and unread, until its ConnectionBind.
+    Waiting(tokio::net::TcpStream),
+    Spliced(CancellationToken),
 }
 
 /// A control-plane change every loop applies to its core.
@@ -162,9 +212,13 @@ impl Loops {
         owner_of(client, self.0.len() as u32) as usize
     }
 
-    /// Send to the loop that owns `client`, waiting while its queue is full.
-    pub(crate) async fn send_to_owner(&self, client: SocketAddr, command: Command) {
-        send(&self.0[self.owner_index(client)], command).await;
+    /// Send to loop `index`, or to `client`'s owner when there is no such loop, waiting while
+    /// its queue is full.
+    pub(crate) async fn send_to(&self, index: Option<usize>, client: SocketAddr, command: Command) {
+        let index = index
+            .filter(|i| *i < self.0.len())
+            .unwrap_or_else(|| self.owner_index(client));
+        send(&self.0[index], command).await;
     }
 
     /// Send to every loop.
@@ -220,6 +274,8 @@ pub(crate) struct LoopSettings {
     pub turn: ServerConfig,
     pub shared: Arc<SharedState>,
     pub fast_path: Arc<Mutex<Option<FastPath>>>,
+    /// Where TCP relay listeners and connects to peers run.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// A loop's share of the gathering of peer datagrams (`rampart_xdp::gathering`): its receive
@@ -285,13 +341,16 @@ pub(crate) fn start(
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        // Loops are at most MAX_LOOPS (256): each has its own shard.
         let core = Server::new(
             settings.turn.clone(),
             settings.shared.clone(),
             StdRng::from_entropy(),
             now,
             unix_now,
-        );
+        )
+        .with_connection_shard(index as u8);
+        let runtime = settings.runtime.clone();
         let fast_path = settings.fast_path.clone();
         let loops = loops.clone();
         let thread = std::thread::Builder::new()
@@ -322,6 +381,9 @@ pub(crate) fn start(
                     free_slots: Vec::new(),
                     relay_at: HashMap::new(),
                     streams: HashMap::new(),
+                    runtime,
+                    tcp_relays: HashMap::new(),
+                    peer_connections: HashMap::new(),
                     fast_path,
                     channel_changes: Vec::new(),
                     stats: LoopStats::default(),
@@ -403,6 +465,10 @@ struct RelayLoop {
     free_slots: Vec<usize>,
     relay_at: HashMap<SocketAddr, usize>,
     streams: HashMap<FiveTuple, StreamLink>,
+    runtime: tokio::runtime::Handle,
+    /// TCP relay listeners (their accept tasks) by relayed address.
+    tcp_relays: HashMap<SocketAddr, CancellationToken>,
+    peer_connections: HashMap<ConnectionId, PeerSide>,
     fast_path: Arc<Mutex<Option<FastPath>>>,
     channel_changes: Vec<rampart_turn::allocation::FastPathEvent>,
     stats: LoopStats,
@@ -616,9 +682,36 @@ impl RelayLoop {
                         let _ = stream.read_buffers.try_send(frames);
                     }
                 }
-                Command::StreamClosed { five_tuple } => {
+                Command::StreamClosed {
+                    five_tuple,
+                    relayed,
+                } => {
                     self.streams.remove(&five_tuple);
+                    self.core.credit_data_connection(&five_tuple, relayed);
                     self.core.client_closed(five_tuple);
+                    self.carry_out(Input::Bytes(&[]));
+                }
+                Command::PeerAccepted {
+                    relay,
+                    peer,
+                    stream,
+                } => {
+                    // Refused: dropped, which closes it.
+                    if let Some(id) = self.core.handle_peer_connection(relay, peer, now) {
+                        self.peer_connections.insert(id, PeerSide::Waiting(stream));
+                    }
+                    self.carry_out(Input::Bytes(&[]));
+                }
+                Command::PeerConnected { id, stream } => {
+                    let connected = stream.is_some();
+                    if let Some(PeerSide::Connecting(_)) = self.peer_connections.get(&id) {
+                        self.peer_connections.remove(&id);
+                    }
+                    if self.core.handle_connect_result(id, connected, now)
+                        && let Some(stream) = stream
+                    {
+                        self.peer_connections.insert(id, PeerSide::Waiting(stream));
+                    }
                     self.carry_out(Input::Bytes(&[]));
                 }
                 Command::HandOff {
@@ -658,8 +751,20 @@ impl RelayLoop {
                     let bound = self.bind_relay(relay, dont_fragment);
                     self.core.handle_bind_result(relay, bound, Instant::now());
                 }
+                Output::ListenRelay { relay } => {
+                    let listening = self.listen_relay(relay);
+                    self.core
+                        .handle_bind_result(relay, listening, Instant::now());
+                }
                 Output::ReleaseRelay { relay } => self.release_relay(relay),
                 Output::FastPath(change) => self.channel_changes.push(change),
+                Output::ConnectPeer { id, relay, peer } => self.connect_peer(id, relay, peer),
+                Output::SpliceConnection { id, client } => self.splice(id, client),
+                Output::ClosePeerConnection { id } => match self.peer_connections.remove(&id) {
+                    Some(PeerSide::Connecting(task)) => task.abort(),
+                    Some(PeerSide::Spliced(closed)) => closed.cancel(),
+                    Some(PeerSide::Waiting(_)) | None => {}
+                },
             }
         }
         if self.channel_changes.is_empty() {
@@ -698,7 +803,7 @@ impl RelayLoop {
                             frame
                         }
                     };
-                    if stream.writer.try_send(frame).is_err() {
+                    if stream.writer.try_send(ToStream::Frame(frame)).is_err() {
                         self.stats.stream_frames_dropped += 1;
                     }
                     return;
@@ -816,7 +921,100 @@ impl RelayLoop {
         true
     }
 
+    /// A TCP relay listener at `address` (RFC 6062 §5.1), accepting in a task that hands
+    /// each connection to this loop.
+    fn listen_relay(&mut self, address: SocketAddr) -> bool {
+        let listener = match peer_listener(address) {
+            Ok(listener) => listener,
+            Err(error) => {
+                debug!(%address, %error, "TCP relay port unavailable");
+                return false;
+            }
+        };
+        let closed = CancellationToken::new();
+        let handle = self.loops.0[self.index].clone();
+        let stop = closed.clone();
+        self.runtime.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    warn!(%address, %error, "cannot watch a TCP relay listener");
+                    return;
+                }
+            };
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        send(
+                            &handle,
+                            Command::PeerAccepted {
+                                relay: address,
+                                peer,
+                                stream,
+                            },
+                        )
+                        .await;
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        debug!(%address, %error, "accept on a TCP relay failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        self.tcp_relays.insert(address, closed);
+        true
+    }
+
+    /// Connect from `relay` to `peer` in a task, which answers with
+    /// [`Command::PeerConnected`]; the core's timer bounds it (its close aborts the task).
+    fn connect_peer(&mut self, id: ConnectionId, relay: SocketAddr, peer: SocketAddr) {
+        let handle = self.loops.0[self.index].clone();
+        let task = self.runtime.spawn(async move {
+            let stream = match connect_from(relay, peer).await {
+                Ok(stream) => Some(stream),
+                Err(error) => {
+                    debug!(%relay, %peer, %error, "connect to a TCP peer failed");
+                    None
+                }
+            };
+            send(&handle, Command::PeerConnected { id, stream }).await;
+        });
+        self.peer_connections
+            .insert(id, PeerSide::Connecting(task.abort_handle()));
+    }
+
+    /// Hand peer connection `id` to the data connection `client`'s task, after the frames
+    /// already queued for it (the ConnectionBind response).
+    fn splice(&mut self, id: ConnectionId, client: FiveTuple) {
+        let Some(PeerSide::Waiting(stream)) = self.peer_connections.remove(&id) else {
+            return;
+        };
+        let Some(link) = self.streams.get(&client) else {
+            return;
+        };
+        let closed = CancellationToken::new();
+        let peer = PeerStream {
+            stream,
+            closed: closed.clone(),
+        };
+        if link.writer.try_send(ToStream::Splice(peer)).is_ok() {
+            self.peer_connections.insert(id, PeerSide::Spliced(closed));
+        } else {
+            self.stats.stream_frames_dropped += 1;
+        }
+    }
+
     fn release_relay(&mut self, address: SocketAddr) {
+        if let Some(listener) = self.tcp_relays.remove(&address) {
+            listener.cancel();
+            return;
+        }
         let Some(slot) = self.relay_at.remove(&address) else {
             return;
         };
@@ -871,6 +1069,41 @@ fn drained(received: io::Result<Range<usize>>, socket: SocketAddr) -> Option<Ran
             None
         }
     }
+}
+
+/// A TCP socket towards peers, bound at `address` with `SO_REUSEPORT` (and `SO_REUSEADDR`)
+/// so that a relay's listener and its connects share the address: Linux allows that only when
+/// every socket on it has the option (RFC 6062 §5.2 connects from the relayed address). The
+/// relay port space (the core's) keeps one allocation per port; the option is not a licence
+/// to share one.
+fn peer_socket(address: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_recv_buffer_size(PEER_SOCKET_BUFFER)?;
+    socket.set_send_buffer_size(PEER_SOCKET_BUFFER)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    Ok(socket)
+}
+
+fn peer_listener(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = peer_socket(address)?;
+    socket.listen(PEER_BACKLOG)?;
+    Ok(socket.into())
+}
+
+async fn connect_from(relay: SocketAddr, peer: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::from_std_stream(peer_socket(relay)?.into());
+    socket.connect(peer).await
 }
 
 /// A relay socket: non-blocking, with DF set when the client asked for DONT-FRAGMENT.

@@ -282,19 +282,19 @@ impl Server {
         Ok(id)
     }
 
-    /// Credit what a spliced peer connection relayed (bytes the shell passed on its own) to
-    /// its allocation, before [`Server::client_closed`] for its data connection.
+    /// Count what a spliced peer connection relayed (bytes the shell passed on its own), and
+    /// credit it to its allocation if both are still there: call before
+    /// [`Server::client_closed`] for the data connection. The allocation usually went first
+    /// (its control connection closed, which closed its peer connections).
     pub fn credit_data_connection(&mut self, data: &FiveTuple, bytes: super::RelayedBytes) {
-        let Some(connection) = self
+        self.stats.to_peer_bytes += bytes.from_client;
+        self.stats.to_client_bytes += bytes.to_client;
+        let allocation = self
             .data_connections
             .get(data)
             .and_then(|id| self.peer_connections.get(id))
-        else {
-            return;
-        };
-        self.stats.to_peer_bytes += bytes.from_client;
-        self.stats.to_client_bytes += bytes.to_client;
-        if let Some(allocation) = self.allocations.get_mut(&connection.allocation) {
+            .and_then(|connection| self.allocations.get_mut(&connection.allocation));
+        if let Some(allocation) = allocation {
             allocation.relayed.from_client += bytes.from_client;
             allocation.relayed.to_client += bytes.to_client;
         }

@@ -94,7 +94,11 @@ fn tcp_allocations_are_asked_for_over_streams_without_datagram_attributes() {
         Attribute::ReservationToken([1; 8]),
     ] {
         assert_eq!(
-            code(&tcp_allocate(&mut h, &mut alice, std::slice::from_ref(&attribute))),
+            code(&tcp_allocate(
+                &mut h,
+                &mut alice,
+                std::slice::from_ref(&attribute)
+            )),
             Some(400),
             "{attribute:?}"
         );
