@@ -27,6 +27,7 @@ use crate::certs::SERVER_NAME;
 
 /// IANA protocol number of UDP, the only REQUESTED-TRANSPORT of RFC 8656 §7.1.
 const UDP_PROTOCOL: u8 = 17;
+const TCP_PROTOCOL: u8 = 6;
 
 /// Client transport to the TURN server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -125,6 +126,7 @@ impl Allocated {
     }
 }
 
+#[derive(Clone)]
 struct Credentials {
     username: String,
     realm: String,
@@ -305,7 +307,78 @@ impl TurnClient {
         password: &str,
         extra: &[Attribute<'_>],
     ) -> anyhow::Result<Response> {
-        let mut attributes = vec![Attribute::RequestedTransport(UDP_PROTOCOL)];
+        self.try_allocate_transport(username, password, UDP_PROTOCOL, extra)
+    }
+
+    /// A TCP allocation (RFC 6062 §4.1, REQUESTED-TRANSPORT 6) that must succeed.
+    pub fn allocate_tcp(&mut self, username: &str, password: &str) -> anyhow::Result<Allocated> {
+        let response = self.try_allocate_transport(username, password, TCP_PROTOCOL, &[])?;
+        ensure!(
+            response.is_success(),
+            "Allocate (TCP): {}",
+            response.describe()
+        );
+        let relayed: Vec<SocketAddr> = response.message().xor_relayed_addresses().collect();
+        ensure!(
+            !relayed.is_empty(),
+            "Allocate success without XOR-RELAYED-ADDRESS"
+        );
+        Ok(Allocated {
+            relayed,
+            mapped: response.message().xor_mapped_address(),
+            lifetime: response.message().lifetime(),
+        })
+    }
+
+    /// Connect (RFC 6062 §4.3) to `peer` through this client's TCP allocation: the
+    /// CONNECTION-ID of the connection, or the error response.
+    pub fn connect_peer(&mut self, peer: SocketAddr) -> anyhow::Result<Result<u32, Response>> {
+        let response = self.request(Method::CONNECT, &[Attribute::XorPeerAddress(peer)])?;
+        if !response.is_success() {
+            return Ok(Err(response));
+        }
+        let id = response
+            .message()
+            .connection_id()
+            .context("Connect success without CONNECTION-ID")?;
+        Ok(Ok(id))
+    }
+
+    /// A new connection to the server, with this client's credentials, that binds to peer
+    /// connection `id` (ConnectionBind, RFC 6062 §4.4): the connection's stream (TCP only)
+    /// and the bytes of the peer that came with the response.
+    pub fn bind_data_connection(&self, id: u32) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+        ensure!(
+            self.proto == Proto::Tcp,
+            "data connections over TCP only here"
+        );
+        let mut data = Self::with_conn(
+            Proto::Tcp,
+            Conn::Tcp(tcp_connect(self.server)?),
+            self.server,
+        )?;
+        data.credentials = self.credentials.clone();
+        let response = data.request(Method::CONNECTION_BIND, &[Attribute::ConnectionId(id)])?;
+        ensure!(
+            response.is_success(),
+            "ConnectionBind: {}",
+            response.describe()
+        );
+        let Conn::Tcp(stream) = data.conn else {
+            unreachable!("made above");
+        };
+        stream.set_read_timeout(None)?;
+        Ok((stream, data.inbox))
+    }
+
+    fn try_allocate_transport(
+        &mut self,
+        username: &str,
+        password: &str,
+        transport: u8,
+        extra: &[Attribute<'_>],
+    ) -> anyhow::Result<Response> {
+        let mut attributes = vec![Attribute::RequestedTransport(transport)];
         attributes.extend_from_slice(extra);
         let id = self.new_transaction_id();
         let mut b = MessageBuilder::new(Class::Request, Method::ALLOCATE, id);

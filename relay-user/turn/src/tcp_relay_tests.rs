@@ -134,6 +134,26 @@ fn tcp_allocations_are_asked_for_over_streams_without_datagram_attributes() {
         .add(&Attribute::Data(b"datagram"));
     assert!(h.input(alice.five_tuple, &send.finish()).is_none());
     assert_eq!(h.server.stats().wrong_transport_dropped, 1);
+
+    // A dual allocation listens in both families.
+    let mut dual = tcp_client("192.0.2.1:5560", "alice", "wonderland");
+    let response = tcp_allocate(
+        &mut h,
+        &mut dual,
+        &[Attribute::AdditionalAddressFamily(AddressFamily::V6)],
+    );
+    assert_eq!(relayed(&response).len(), 2, "{:?}", code(&response));
+    let tid = dual.tid();
+    let request = dual.build(
+        tid,
+        Method::CONNECT,
+        &[Attribute::XorPeerAddress(PEER_V6.parse().unwrap())],
+    );
+    assert!(h.input(dual.five_tuple, &request).is_none());
+    match take_outputs(&mut h).as_slice() {
+        [Output::ConnectPeer { relay, .. }] => assert!(relay.is_ipv6()),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
