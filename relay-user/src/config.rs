@@ -16,6 +16,7 @@ use serde::Deserialize;
 use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::{Credentials, RestSecrets};
 use rampart_turn::peer_policy::PeerPolicy;
+use rampart_turn::server::Consent;
 use rampart_turn::{RelayAddress, ServerConfig, Transport};
 pub use rampart_xdp::fast_path::{Mode as XdpMode, Settings as XdpSettings};
 
@@ -197,6 +198,26 @@ fn xdp_max_channels() -> u32 {
 struct RawListener {
     transport: RawTransport,
     address: SocketAddr,
+    #[serde(default)]
+    side: RawSide,
+}
+
+/// Which side of the edge a listener faces: allocations made on an internal one are internal
+/// parties', whose consent external users need to reach internal networks.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawSide {
+    #[default]
+    External,
+    Internal,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum RawConsent {
+    Off,
+    #[default]
+    Party,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -247,6 +268,9 @@ struct RawRelay {
     /// read on its own.
     #[serde(default = "enabled")]
     gather_peers: bool,
+    /// Whose agreement external users need to relay to the allowed (internal) networks.
+    #[serde(default)]
+    consent: RawConsent,
 }
 
 fn enabled() -> bool {
@@ -354,6 +378,8 @@ fn peer_connections_per_allocation() -> usize {
 pub struct Listener {
     pub transport: Transport,
     pub address: SocketAddr,
+    /// On the internal side (`side = "internal"`).
+    pub internal: bool,
 }
 
 /// Limits on client stream connections (TCP and TLS).
@@ -429,6 +455,11 @@ impl RawConfig {
             ));
         }
         let listeners = validate_listeners(&self.listen)?;
+        let internal_listeners = listeners
+            .iter()
+            .filter(|l| l.internal)
+            .map(|l| l.address)
+            .collect();
         let wants_tls = listeners.iter().any(|l| l.transport == Transport::Tls);
         let tls = match (&self.tls, wants_tls) {
             (Some(tls), true) => Some(tls.load(base_dir)?),
@@ -619,6 +650,11 @@ impl RawConfig {
                 credentials: Credentials::new(users, rest),
                 peer_policy,
                 peer_connections_per_allocation: limits.peer_connections_per_allocation,
+                consent: match relay.consent {
+                    RawConsent::Off => Consent::Off,
+                    RawConsent::Party => Consent::Party,
+                },
+                internal_listeners,
             },
             connections: ConnectionLimits {
                 total: limits.connections_total,
@@ -794,6 +830,7 @@ fn validate_listeners(raw: &[RawListener]) -> Result<Vec<Listener>, ConfigError>
         listeners.push(Listener {
             transport,
             address: l.address,
+            internal: l.side == RawSide::Internal,
         });
     }
     Ok(listeners)

@@ -74,6 +74,7 @@ ipv4 = "127.0.0.1"
 port_min = 47000
 port_max = 47999
 allowed_peer_networks = ["127.0.0.0/8"]
+consent = "off"
 loops = 1
 steering = false
 [auth]

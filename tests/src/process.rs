@@ -31,6 +31,8 @@ pub struct RampartConfig {
     pub realm: String,
     /// Transport and IP of each listener; ports are picked when the server starts.
     pub listeners: Vec<(Proto, IpAddr)>,
+    /// Listeners (of `listeners`) on the edge's internal side (`side = "internal"`).
+    pub internal_listeners: Vec<(Proto, IpAddr)>,
     pub relay_ipv4: Option<Ipv4Addr>,
     pub relay_ipv6: Option<Ipv6Addr>,
     /// CIDR strings; empty means the server's default peer policy.
@@ -110,6 +112,7 @@ impl RampartConfig {
         RampartConfig {
             realm: REALM.to_owned(),
             listeners: listeners.to_vec(),
+            internal_listeners: Vec::new(),
             relay_ipv4: Some(Ipv4Addr::LOCALHOST),
             relay_ipv6: Some(Ipv6Addr::LOCALHOST),
             allowed_peer_networks: vec![
@@ -119,7 +122,10 @@ impl RampartConfig {
             ],
             users: vec![(USER.to_owned(), PASSWORD.to_owned())],
             rest_secrets: vec![REST_SECRET.to_owned()],
-            relay: Vec::new(),
+            // Test peers live on loopback, which is an allowed (internal) network here: they
+            // are relayed to without an internal party's consent, which has tests of its own
+            // (`with_consent`).
+            relay: vec![("consent".to_owned(), quote("off"))],
             limits: Vec::new(),
             xdp: None,
             stats_interval: None,
@@ -130,6 +136,13 @@ impl RampartConfig {
             conferencing: None,
             sections: Vec::new(),
         }
+    }
+
+    /// `[relay] consent` ("party" or "off", the tests' default).
+    pub fn with_consent(mut self, consent: &str) -> Self {
+        self.relay.retain(|(key, _)| key != "consent");
+        self.relay.push(("consent".to_owned(), quote(consent)));
+        self
     }
 
     /// One listener of `proto` on the loopback of a family.
@@ -235,6 +248,9 @@ impl RampartConfig {
                 quote(proto.config_name()),
                 quote(&addr.to_string())
             );
+            if self.internal_listeners.contains(&(*proto, addr.ip())) {
+                let _ = writeln!(t, "side = \"internal\"");
+            }
         }
         if let Some((cert, key)) = tls {
             let _ = writeln!(

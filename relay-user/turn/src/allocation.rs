@@ -2,7 +2,7 @@
 //! bindings, each with its own expiry. Pure state: the server decides what is allowed, this
 //! keeps the bookkeeping and the RFC's binding rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,11 @@ pub struct Allocation {
     published: HashMap<u16, FastPathChannel>,
     /// A TCP allocation (RFC 6062): its relay is a listener, it relays over peer connections.
     pub tcp: bool,
+    /// Made on an internal listener: its client is an internal party (consent).
+    pub internal: bool,
+    /// Permissions waiting for an internal party's consent: installed, their traffic dropped
+    /// and counted, nothing of theirs in the fast path.
+    pub held: HashSet<IpAddr>,
     /// A TCP allocation's peer connections, by peer (one per peer: RFC 6062 §5.2's 446).
     pub peer_connections: HashMap<SocketAddr, u32>,
 }
@@ -135,6 +140,8 @@ impl Allocation {
             relayed: RelayedBytes::default(),
             published: HashMap::new(),
             tcp: false,
+            internal: false,
+            held: HashSet::new(),
             peer_connections: HashMap::new(),
         }
     }
@@ -148,6 +155,11 @@ impl Allocation {
 
     pub fn has_permission(&self, peer: IpAddr, now: Instant) -> bool {
         self.permissions.get(&peer).is_some_and(|exp| *exp > now)
+    }
+
+    /// Whether the permission for `peer` waits for consent (cheap when none does).
+    pub fn holds(&self, peer: IpAddr) -> bool {
+        !self.held.is_empty() && self.held.contains(&peer)
     }
 
     pub fn install_permission(&mut self, peer: IpAddr, now: Instant) {
@@ -235,6 +247,9 @@ impl Allocation {
             }
             keep
         });
+        for ip in &expired.permissions {
+            self.held.remove(ip);
+        }
         let mut gone = Vec::new();
         self.channels.retain(|n, c| {
             let keep = c.expires > now;
@@ -261,6 +276,9 @@ impl Allocation {
         self.channels
             .iter()
             .filter_map(|(number, channel)| {
+                if self.holds(channel.peer.ip()) {
+                    return None;
+                }
                 let permission = *self.permissions.get(&channel.peer.ip())?;
                 let relay = self.relay_for(&channel.peer)?;
                 let expires = channel.expires.min(permission).min(relay.expires);

@@ -204,6 +204,19 @@ impl PeerPolicy {
         self.allowed_by_control = allowed.into_iter().map(canonical_network).collect();
     }
 
+    /// Whether `ip` is on an internal network: one the operator or the control plane allows
+    /// (`allowed_peer_networks`), not one of the edge's own addresses (relay to relay). Media
+    /// from external users towards it needs an internal party's consent.
+    pub fn is_internal(&self, ip: IpAddr) -> bool {
+        let ip = canonicalize(ip);
+        !self.own_addresses.contains(&ip)
+            && self
+                .allowed
+                .iter()
+                .chain(&self.allowed_by_control)
+                .any(|net| net.contains(&ip))
+    }
+
     /// Classify a peer IP (the check for CreatePermission, where no port is given).
     pub fn check(&self, ip: IpAddr) -> Result<(), DenyReason> {
         let ip = canonicalize(ip);

@@ -83,6 +83,24 @@ pub struct ServerConfig {
     /// Peer connections (being connected, waiting for their ConnectionBind, or bound) one TCP
     /// allocation may have at once (RFC 6062 sets none; each holds sockets and buffers).
     pub peer_connections_per_allocation: usize,
+    /// Who must agree before an external user's media reaches an internal network.
+    pub consent: Consent,
+    /// Listeners on the internal side: allocations made on them are internal parties'. A
+    /// wildcard address stands for every address of its family on that port.
+    pub internal_listeners: Vec<SocketAddr>,
+}
+
+/// Consent for media from external users towards internal networks (the peer policy's
+/// allowed networks): the role's rule that an external user reaches inside only with an
+/// authenticated internal party's agreement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Consent {
+    /// No consent needed: every authenticated user may relay to the allowed networks.
+    Off,
+    /// The internal address is an internal party's: a client holding an allocation made on an
+    /// internal listener from it.
+    #[default]
+    Party,
 }
 
 /// What a transmit carries.
@@ -186,6 +204,12 @@ pub struct Stats {
     pub peer_connections_unbound_expired: u64,
     /// Send indications and ChannelData for a TCP allocation, which relays no datagrams.
     pub wrong_transport_dropped: u64,
+    /// Consent: permissions held for want of an internal party, held ones released once one
+    /// came, datagrams dropped while held, TCP connections refused for want of one.
+    pub consent_held_permissions: u64,
+    pub consent_granted: u64,
+    pub consent_held_dropped: u64,
+    pub consent_refused_connections: u64,
 }
 
 /// Every loop's counters summed: the agent's.
@@ -218,6 +242,10 @@ impl std::ops::AddAssign<&Stats> for Stats {
             peer_connections_bound,
             peer_connections_unbound_expired,
             wrong_transport_dropped,
+            consent_held_permissions,
+            consent_granted,
+            consent_held_dropped,
+            consent_refused_connections,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -245,6 +273,10 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.peer_connections_bound += peer_connections_bound;
         self.peer_connections_unbound_expired += peer_connections_unbound_expired;
         self.wrong_transport_dropped += wrong_transport_dropped;
+        self.consent_held_permissions += consent_held_permissions;
+        self.consent_granted += consent_granted;
+        self.consent_held_dropped += consent_held_dropped;
+        self.consent_refused_connections += consent_refused_connections;
     }
 }
 
@@ -359,6 +391,10 @@ pub struct Server {
     /// The top byte of every CONNECTION-ID this server issues: the shell routes a
     /// ConnectionBind, which arrives on a new connection, to the server that issued its ID.
     connection_shard: u8,
+    /// Allocations with held permissions, and the internal parties' generation they were last
+    /// judged at.
+    holding: std::collections::HashSet<FiveTuple>,
+    parties_seen: u64,
 }
 
 impl Server {
@@ -398,6 +434,8 @@ impl Server {
             peer_connections: HashMap::new(),
             data_connections: HashMap::new(),
             connection_shard: 0,
+            holding: std::collections::HashSet::new(),
+            parties_seen: 0,
         }
     }
 
@@ -553,6 +591,14 @@ impl Server {
         };
         if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
+            return;
+        }
+        if allocation.holds(peer.ip()) {
+            if self.consent_came(five_tuple, peer.ip(), now) {
+                self.handle_peer_input(relay, peer, buf, len, now);
+            } else {
+                self.stats.consent_held_dropped += 1;
+            }
             return;
         }
         let framed = match allocation.channel_to(&peer, now) {
@@ -723,6 +769,7 @@ impl Server {
             if let Some(mut allocation) = self.allocations.remove(&five_tuple) {
                 allocation.withdraw_fast_path(&mut self.out);
                 self.close_peer_connections(&allocation);
+                self.forget_party(&allocation);
                 self.stats.allocations_expired += 1;
                 self.shared.release(&allocation.quota_key);
                 info!(client = %five_tuple.client, user = %allocation.username, "allocation expired");
@@ -1209,6 +1256,11 @@ impl Server {
         );
         allocation.allocate_response = response.clone();
         allocation.tcp = pending.tcp;
+        allocation.internal = self.on_internal_listener(five_tuple.server);
+        if allocation.internal {
+            self.shared
+                .party_joined(five_tuple.client.ip().to_canonical());
+        }
         self.allocations.insert(five_tuple, allocation);
         self.schedule(five_tuple);
         self.stats.allocations_created += 1;
@@ -1308,9 +1360,18 @@ impl Server {
             .allocations
             .get_mut(&five_tuple)
             .expect("checked above");
+        let mut judged = Vec::with_capacity(peers.len());
         for peer in &peers {
+            judged.push((peer.ip(), allocation.has_permission(peer.ip(), now)));
             allocation.install_permission(peer.ip(), now);
         }
+        for (ip, was_permitted) in judged {
+            self.hold_unless_consented(five_tuple, ip, was_permitted);
+        }
+        let allocation = self
+            .allocations
+            .get_mut(&five_tuple)
+            .expect("checked above");
         allocation.sync_fast_path(now, &mut self.out);
         self.schedule(five_tuple);
         self.success(request, &[], Some(auth))
@@ -1352,11 +1413,17 @@ impl Server {
         if allocation.relay_for(&peer).is_none() {
             return self.error(request, 443, &[], Some(auth));
         }
+        let was_permitted = allocation.has_permission(peer.ip(), now);
         match allocation.bind_channel(channel, peer, now) {
             Ok(new) => {
                 if new {
                     debug!(client = %five_tuple.client, channel, %peer, "channel bound");
                 }
+                self.hold_unless_consented(five_tuple, peer.ip(), was_permitted);
+                let allocation = self
+                    .allocations
+                    .get_mut(&five_tuple)
+                    .expect("checked above");
                 allocation.sync_fast_path(now, &mut self.out);
                 self.schedule(five_tuple);
                 self.success(request, &[], Some(auth))
@@ -1427,6 +1494,14 @@ impl Server {
             self.stats.no_permission_dropped += 1;
             return;
         }
+        if allocation.holds(peer.ip()) {
+            if self.consent_came(five_tuple, peer.ip(), now) {
+                self.relay_to_peer(five_tuple, peer, data, now);
+            } else {
+                self.stats.consent_held_dropped += 1;
+            }
+            return;
+        }
         let Some(relay) = allocation.relay_for(&peer).map(|r| r.bound) else {
             self.stats.no_permission_dropped += 1;
             return;
@@ -1458,6 +1533,7 @@ impl Server {
         self.scheduled.remove(&five_tuple);
         allocation.withdraw_fast_path(&mut self.out);
         self.close_peer_connections(&allocation);
+        self.forget_party(&allocation);
         for relay in &allocation.relays {
             self.by_relay.remove(&relay.bound);
             self.release_port(relay.bound, true);
@@ -1581,6 +1657,8 @@ fn duration_secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
+#[path = "consent.rs"]
+mod consent;
 #[path = "tcp_relay.rs"]
 mod tcp_relay;
 

@@ -54,6 +54,8 @@ fn config() -> ServerConfig {
             )),
         ),
         peer_connections_per_allocation: 8,
+        consent: Consent::Off,
+        internal_listeners: vec![],
         peer_policy: PeerPolicy::new(
             vec![],
             vec![],
@@ -1122,3 +1124,6 @@ fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() 
 
 #[path = "tcp_relay_tests.rs"]
 mod tcp_relay;
+
+#[path = "consent_tests.rs"]
+mod consent;

@@ -11,14 +11,18 @@
 //!   from another 5-tuple, so usually to another loop. A reserved port is held in the port space
 //!   only, with no socket (the loop that redeems it binds it); the loop that made it expires it.
 //!
+//! - the internal parties (consent, see [`crate::consent`]): the client addresses of
+//!   allocations made on internal listeners, and a generation the loops read (one atomic load)
+//!   to learn that it changed.
+//!
 //! Not shared, on purpose: credentials and the peer policy are read on every request and every
 //! relayed datagram, so each loop keeps its own copy and the shell fans changes (revocations,
 //! the control plane's networks) out to every loop. The unauthenticated-request rate limiter is
 //! per loop too: a source spread over several loops (by port) gets at most one budget per loop.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -42,6 +46,9 @@ pub struct SharedState {
     max_per_user: usize,
     ports: Mutex<PortAllocator>,
     reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    /// Internal allocations by client address.
+    parties: Mutex<HashMap<IpAddr, usize>>,
+    parties_generation: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -65,7 +72,39 @@ impl SharedState {
             max_per_user,
             ports: Mutex::new(PortAllocator::new(port_range.0, port_range.1)),
             reservations: Mutex::new(HashMap::new()),
+            parties: Mutex::new(HashMap::new()),
+            parties_generation: AtomicU64::new(0),
         }
+    }
+
+    /// An allocation was made on an internal listener from `ip`: an internal party is there.
+    pub fn party_joined(&self, ip: IpAddr) {
+        *lock(&self.parties).entry(ip).or_default() += 1;
+        self.parties_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// An internal allocation from `ip` ended.
+    pub fn party_left(&self, ip: IpAddr) {
+        let mut parties = lock(&self.parties);
+        if let Some(count) = parties.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                parties.remove(&ip);
+            }
+        }
+        drop(parties);
+        self.parties_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether an internal party holds an allocation from `ip`.
+    pub fn is_party(&self, ip: IpAddr) -> bool {
+        lock(&self.parties).contains_key(&ip)
+    }
+
+    /// Changes with every party that joins or leaves: what a loop compares against the value
+    /// it last judged its held permissions at, without a lock.
+    pub fn parties_generation(&self) -> u64 {
+        self.parties_generation.load(Ordering::Acquire)
     }
 
     /// What the servers made with `config` share; `nonce_key` should be random.
@@ -121,7 +160,7 @@ impl SharedState {
 
     pub(crate) fn search_ports(
         &self,
-        ip: std::net::IpAddr,
+        ip: IpAddr,
         parity: crate::ports::Parity,
         rng: &mut impl rand::Rng,
     ) -> PortSearch {

@@ -81,6 +81,12 @@ impl Server {
             warn!(client = %five_tuple.client, user = %auth.username, %peer, %reason, "connect refused");
             return Some(self.error(request, 403, &[], Some(&auth)));
         }
+        // A connection cannot be held like a permission: without consent it is refused.
+        if !self.consents(allocation, peer.ip()) {
+            self.stats.consent_refused_connections += 1;
+            info!(client = %five_tuple.client, user = %auth.username, %peer, "connect refused: no internal party has agreed");
+            return Some(self.error(request, 403, &[], Some(&auth)));
+        }
         let Some(relay) = allocation.relay_for(&peer).map(|r| r.bound) else {
             return Some(self.error(request, 443, &[], Some(&auth)));
         };
@@ -174,6 +180,9 @@ impl Server {
         } else if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
             Some("no permission".to_owned())
+        } else if !self.consents(allocation, peer.ip()) {
+            self.stats.consent_refused_connections += 1;
+            Some("no internal party has agreed".to_owned())
         } else if allocation.peer_connections.contains_key(&peer) {
             Some("a connection with this peer exists".to_owned())
         } else if allocation.peer_connections.len() >= self.config.peer_connections_per_allocation {

@@ -88,6 +88,8 @@ fn config() -> ServerConfig {
             None,
         ),
         peer_connections_per_allocation: 8,
+        consent: rampart_turn::server::Consent::Off,
+        internal_listeners: vec![],
         peer_policy: PeerPolicy::new(
             vec![],
             vec!["10.0.0.0/8".parse().unwrap()],

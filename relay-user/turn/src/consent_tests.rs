@@ -1,0 +1,143 @@
+//! Internal-party consent through the harness: an external user's permission towards an
+//! internal network is held (traffic dropped, nothing in the fast path) until an internal
+//! party allocates from that address, then released with no new request.
+
+use super::*;
+
+const INTERNAL_LISTENER: &str = "10.0.0.1:3478";
+const INTERNAL_HOST: &str = "10.1.1.1";
+
+fn consent_config(consent: Consent) -> ServerConfig {
+    let mut config = config();
+    let relay_v4: IpAddr = RELAY_V4.parse().unwrap();
+    config.peer_policy = PeerPolicy::new(
+        vec!["10.0.0.0/8".parse().unwrap()],
+        vec![],
+        vec![relay_v4, PUBLIC_V4.parse().unwrap()],
+        vec![SERVER.parse().unwrap(), INTERNAL_LISTENER.parse().unwrap()],
+        Some((50000, 50099)),
+    );
+    config.consent = consent;
+    config.internal_listeners = vec![INTERNAL_LISTENER.parse().unwrap()];
+    config
+}
+
+fn send(h: &mut Harness, client: &Client, peer: SocketAddr, data: &[u8]) -> Option<Transmit> {
+    let mut send = MessageBuilder::new(Class::Indication, Method::SEND, TransactionId([5; 12]));
+    send.add(&Attribute::XorPeerAddress(peer))
+        .add(&Attribute::Data(data));
+    h.input(client.five_tuple, &send.finish())
+}
+
+fn internal_party(address: &str) -> Client {
+    let mut bob = Client::new(address, "bob", "builder");
+    bob.five_tuple.server = INTERNAL_LISTENER.parse().unwrap();
+    bob
+}
+
+#[test]
+fn media_to_an_internal_host_waits_for_an_internal_party_there() {
+    let mut h = Harness::with(consent_config(Consent::Party));
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let host: SocketAddr = format!("{INTERNAL_HOST}:9000").parse().unwrap();
+    // Trickle ICE: the permission comes before the internal side has allocated. It is
+    // accepted (a refusal would make the browser prune the pair), and held.
+    let response = alice.call(
+        &mut h,
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4001),
+            Attribute::XorPeerAddress(host),
+        ],
+    );
+    assert_eq!(code(&response), None, "accepted");
+    assert!(
+        h.take_fast_path_events().is_empty(),
+        "nothing held goes into the kernel"
+    );
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+    let relay = bound_relay(&h, &alice);
+    assert!(
+        h.peer_sends(relay, &host.to_string(), b"held too")
+            .is_none()
+    );
+    assert_eq!(h.server.stats().consent_held_permissions, 1);
+    assert_eq!(h.server.stats().consent_held_dropped, 2);
+
+    // Bob allocates on the internal listener from that host: the next datagram flows, and the
+    // channel goes into the fast path, with no new request from alice.
+    let mut bob = internal_party(&format!("{INTERNAL_HOST}:6000"));
+    let allocated = bob.allocate(&mut h, &[]);
+    assert_eq!(code(&allocated), None);
+    assert!(h.server.allocation(&bob.five_tuple).unwrap().internal);
+    match send(&mut h, &alice, host, b"flows") {
+        Some(Transmit::ToPeer { peer, payload, .. }) => {
+            assert_eq!(peer, host);
+            assert_eq!(payload, Payload::Message(b"flows".to_vec()));
+        }
+        other => panic!("expected the datagram relayed, got {other:?}"),
+    }
+    assert!(matches!(
+        h.take_fast_path_events().as_slice(),
+        [FastPathEvent::Up(channel)] if channel.peer == host
+    ));
+    assert_eq!(h.server.stats().consent_granted, 1);
+
+    // Bob's allocation ends (a browser releasing what its selected pair does not use): the
+    // permission keeps its consent. Another internal host without a party is held.
+    bob.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(0)]);
+    assert!(send(&mut h, &alice, host, b"still flows").is_some());
+    let other: SocketAddr = "10.1.1.2:9000".parse().unwrap();
+    alice.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(other)],
+    );
+    assert!(send(&mut h, &alice, other, b"held").is_none());
+
+    // Public peers and internal parties' own allocations need no consent.
+    let public: SocketAddr = PEER.parse().unwrap();
+    alice.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(public)],
+    );
+    assert!(send(&mut h, &alice, public, b"public").is_some());
+    let mut carol = internal_party("10.1.1.3:6000");
+    carol.allocate(&mut h, &[]);
+    carol.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(other)],
+    );
+    assert!(send(&mut h, &carol, other, b"inside").is_some());
+}
+
+#[test]
+fn consent_off_holds_nothing_and_connects_need_a_party() {
+    let mut h = Harness::with(consent_config(Consent::Off));
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let host: SocketAddr = format!("{INTERNAL_HOST}:9000").parse().unwrap();
+    alice.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(host)],
+    );
+    assert!(send(&mut h, &alice, host, b"flows").is_some());
+    assert_eq!(h.server.stats().consent_held_permissions, 0);
+
+    // A TCP connection cannot be held: without a party, a Connect to an internal host is 403.
+    let mut h = Harness::with(consent_config(Consent::Party));
+    let mut dave = Client::new("192.0.2.4:5555", "alice", "wonderland");
+    dave.five_tuple.transport = Transport::Tcp;
+    dave.call(
+        &mut h,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(6)],
+    );
+    let response = dave.call(&mut h, Method::CONNECT, &[Attribute::XorPeerAddress(host)]);
+    assert_eq!(code(&response), Some(403));
+    assert_eq!(h.server.stats().consent_refused_connections, 1);
+}
