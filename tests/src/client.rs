@@ -261,8 +261,13 @@ impl TurnClient {
     /// Sends a request and waits for the response with its transaction id. Frames that come
     /// in meanwhile (Data indications, ChannelData) are kept for [`TurnClient::recv`].
     pub fn transact(&mut self, request: &[u8]) -> anyhow::Result<Response> {
-        let (_, method, id) = Message::peek_header(request).context("not a STUN request")?;
         self.send_raw(request)?;
+        self.await_response(request)
+    }
+
+    /// The response to `request`, already sent.
+    fn await_response(&mut self, request: &[u8]) -> anyhow::Result<Response> {
+        let (_, method, id) = Message::peek_header(request).context("not a STUN request")?;
         let deadline = Instant::now() + RECV_TIMEOUT;
         loop {
             let Some(frame) = self.recv_frame(deadline)? else {
@@ -348,6 +353,16 @@ impl TurnClient {
     /// connection `id` (ConnectionBind, RFC 6062 §4.4): the connection's stream (TCP only)
     /// and the bytes of the peer that came with the response.
     pub fn bind_data_connection(&self, id: u32) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+        self.bind_data_connection_pipelined(id, &[])
+    }
+
+    /// [`TurnClient::bind_data_connection`], sending `early` in the same write as the
+    /// ConnectionBind, before its answer (which RFC 6062 §4.4 tells clients not to do).
+    pub fn bind_data_connection_pipelined(
+        &self,
+        id: u32,
+        early: &[u8],
+    ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
         ensure!(
             self.proto == Proto::Tcp,
             "data connections over TCP only here"
@@ -358,11 +373,19 @@ impl TurnClient {
             self.server,
         )?;
         data.credentials = self.credentials.clone();
-        let response = data.request(Method::CONNECTION_BIND, &[Attribute::ConnectionId(id)])?;
+        let request =
+            data.signed_request(Method::CONNECTION_BIND, &[Attribute::ConnectionId(id)])?;
+        data.send_raw(&[request.as_slice(), early].concat())?;
+        let response = data.await_response(&request)?;
         ensure!(
             response.is_success(),
             "ConnectionBind: {}",
             response.describe()
+        );
+        let key = &data.credentials.as_ref().expect("copied above").key;
+        ensure!(
+            response.message().verify_integrity(key),
+            "ConnectionBind success without a MESSAGE-INTEGRITY that verifies"
         );
         let Conn::Tcp(stream) = data.conn else {
             unreachable!("made above");
@@ -486,6 +509,17 @@ impl TurnClient {
         method: Method,
         attributes: &[Attribute<'_>],
     ) -> anyhow::Result<Response> {
+        let request = self.signed_request(method, attributes)?;
+        self.transact(&request)
+    }
+
+    /// A request with this client's credentials (USERNAME, REALM, NONCE, MESSAGE-INTEGRITY)
+    /// and FINGERPRINT.
+    fn signed_request(
+        &mut self,
+        method: Method,
+        attributes: &[Attribute<'_>],
+    ) -> anyhow::Result<Vec<u8>> {
         let id = self.new_transaction_id();
         let c = self
             .credentials
@@ -500,8 +534,7 @@ impl TurnClient {
         }
         b.add_message_integrity(&c.key).add_fingerprint();
         ensure!(!b.overflowed(), "{method:?} request does not fit");
-        let request = b.finish();
-        self.transact(&request)
+        Ok(b.finish())
     }
 
     /// CreatePermission for the IPs of `peers` (RFC 8656 §9).

@@ -248,8 +248,13 @@ fn tcp_relay(proto: Proto, extra: &[&str]) -> (tools::Finished, serde_json::Valu
     assert!(run.status.success(), "{}", run.output());
     // Bytes are counted when a data connection ends.
     let closed = |c: &serde_json::Value| c["allocations"] == 0;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !server.counters().last().is_some_and(closed) && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.counters().last().is_some_and(closed) {
+        assert!(
+            Instant::now() < deadline,
+            "the edge still counts allocations 10 s after uclient ended: {:?}",
+            server.counters().last()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let counters = server.counters().pop().expect("a counters line");

@@ -13,6 +13,9 @@ use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
 
 /// What the peer sends.
 const TOTAL: usize = 100 << 20;
+/// What the client sends with its ConnectionBind: a TLS ClientHello's first bytes, which
+/// would fail STUN framing if taken for a frame.
+const EARLY: &[u8] = b"\x16\x03\x01\x02\x00 then the client's own protocol";
 /// The reader takes at most this per read, then pauses: about 16 MiB/s, several times slower
 /// than the edge relays on loopback.
 const CHUNK: usize = 64 << 10;
@@ -98,6 +101,15 @@ fn a_slow_reader_gets_every_byte_in_order_and_the_edge_holds_its_memory() {
     let again = control.connect_peer(peer_addr).unwrap();
     assert_eq!(again.err().and_then(|r| r.error_code()), Some(446));
 
+    // What the client sends in the same write as its ConnectionBind reaches the peer, as it is
+    // (not taken for frames).
+    let mut peer_reader = peer.try_clone().unwrap();
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        peer_reader.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut early = vec![0u8; EARLY.len()];
+        peer_reader.read_exact(&mut early)?;
+        Ok(early)
+    });
     // The peer sends everything at once, starting before the client binds.
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         let mut chunk = vec![0u8; CHUNK];
@@ -112,7 +124,15 @@ fn a_slow_reader_gets_every_byte_in_order_and_the_edge_holds_its_memory() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let baseline = rss_bytes(server.pid());
-    let (mut data, early) = control.bind_data_connection(id).unwrap();
+    assert!(baseline > 0, "the edge's resident memory is readable");
+    let (mut data, early) = control.bind_data_connection_pipelined(id, EARLY).unwrap();
+    assert_eq!(
+        reader
+            .join()
+            .unwrap()
+            .expect("the peer read the client's early bytes"),
+        EARLY
+    );
     // The edge's sockets of the pair: the peer connection at the relayed address, the data
     // connection at its listener's (with the idle control connection).
     let edge_sockets = [allocated.relayed(), server.loopback_addr(Proto::Tcp, false)];

@@ -663,13 +663,16 @@ where
     let (read_buffers_back, mut read_buffers) = std::sync::mpsc::sync_channel(READ_BUFFERS);
     let loops = &shared.loops;
     // Given to the loop with the first frames, once they say which loop serves the connection.
-    let mut link = Some(StreamLink {
-        writer: tx,
-        write_buffers,
-        read_buffers: read_buffers_back,
-    });
-    let mut serving: Option<Option<usize>> = None;
+    let mut route = Route {
+        link: Some(StreamLink {
+            writer: tx,
+            write_buffers,
+            read_buffers: read_buffers_back,
+        }),
+        serving: None,
+    };
     let mut incoming = Incoming::default();
+    let bind = BindWait::default();
     debug!(client = %five_tuple.client, transport = ?five_tuple.transport, "client connected");
     let spliced = {
         let write = async {
@@ -681,6 +684,7 @@ where
                 if writer.write_all(&frame).await.is_err() {
                     break;
                 }
+                bind.answered();
                 // Large ones (a burst of big messages) are freed rather than kept by an idle
                 // client.
                 if frame.capacity() <= POOLED_WRITE_CAPACITY {
@@ -694,20 +698,22 @@ where
             five_tuple,
             &mut reader,
             &mut incoming,
-            &mut link,
-            &mut serving,
+            &mut route,
             &mut read_buffers,
+            &bind,
         );
         tokio::pin!(write);
+        // The writer first: a splice it reaches wins over bytes the reader would take.
         let reason = tokio::select! {
-            reason = read => Err(reason),
+            biased;
             ended = &mut write => ended.ok_or("write failed"),
+            reason = read => Err(reason),
         };
         match reason {
             Ok(peer) => Some(peer),
             Err(reason) => {
                 debug!(client = %five_tuple.client, reason, "client disconnected");
-                if let Some(to) = serving {
+                if let Some(to) = route.serving {
                     let closed = Command::StreamClosed {
                         five_tuple,
                         relayed: RelayedBytes::default(),
@@ -724,7 +730,7 @@ where
             }
         }
     };
-    let (Some(peer), Some(to)) = (spliced, serving) else {
+    let (Some(peer), Some(to)) = (spliced, route.serving) else {
         return;
     };
     debug!(client = %five_tuple.client, "client data connection spliced to its peer");
@@ -742,6 +748,45 @@ where
         .await;
 }
 
+/// Which loop serves a stream client: decided by its first frames, when the loop is given
+/// the connection's link (`serving`: `Some(None)` is the client's owner loop).
+struct Route {
+    link: Option<StreamLink>,
+    serving: Option<Option<usize>>,
+}
+
+/// A ConnectionBind's wait for its answer (RFC 6062 §4.4: the client sends data only after
+/// the success response). Until the answer is written the reader takes nothing more: what
+/// follows a successful bind is raw data, not frames.
+#[derive(Default)]
+struct BindWait {
+    awaiting: std::sync::atomic::AtomicBool,
+    answer: tokio::sync::Notify,
+}
+
+impl BindWait {
+    fn wait_for_answer(&self) {
+        self.awaiting
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A frame was written to the client: the answer, if one was awaited.
+    fn answered(&self) {
+        if self
+            .awaiting
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.answer.notify_one();
+        }
+    }
+
+    async fn until_answered(&self) {
+        while self.awaiting.load(std::sync::atomic::Ordering::Relaxed) {
+            self.answer.notified().await;
+        }
+    }
+}
+
 /// A stream client's read buffer: `buf[..valid]` is what was read and not yet sent to the
 /// loop (an incomplete frame), kept outside the reading task so that it survives the task's
 /// end when the connection turns into a data connection.
@@ -757,19 +802,18 @@ impl Incoming {
     }
 }
 
-/// Read frames and send them to the loop that serves the connection (`serving`, decided by
-/// the first frame: `Some(None)` is the client's owner) until the connection ends; returns
-/// why. Frames are relayed from the buffer they were read into: whole frames go to the loop
+/// Read frames and send them to the loop that serves the connection ([`Route`]) until the
+/// connection ends; returns why. Frames are relayed from the buffer they were read into: whole frames go to the loop
 /// as read, and only an incomplete one at the end is copied, to the start of the next buffer.
 async fn read_frames<R>(
     shared: &Arc<Shared>,
     five_tuple: FiveTuple,
     reader: &mut R,
     incoming: &mut Incoming,
-    link: &mut Option<StreamLink>,
-    serving: &mut Option<Option<usize>>,
+    route: &mut Route,
     // Mutable, not shared: a std Receiver is Send but not Sync.
     read_buffers: &mut std::sync::mpsc::Receiver<Vec<u8>>,
+    bind: &BindWait,
 ) -> &'static str
 where
     R: AsyncRead + Unpin,
@@ -793,7 +837,7 @@ where
         let buf = &incoming.buf[..incoming.valid];
         let mut complete = 0;
         let mut first_frame = None;
-        let framing = loop {
+        let mut framing = loop {
             match next_stream_frame(&buf[complete..]) {
                 Ok(Some(len)) => {
                     first_frame.get_or_insert(len);
@@ -803,15 +847,29 @@ where
                 Ok(None) | Err(_) => break Err("not STUN or ChannelData framing"),
             }
         };
+        // A connection that opens with a ConnectionBind goes to the loop that issued its
+        // CONNECTION-ID, alone: what the client sent after it is held until the answer, as
+        // raw data if the bind succeeds. (A ConnectionBind later on a connection goes to the
+        // client's owner loop, which knows its id only by chance: a new connection is what
+        // RFC 6062 §4.4 asks for.)
+        let binding = match (route.serving, first_frame) {
+            (None, Some(len)) => {
+                data_connection::connection_bind_loop(&buf[..len]).map(|to| (to, len))
+            }
+            _ => None,
+        };
+        if let Some((_, len)) = binding {
+            complete = len;
+            framing = Ok(());
+        }
         // The frames before a framing error are still relayed, in order.
         if complete > 0 {
-            let to = match *serving {
+            let to = match route.serving {
                 Some(to) => to,
                 None => {
-                    let to = first_frame
-                        .and_then(|len| data_connection::connection_bind_loop(&buf[..len]));
-                    *serving = Some(to);
-                    if let Some(stream) = link.take() {
+                    let to = binding.map(|(to, _)| to);
+                    route.serving = Some(to);
+                    if let Some(stream) = route.link.take() {
                         let opened = Command::StreamOpened { five_tuple, stream };
                         loops.send_to(to, five_tuple.client, opened).await;
                     }
@@ -826,8 +884,12 @@ where
             incoming.buf.truncate(complete);
             incoming.valid = next.len();
             let frames = std::mem::replace(&mut incoming.buf, next);
+            if binding.is_some() {
+                bind.wait_for_answer();
+            }
             let command = Command::StreamFrames { five_tuple, frames };
             loops.send_to(to, five_tuple.client, command).await;
+            bind.until_answered().await;
         }
         incoming.buf.truncate(incoming.valid);
         if let Err(reason) = framing {

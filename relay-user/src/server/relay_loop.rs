@@ -93,9 +93,12 @@ pub(crate) enum Command {
         peer: SocketAddr,
         stream: tokio::net::TcpStream,
     },
-    /// The answer to a connect the loop asked for; None when it failed.
+    /// The answer to a connect the loop asked for (by its task: an answer from a connect
+    /// that was aborted is not taken for a later one under the same id); None when it
+    /// failed.
     PeerConnected {
         id: ConnectionId,
+        task: tokio::task::Id,
         stream: Option<tokio::net::TcpStream>,
     },
     /// A client datagram that reached another loop's socket (no steering program attached,
@@ -515,6 +518,17 @@ impl RelayLoop {
             self.core.handle_timeout(Instant::now());
             self.carry_out(Input::Bytes(&[]));
         }
+        // The tasks of TCP relays end with the loop (a dropped token cancels nothing).
+        for listener in self.tcp_relays.values() {
+            listener.cancel();
+        }
+        for (_, side) in self.peer_connections.drain() {
+            match side {
+                PeerSide::Connecting(task) => task.abort(),
+                PeerSide::Spliced(closed) => closed.cancel(),
+                PeerSide::Waiting(_) => {}
+            }
+        }
         info!(
             loop_index = self.index,
             allocations = self.core.allocation_count(),
@@ -702,11 +716,16 @@ impl RelayLoop {
                     }
                     self.carry_out(Input::Bytes(&[]));
                 }
-                Command::PeerConnected { id, stream } => {
-                    let connected = stream.is_some();
-                    if let Some(PeerSide::Connecting(_)) = self.peer_connections.get(&id) {
-                        self.peer_connections.remove(&id);
+                Command::PeerConnected { id, task, stream } => {
+                    let ours = matches!(
+                        self.peer_connections.get(&id),
+                        Some(PeerSide::Connecting(connect)) if connect.id() == task
+                    );
+                    if !ours {
+                        continue;
                     }
+                    self.peer_connections.remove(&id);
+                    let connected = stream.is_some();
                     if self.core.handle_connect_result(id, connected, now)
                         && let Some(stream) = stream
                     {
@@ -983,7 +1002,8 @@ impl RelayLoop {
                     None
                 }
             };
-            send(&handle, Command::PeerConnected { id, stream }).await;
+            let task = tokio::task::id();
+            send(&handle, Command::PeerConnected { id, task, stream }).await;
         });
         self.peer_connections
             .insert(id, PeerSide::Connecting(task.abort_handle()));
@@ -996,6 +1016,7 @@ impl RelayLoop {
             return;
         };
         let Some(link) = self.streams.get(&client) else {
+            self.core.client_closed(client);
             return;
         };
         let closed = CancellationToken::new();
@@ -1006,7 +1027,10 @@ impl RelayLoop {
         if link.writer.try_send(ToStream::Splice(peer)).is_ok() {
             self.peer_connections.insert(id, PeerSide::Spliced(closed));
         } else {
+            // The client was told it is bound and will never be: end it all (its writer's
+            // queue is full or gone, so the connection is as good as closed).
             self.stats.stream_frames_dropped += 1;
+            self.core.client_closed(client);
         }
     }
 

@@ -762,6 +762,7 @@ impl Server {
         }
         let dead = allocation.is_dead();
         for relay in expired.relays {
+            self.close_peer_connections_on(five_tuple, relay);
             self.by_relay.remove(&relay);
             self.release_port(relay, true);
         }
@@ -1312,6 +1313,7 @@ impl Server {
             allocation.relays = kept;
             let dead = allocation.is_dead();
             for relay in &gone {
+                self.close_peer_connections_on(five_tuple, relay.bound);
                 self.by_relay.remove(&relay.bound);
                 self.release_port(relay.bound, true);
             }

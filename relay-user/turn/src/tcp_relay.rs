@@ -38,6 +38,8 @@ pub fn connection_shard(id: ConnectionId) -> u8 {
 /// One peer connection of a TCP allocation.
 pub(super) struct PeerConnection {
     allocation: FiveTuple,
+    /// The relayed address it was made on (a dual allocation has two).
+    relay: SocketAddr,
     peer: SocketAddr,
     state: ConnectionState,
     /// When the state's timer fires (connect or bind timeout); None once bound.
@@ -105,7 +107,7 @@ impl Server {
         let reply = ReplyTo::from(request);
         self.insert_peer_connection(
             id,
-            five_tuple,
+            (five_tuple, relay),
             peer,
             ConnectionState::Connecting { reply, auth },
             now + PEER_CONNECT_TIMEOUT,
@@ -204,7 +206,7 @@ impl Server {
         };
         self.insert_peer_connection(
             id,
-            five_tuple,
+            (five_tuple, relay),
             peer,
             ConnectionState::AwaitingBind,
             now + CONNECTION_BIND_TIMEOUT,
@@ -345,9 +347,17 @@ impl Server {
     }
 
     /// Forget peer connection `id` and have the shell close it.
+    /// A Connect still under way is answered with 447 (its control connection may live on:
+    /// a Refresh to 0 or a revocation ended the allocation).
     pub(super) fn close_peer_connection(&mut self, id: ConnectionId) {
-        if self.remove_peer_connection(id).is_some() {
-            self.out.0.push_back(Output::ClosePeerConnection { id });
+        let Some(connection) = self.remove_peer_connection(id) else {
+            return;
+        };
+        self.out.0.push_back(Output::ClosePeerConnection { id });
+        if let ConnectionState::Connecting { reply, auth } = connection.state {
+            self.stats.peer_connections_failed += 1;
+            let response = self.error(reply, 447, &[], Some(&auth));
+            self.reply(connection.allocation, response);
         }
     }
 
@@ -355,6 +365,27 @@ impl Server {
     pub(super) fn close_peer_connections(&mut self, allocation: &crate::allocation::Allocation) {
         for id in allocation.peer_connections.values() {
             self.close_peer_connection(*id);
+        }
+    }
+
+    /// The peer connections made on `relay`, one of `five_tuple`'s relayed addresses that is
+    /// going away (one family of a dual allocation): their sockets hold its port.
+    pub(super) fn close_peer_connections_on(&mut self, five_tuple: FiveTuple, relay: SocketAddr) {
+        let Some(allocation) = self.allocations.get(&five_tuple) else {
+            return;
+        };
+        let on_relay: Vec<ConnectionId> = allocation
+            .peer_connections
+            .values()
+            .copied()
+            .filter(|id| {
+                self.peer_connections
+                    .get(id)
+                    .is_some_and(|c| c.relay == relay)
+            })
+            .collect();
+        for id in on_relay {
+            self.close_peer_connection(id);
         }
     }
 
@@ -372,7 +403,7 @@ impl Server {
     fn insert_peer_connection(
         &mut self,
         id: ConnectionId,
-        allocation: FiveTuple,
+        (allocation, relay): (FiveTuple, SocketAddr),
         peer: SocketAddr,
         state: ConnectionState,
         deadline: Instant,
@@ -384,6 +415,7 @@ impl Server {
             id,
             PeerConnection {
                 allocation,
+                relay,
                 peer,
                 state,
                 deadline: Some(deadline),

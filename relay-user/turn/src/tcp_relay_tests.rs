@@ -58,10 +58,12 @@ fn connect(h: &mut Harness, alice: &mut Client, peer: &str) -> ConnectionId {
                 peer: to,
             },
         ] => {
-            assert_eq!(
-                *relay,
-                bound_relay(h, alice),
-                "connects from the relayed address"
+            let relays = &h.server.allocation(&alice.five_tuple).unwrap().relays;
+            assert!(
+                relays
+                    .iter()
+                    .any(|r| r.bound == *relay && relay.is_ipv4() == to.is_ipv4()),
+                "connects from the relayed address of the peer's family"
             );
             assert_eq!(*to, peer.parse::<SocketAddr>().unwrap());
             *id
@@ -361,4 +363,64 @@ fn connection_ids_carry_their_shard() {
         let id = server.new_connection_id().unwrap();
         assert_eq!(connection_shard(id), 5);
     }
+}
+
+#[test]
+fn a_relay_going_away_takes_its_connections_and_answers_a_pending_connect() {
+    let mut h = Harness::new();
+    let mut alice = tcp_client("192.0.2.1:5555", "alice", "wonderland");
+    let response = tcp_allocate(
+        &mut h,
+        &mut alice,
+        &[Attribute::AdditionalAddressFamily(AddressFamily::V6)],
+    );
+    assert_eq!(relayed(&response).len(), 2);
+    let v4 = connect(&mut h, &mut alice, TCP_PEER);
+    connected(&mut h, v4, true);
+    let v6 = connect(&mut h, &mut alice, PEER_V6);
+    connected(&mut h, v6, true);
+    // The IPv6 relay goes (Refresh to 0 for that family): its connection with it.
+    alice.call(
+        &mut h,
+        Method::REFRESH,
+        &[
+            Attribute::Lifetime(0),
+            Attribute::RequestedAddressFamily(AddressFamily::V6),
+        ],
+    );
+    assert_eq!(
+        take_outputs(&mut h),
+        [Output::ClosePeerConnection { id: v6 }]
+    );
+
+    // A Connect under way when the allocation ends is answered, with 447.
+    let pending = connect(&mut h, &mut alice, "8.8.4.4:2");
+    let tid = alice.tid();
+    let delete = alice.build(tid, Method::REFRESH, &[Attribute::Lifetime(0)]);
+    h.server
+        .handle_client_input(alice.five_tuple, &delete, h.now);
+    let answers: Vec<Option<u16>> = h
+        .drain(&delete)
+        .into_iter()
+        .map(|t| code(&client_payload(Some(t))))
+        .collect();
+    assert_eq!(
+        answers,
+        [Some(447), None],
+        "the Connect's 447, then the Refresh's success"
+    );
+    let mut closed = take_outputs(&mut h);
+    closed.sort_by_key(|o| match o {
+        Output::ClosePeerConnection { id } => *id,
+        _ => 0,
+    });
+    let mut expected = vec![
+        Output::ClosePeerConnection { id: v4 },
+        Output::ClosePeerConnection { id: pending },
+    ];
+    expected.sort_by_key(|o| match o {
+        Output::ClosePeerConnection { id } => *id,
+        _ => 0,
+    });
+    assert_eq!(closed, expected);
 }
