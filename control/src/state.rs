@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use proto::control::v1::{
-    AccessPolicy, AgentStatus, Conference, ConferenceRemoved, ControlUpdate, Snapshot,
-    UserRevocation, control_update,
+    AccessPolicy, AgentStatus, Conference, ConferenceRemoved, ControlUpdate, MediaAuthorization,
+    MediaAuthorizationRevoked, Snapshot, UserRevocation, control_update,
 };
 
 use crate::store::{StateSnapshot, Store, StoreError};
@@ -151,6 +151,36 @@ impl State {
         })
     }
 
+    pub fn authorize_media(&self, authorization: MediaAuthorization) -> Result<u64, StoreError> {
+        self.write(|store| {
+            let revision = store.authorize_media(&authorization)?;
+            Ok((
+                revision,
+                Some(ControlUpdate {
+                    revision,
+                    update: Some(control_update::Update::MediaAuthorized(authorization)),
+                }),
+            ))
+        })
+    }
+
+    /// The new revision, or `None` if there was no such authorization.
+    pub fn revoke_media(&self, external: &str, internal: &str) -> Result<Option<u64>, StoreError> {
+        self.write(|store| {
+            let revision = store.revoke_media(external, internal)?;
+            let update = revision.map(|revision| ControlUpdate {
+                revision,
+                update: Some(control_update::Update::MediaAuthorizationRevoked(
+                    MediaAuthorizationRevoked {
+                        external_user: external.to_owned(),
+                        internal_user: internal.to_owned(),
+                    },
+                )),
+            });
+            Ok((revision, update))
+        })
+    }
+
     /// Forgets expired conferences (telling agents) and stale revocations.
     pub fn purge_expired(&self, now_unix: u64) -> Result<usize, StoreError> {
         let _order = lock(&self.write_order);
@@ -245,6 +275,7 @@ pub fn snapshot_update(snapshot: StateSnapshot) -> ControlUpdate {
             policy: Some(snapshot.policy),
             conferences: snapshot.conferences,
             revocations: snapshot.revocations,
+            media_authorizations: snapshot.media_authorizations,
         })),
     }
 }

@@ -13,13 +13,17 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 
-use proto::control::v1::{AccessPolicy, AgentRegistration, Conference, UserRevocation};
+use proto::control::v1::{
+    AccessPolicy, AgentRegistration, Conference, MediaAuthorization, UserRevocation,
+};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POLICY: TableDefinition<&str, &[u8]> = TableDefinition::new("policy");
 const CONFERENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("conferences");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// Media authorizations by "external\ninternal" (user identities have no whitespace).
+const AUTHORIZATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("media_authorizations");
 
 const SCHEMA_KEY: &str = "schema_version";
 const REVISION_KEY: &str = "revision";
@@ -77,6 +81,7 @@ pub struct StateSnapshot {
     pub policy: AccessPolicy,
     pub conferences: Vec<Conference>,
     pub revocations: Vec<UserRevocation>,
+    pub media_authorizations: Vec<MediaAuthorization>,
 }
 
 pub struct Store {
@@ -124,6 +129,7 @@ impl Store {
             txn.open_table(CONFERENCES)?;
             txn.open_table(REVOCATIONS)?;
             txn.open_table(AGENTS)?;
+            txn.open_table(AUTHORIZATIONS)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -144,6 +150,7 @@ impl Store {
         let policy = txn.open_table(POLICY)?;
         let conferences = txn.open_table(CONFERENCES)?;
         let revocations = txn.open_table(REVOCATIONS)?;
+        let authorizations = txn.open_table(AUTHORIZATIONS)?;
         let policy = match policy.get(POLICY_KEY)? {
             Some(bytes) => decode("policy", POLICY_KEY, bytes.value())?,
             None => AccessPolicy::default(),
@@ -165,6 +172,14 @@ impl Store {
             let revocation: UserRevocation = decode("revocations", key.value(), value.value())?;
             if revocation.refuse_expiry_through_unix >= now_unix {
                 snapshot.revocations.push(revocation);
+            }
+        }
+        for entry in authorizations.iter()? {
+            let (key, value) = entry?;
+            let authorization: MediaAuthorization =
+                decode("media_authorizations", key.value(), value.value())?;
+            if authorization.expires_at_unix > now_unix {
+                snapshot.media_authorizations.push(authorization);
             }
         }
         Ok(snapshot)
@@ -308,6 +323,20 @@ impl Store {
             for user in stale {
                 revocations.remove(user.as_str())?;
             }
+            // Agents expire authorizations on their own; no update either.
+            let mut authorizations = txn.open_table(AUTHORIZATIONS)?;
+            let mut expired = Vec::new();
+            for entry in authorizations.iter()? {
+                let (key, value) = entry?;
+                let authorization: MediaAuthorization =
+                    decode("media_authorizations", key.value(), value.value())?;
+                if authorization.expires_at_unix <= now_unix {
+                    expired.push(key.value().to_owned());
+                }
+            }
+            for key in expired {
+                authorizations.remove(key.as_str())?;
+            }
         }
         txn.commit()?;
         Ok(removed)
@@ -334,6 +363,37 @@ impl Store {
                 revocation.encode_to_vec().as_slice(),
             )?;
             bump(&mut meta)?
+        };
+        txn.commit()?;
+        Ok(revision)
+    }
+
+    /// Records a media authorization (replacing the pair's earlier one).
+    pub fn authorize_media(&self, authorization: &MediaAuthorization) -> Result<u64, StoreError> {
+        let key = authorization_key(&authorization.external_user, &authorization.internal_user);
+        let txn = self.db.begin_write()?;
+        let revision = {
+            let mut meta = txn.open_table(META)?;
+            let mut table = txn.open_table(AUTHORIZATIONS)?;
+            table.insert(key.as_str(), authorization.encode_to_vec().as_slice())?;
+            bump(&mut meta)?
+        };
+        txn.commit()?;
+        Ok(revision)
+    }
+
+    /// Removes a media authorization; the new revision, or `None` if there was none.
+    pub fn revoke_media(&self, external: &str, internal: &str) -> Result<Option<u64>, StoreError> {
+        let key = authorization_key(external, internal);
+        let txn = self.db.begin_write()?;
+        let revision = {
+            let mut meta = txn.open_table(META)?;
+            let mut table = txn.open_table(AUTHORIZATIONS)?;
+            if table.remove(key.as_str())?.is_none() {
+                None
+            } else {
+                Some(bump(&mut meta)?)
+            }
         };
         txn.commit()?;
         Ok(revision)
@@ -375,6 +435,10 @@ impl Store {
         }
         Ok(agents)
     }
+}
+
+fn authorization_key(external: &str, internal: &str) -> String {
+    format!("{external}\n{internal}")
 }
 
 #[cfg(test)]

@@ -218,6 +218,7 @@ enum RawConsent {
     Off,
     #[default]
     Party,
+    Authorized,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -617,6 +618,12 @@ impl RawConfig {
             .as_ref()
             .map(|c| c.validate(base_dir))
             .transpose()?;
+        if matches!(relay.consent, RawConsent::Authorized) && control.is_none() {
+            return Err(invalid(
+                "relay.consent",
+                "\"authorized\" consent waits for front-ends' authorizations through the control plane: add a [control] section, or use \"party\"",
+            ));
+        }
         if conferencing.is_some() && control.is_none() {
             return Err(invalid(
                 "conferencing",
@@ -653,6 +660,7 @@ impl RawConfig {
                 consent: match relay.consent {
                     RawConsent::Off => Consent::Off,
                     RawConsent::Party => Consent::Party,
+                    RawConsent::Authorized => Consent::Authorized,
                 },
                 internal_listeners,
             },

@@ -1,14 +1,21 @@
-//! Internal-party consent (`[relay] consent = "party"`, the default) on loopback: an external
-//! listener (127.0.0.1) and an internal one (127.0.0.4); the internal host is the echo peer's
-//! address (127.0.0.2, on the allowed loopback network). An external user's media to it is
+//! Internal-party consent on loopback: an external listener (127.0.0.1) and an internal one
+//! (127.0.0.4); the internal host is the echo peer's address (127.0.0.2, on the allowed
+//! loopback network). With `consent = "party"` (the default) an external user's media to it is
 //! held until a client allocates on the internal listener from that address, and then flows
-//! with no new request from the external user.
+//! with no new request from the external user. With `consent = "authorized"` a front-end must
+//! also authorize the pair through the control service, and revoking that ends the flow
+//! within a second.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use proto::control::v1::{
+    AuthorizeMediaSessionRequest, IssueMediaCredentialsRequest, RevokeMediaSessionRequest,
+};
 use rampart_tests::client::{Received, TurnClient};
+use rampart_tests::control::{ControlPki, ControlService, temp_dir};
 use rampart_tests::coturn::EchoPeer;
+use rampart_tests::ports::free_tcp_address;
 use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
 use rampart_turn::stun::AddressFamily;
 
@@ -76,6 +83,122 @@ fn media_to_an_internal_host_is_held_until_an_internal_party_allocates_there() {
     assert_eq!(relay["consent_granted"].as_u64(), Some(1), "{counters}");
     assert!(
         relay["consent_held_dropped"].as_u64() >= Some(1),
+        "{counters}"
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls `condition` every 20 ms for at most `limit`; how long it took.
+fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn authorized_mode_follows_the_front_ends_authorization() {
+    let rt = runtime();
+    let dir = temp_dir().unwrap();
+    let pki = ControlPki::create(dir.path()).unwrap();
+    let control_address: SocketAddr = free_tcp_address(EXTERNAL).unwrap();
+    let control =
+        ControlService::start(&pki, &dir.path().join("control"), control_address).unwrap();
+    let mut config = RampartConfig::loopback(&[(Proto::Udp, EXTERNAL), (Proto::Udp, INTERNAL)])
+        .with_consent("authorized")
+        .with_stats_interval(1)
+        .with_control(pki.agent_link(control.address));
+    config.internal_listeners = vec![(Proto::Udp, INTERNAL)];
+    let agent = Rampart::start(&config).unwrap();
+    wait_until(
+        Duration::from_secs(25),
+        "the agent syncs with control",
+        || agent.log().contains("control snapshot applied"),
+    );
+    let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
+    let mut front_end = rt.block_on(pki.front_end(control.address)).unwrap();
+    let mut credentials = |user: &str| {
+        let issued = rt
+            .block_on(
+                front_end.issue_media_credentials(IssueMediaCredentialsRequest {
+                    user: user.into(),
+                    lifetime_seconds: None,
+                }),
+            )
+            .unwrap()
+            .into_inner();
+        (issued.username, issued.password)
+    };
+    let (ext_name, ext_password) = credentials("sip:guest@partner.example");
+    let (int_name, int_password) = credentials("sip:bob@example.com");
+
+    let mut external = TurnClient::connect_udp(EXTERNAL, agent.addr(Proto::Udp, EXTERNAL)).unwrap();
+    external
+        .allocate(&ext_name, &ext_password, AddressFamily::V4)
+        .unwrap();
+    external.channel_bind(CHANNEL, peer.addr).unwrap();
+    let mut party =
+        TurnClient::connect_udp(IpAddr::V4(PEER_V4), agent.addr(Proto::Udp, INTERNAL)).unwrap();
+    party
+        .allocate(&int_name, &int_password, AddressFamily::V4)
+        .unwrap();
+    assert!(
+        !echoed(&mut external, Duration::from_millis(500)),
+        "an internal party alone is not enough in authorized mode"
+    );
+
+    rt.block_on(
+        front_end.authorize_media_session(AuthorizeMediaSessionRequest {
+            external_user: "sip:guest@partner.example".into(),
+            internal_user: "sip:bob@example.com".into(),
+            lifetime_seconds: 300,
+        }),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(2),
+        "media flows once authorized",
+        || echoed(&mut external, Duration::from_millis(100)),
+    );
+
+    let revoked = rt
+        .block_on(front_end.revoke_media_session(RevokeMediaSessionRequest {
+            external_user: "sip:guest@partner.example".into(),
+            internal_user: "sip:bob@example.com".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    // The flow ends within a second of the revocation: the last echo comes back before then.
+    let took = wait_until(
+        Duration::from_secs(1),
+        "the revocation ends the flow",
+        || !echoed(&mut external, Duration::from_millis(100)),
+    );
+    eprintln!("flow ended {took:?} after RevokeMediaSession returned");
+    assert!(
+        !echoed(&mut external, Duration::from_millis(500)),
+        "media stays held after the revocation"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let counted = |c: &serde_json::Value| c["relay"]["consent_withdrawn"].as_u64() == Some(1);
+    while !agent.counters().last().is_some_and(counted) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counters = agent.counters().pop().expect("a counters line");
+    assert_eq!(
+        counters["relay"]["consent_withdrawn"].as_u64(),
+        Some(1),
         "{counters}"
     );
 }

@@ -9,9 +9,11 @@ use tonic::{Request, Response, Status};
 
 use proto::control::v1::front_end_server::FrontEnd;
 use proto::control::v1::{
-    AccessPolicy, Conference, FederationPolicy, GetAccessPolicyRequest, GetAccessPolicyResponse,
-    IssueMediaCredentialsRequest, IssueMediaCredentialsResponse, RegisterConferenceRequest,
-    RegisterConferenceResponse, RevokeConferenceRequest, RevokeConferenceResponse,
+    AccessPolicy, AuthorizeMediaSessionRequest, AuthorizeMediaSessionResponse, Conference,
+    FederationPolicy, GetAccessPolicyRequest, GetAccessPolicyResponse,
+    IssueMediaCredentialsRequest, IssueMediaCredentialsResponse, MediaAuthorization,
+    RegisterConferenceRequest, RegisterConferenceResponse, RevokeConferenceRequest,
+    RevokeConferenceResponse, RevokeMediaSessionRequest, RevokeMediaSessionResponse,
     RevokeUserRequest, RevokeUserResponse, SetAccessPolicyRequest, SetAccessPolicyResponse,
     UpdateConferenceRequest, UpdateConferenceResponse, register_conference_request,
     update_conference_request,
@@ -21,6 +23,9 @@ use super::{blocking, caller, check_id, invalid, now_unix};
 use crate::config::CredentialSettings;
 use crate::credentials;
 use crate::state::State;
+
+/// The longest a media authorization lasts before a front-end renews it.
+const MAX_AUTHORIZATION_LIFETIME: u32 = 86_400;
 
 /// Session keys longer than this are not keys but payloads.
 const MAX_SESSION_KEY_LEN: usize = 1024;
@@ -369,6 +374,77 @@ impl FrontEnd for FrontEndService {
         );
         Ok(Response::new(RevokeUserResponse {
             revocation: Some(revocation),
+            revision,
+        }))
+    }
+
+    async fn authorize_media_session(
+        &self,
+        request: Request<AuthorizeMediaSessionRequest>,
+    ) -> Result<Response<AuthorizeMediaSessionResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        credentials::check_user(&request.external_user).map_err(|e| invalid("external_user", e))?;
+        credentials::check_user(&request.internal_user).map_err(|e| invalid("internal_user", e))?;
+        if request.external_user == request.internal_user {
+            return Err(invalid(
+                "internal_user",
+                "is the external user: a user needs no authorization to reach themselves",
+            ));
+        }
+        if !(1..=MAX_AUTHORIZATION_LIFETIME).contains(&request.lifetime_seconds) {
+            return Err(invalid(
+                "lifetime_seconds",
+                format!("must be 1 to {MAX_AUTHORIZATION_LIFETIME}"),
+            ));
+        }
+        let authorization = MediaAuthorization {
+            external_user: request.external_user,
+            internal_user: request.internal_user,
+            expires_at_unix: now_unix() + u64::from(request.lifetime_seconds),
+        };
+        let stored = authorization.clone();
+        let revision = blocking(&self.state, move |state| state.authorize_media(stored)).await?;
+        tracing::info!(
+            front_end = %caller.identity(),
+            external = %authorization.external_user,
+            internal = %authorization.internal_user,
+            expires_at = authorization.expires_at_unix,
+            revision,
+            "media session authorized"
+        );
+        Ok(Response::new(AuthorizeMediaSessionResponse {
+            authorization: Some(authorization),
+            revision,
+        }))
+    }
+
+    async fn revoke_media_session(
+        &self,
+        request: Request<RevokeMediaSessionRequest>,
+    ) -> Result<Response<RevokeMediaSessionResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        credentials::check_user(&request.external_user).map_err(|e| invalid("external_user", e))?;
+        credentials::check_user(&request.internal_user).map_err(|e| invalid("internal_user", e))?;
+        let (external, internal) = (request.external_user.clone(), request.internal_user.clone());
+        let (revoked, revision) = blocking(&self.state, move |state| {
+            match state.revoke_media(&external, &internal)? {
+                Some(revision) => Ok((true, revision)),
+                None => Ok((false, state.store().revision()?)),
+            }
+        })
+        .await?;
+        tracing::info!(
+            front_end = %caller.identity(),
+            external = %request.external_user,
+            internal = %request.internal_user,
+            revoked,
+            revision,
+            "media session revoked"
+        );
+        Ok(Response::new(RevokeMediaSessionResponse {
+            revoked,
             revision,
         }))
     }

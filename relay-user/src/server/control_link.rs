@@ -8,7 +8,7 @@
 //! stream starts with. An outage is logged once, and reported in the health sent once the
 //! link is back (`stale_since_unix`) until the snapshot has been applied.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,6 +30,7 @@ use super::{Counters, Shared, State, lock};
 use crate::config::{Config, ControlSettings};
 use rampart_rate_limit::RateLimit;
 use rampart_turn::Transport;
+use rampart_turn::server::MediaAuthorization;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
 /// actual wait is uniformly drawn from the upper half of the current delay, so agents that
@@ -50,6 +51,8 @@ pub(super) struct ControlState {
     /// still in force, and re-applying one would end allocations made since with fresh
     /// credentials.
     revocations: HashSet<(String, u64)>,
+    /// The front-ends' media authorizations: (external user, internal user) -> expiry.
+    media_authorizations: HashMap<(String, String), u64>,
 }
 
 /// The registration this agent sends: its addresses and capacity, from the configuration.
@@ -269,6 +272,12 @@ fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
                 .control
                 .revocations
                 .retain(|key| current.contains(key));
+            state.control.media_authorizations = snapshot
+                .media_authorizations
+                .into_iter()
+                .map(|a| ((a.external_user, a.internal_user), a.expires_at_unix))
+                .collect();
+            changes.push(media_authorizations(&state.control));
         }
         Some(control_update::Update::Policy(policy)) => changes.push(apply_policy(state, policy)),
         Some(control_update::Update::ConferenceUpserted(conference)) => {
@@ -290,6 +299,31 @@ fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
         }
         Some(control_update::Update::UserRevoked(revocation)) => {
             changes.extend(revoke(state, revocation));
+        }
+        Some(control_update::Update::MediaAuthorized(authorization)) => {
+            info!(
+                external = authorization.external_user,
+                internal = authorization.internal_user,
+                expires_at = authorization.expires_at_unix,
+                "media session authorized"
+            );
+            state.control.media_authorizations.insert(
+                (authorization.external_user, authorization.internal_user),
+                authorization.expires_at_unix,
+            );
+            changes.push(media_authorizations(&state.control));
+        }
+        Some(control_update::Update::MediaAuthorizationRevoked(revoked)) => {
+            info!(
+                external = revoked.external_user,
+                internal = revoked.internal_user,
+                "media session authorization revoked"
+            );
+            state
+                .control
+                .media_authorizations
+                .remove(&(revoked.external_user, revoked.internal_user));
+            changes.push(media_authorizations(&state.control));
         }
         None => debug!(revision = update.revision, "empty control update ignored"),
     }
@@ -350,6 +384,22 @@ fn sip_policy(
             partner_rate,
         },
     }
+}
+
+/// Every media authorization, for every loop (the loops drop expired ones themselves; so does
+/// this set, when a snapshot replaces it).
+fn media_authorizations(control: &ControlState) -> LoopChange {
+    LoopChange::MediaAuthorizations(
+        control
+            .media_authorizations
+            .iter()
+            .map(|((external, internal), expires)| MediaAuthorization {
+                external: external.clone(),
+                internal: internal.clone(),
+                expires_unix: *expires,
+            })
+            .collect(),
+    )
 }
 
 /// The change a revocation makes, unless it was applied already.

@@ -154,7 +154,12 @@ enum PeerSide {
 #[derive(Clone, Debug)]
 pub(crate) enum LoopChange {
     AllowedPeerNetworks(Vec<IpNet>),
-    RevokeUser { user: String, through_unix: u64 },
+    RevokeUser {
+        user: String,
+        through_unix: u64,
+    },
+    /// All the front-ends' media authorizations (consent).
+    MediaAuthorizations(Vec<rampart_turn::server::MediaAuthorization>),
 }
 
 /// Counters of what a loop's shell (not its core) saw.
@@ -742,6 +747,11 @@ impl RelayLoop {
                 }
                 Command::Change(LoopChange::AllowedPeerNetworks(networks)) => {
                     self.core.set_allowed_peer_networks(networks);
+                }
+                Command::Change(LoopChange::MediaAuthorizations(authorizations)) => {
+                    self.core.set_media_authorizations(authorizations, now);
+                    // Consent taken back leaves the kernel and closes connections now.
+                    self.carry_out(Input::Bytes(&[]));
                 }
                 Command::Change(LoopChange::RevokeUser { user, through_unix }) => {
                     self.core.revoke_user(&user, through_unix, now);

@@ -114,6 +114,11 @@ pub struct Allocation {
     /// Permissions waiting for an internal party's consent: installed, their traffic dropped
     /// and counted, nothing of theirs in the fast path.
     pub held: HashSet<IpAddr>,
+    /// Permissions towards internal addresses that have consent, by the internal user who
+    /// gave it: a revocation of that user, or of their authorization, takes it back.
+    pub consented_by: HashMap<IpAddr, std::sync::Arc<str>>,
+    /// Made with credentials that name nobody (a bare-expiry REST username).
+    pub anonymous: bool,
     /// A TCP allocation's peer connections, by peer (one per peer: RFC 6062 §5.2's 446).
     pub peer_connections: HashMap<SocketAddr, u32>,
 }
@@ -142,6 +147,8 @@ impl Allocation {
             tcp: false,
             internal: false,
             held: HashSet::new(),
+            consented_by: HashMap::new(),
+            anonymous: false,
             peer_connections: HashMap::new(),
         }
     }
@@ -249,6 +256,7 @@ impl Allocation {
         });
         for ip in &expired.permissions {
             self.held.remove(ip);
+            self.consented_by.remove(ip);
         }
         let mut gone = Vec::new();
         self.channels.retain(|n, c| {

@@ -141,3 +141,106 @@ fn consent_off_holds_nothing_and_connects_need_a_party() {
     assert_eq!(code(&response), Some(403));
     assert_eq!(h.server.stats().consent_refused_connections, 1);
 }
+
+fn authorize(h: &mut Harness, pairs: &[(&str, &str, u64)]) {
+    let authorizations = pairs
+        .iter()
+        .map(|(external, internal, lifetime)| MediaAuthorization {
+            external: (*external).to_owned(),
+            internal: (*internal).to_owned(),
+            expires_unix: UNIX_T0 + lifetime,
+        })
+        .collect();
+    let now = h.now;
+    h.server.set_media_authorizations(authorizations, now);
+    h.drain(&[]);
+}
+
+fn channel_events(h: &mut Harness) -> Vec<&'static str> {
+    h.take_fast_path_events()
+        .iter()
+        .map(|event| match event {
+            FastPathEvent::Up(_) => "up",
+            FastPathEvent::Down(_) => "down",
+        })
+        .collect()
+}
+
+#[test]
+fn authorized_mode_needs_a_front_ends_authorization_and_ends_with_it() {
+    let mut h = Harness::with(consent_config(Consent::Authorized));
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let host: SocketAddr = format!("{INTERNAL_HOST}:9000").parse().unwrap();
+    alice.call(
+        &mut h,
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4001),
+            Attribute::XorPeerAddress(host),
+        ],
+    );
+    let mut bob = internal_party(&format!("{INTERNAL_HOST}:6000"));
+    bob.allocate(&mut h, &[]);
+    // A party is there, but no front-end has authorized alice to reach bob.
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+    authorize(&mut h, &[("alice", "carol", 60)]);
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+
+    // Authorized: released at once, into the kernel too.
+    authorize(&mut h, &[("alice", "bob", 60)]);
+    assert_eq!(channel_events(&mut h), ["up"]);
+    assert!(send(&mut h, &alice, host, b"flows").is_some());
+    // Revoked (the set without it): held again, out of the kernel, at once.
+    authorize(&mut h, &[]);
+    assert_eq!(channel_events(&mut h), ["down"]);
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+    assert_eq!(h.server.stats().consent_withdrawn, 1);
+
+    // An authorization that expires ends the flow when it does.
+    authorize(&mut h, &[("alice", "bob", 10)]);
+    assert_eq!(channel_events(&mut h), ["up"]);
+    h.advance(5);
+    assert!(send(&mut h, &alice, host, b"flows").is_some());
+    h.advance(7);
+    assert_eq!(channel_events(&mut h), ["down"]);
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+
+    // Revoking the consenting user takes consent back too.
+    authorize(&mut h, &[("alice", "bob", 600)]);
+    assert_eq!(channel_events(&mut h), ["up"]);
+    let now = h.now;
+    h.server.revoke_user("bob", UNIX_T0 + 600, now);
+    h.drain(&[]);
+    assert_eq!(channel_events(&mut h), ["down"]);
+    assert!(send(&mut h, &alice, host, b"held").is_none());
+}
+
+#[test]
+fn credentials_that_name_nobody_get_no_internal_access_when_authorized() {
+    let mut h = Harness::with(consent_config(Consent::Authorized));
+    let bare = (UNIX_T0 + 3600).to_string();
+    let password = rest_password(b"current", &bare);
+    let mut anonymous = Client::new("192.0.2.7:5555", &bare, &password);
+    let response = anonymous.allocate(&mut h, &[]);
+    assert_eq!(code(&response), None, "a bare expiry is accepted");
+    let host: SocketAddr = format!("{INTERNAL_HOST}:9000").parse().unwrap();
+    anonymous.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(host)],
+    );
+    let mut bob = internal_party(&format!("{INTERNAL_HOST}:6000"));
+    bob.allocate(&mut h, &[]);
+    // Even an authorization naming the whole username does not count: it names nobody.
+    authorize(&mut h, &[(&bare, "bob", 60)]);
+    assert!(send(&mut h, &anonymous, host, b"held").is_none());
+    // Public peers are not affected.
+    let public: SocketAddr = PEER.parse().unwrap();
+    anonymous.call(
+        &mut h,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(public)],
+    );
+    assert!(send(&mut h, &anonymous, public, b"public").is_some());
+}

@@ -101,6 +101,19 @@ pub enum Consent {
     /// internal listener from it.
     #[default]
     Party,
+    /// As `Party`, and a front-end has authorized the pair (external user, that party's user)
+    /// through the control plane ([`MediaAuthorization`]); its expiry or revocation ends the
+    /// flow.
+    Authorized,
+}
+
+/// A front-end's authorization (the control plane's AuthorizeMediaSession): `external` may
+/// relay to the addresses of `internal`'s allocations on this edge until `expires_unix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaAuthorization {
+    pub external: String,
+    pub internal: String,
+    pub expires_unix: u64,
 }
 
 /// What a transmit carries.
@@ -210,6 +223,9 @@ pub struct Stats {
     pub consent_granted: u64,
     pub consent_held_dropped: u64,
     pub consent_refused_connections: u64,
+    /// Consent taken back (an authorization revoked or expired, the consenting user revoked):
+    /// the permission is held again, its kernel channels withdrawn, its connections closed.
+    pub consent_withdrawn: u64,
 }
 
 /// Every loop's counters summed: the agent's.
@@ -246,6 +262,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
             consent_granted,
             consent_held_dropped,
             consent_refused_connections,
+            consent_withdrawn,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -277,6 +294,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.consent_granted += consent_granted;
         self.consent_held_dropped += consent_held_dropped;
         self.consent_refused_connections += consent_refused_connections;
+        self.consent_withdrawn += consent_withdrawn;
     }
 }
 
@@ -352,6 +370,8 @@ struct PendingAllocate {
 struct Authenticated {
     username: String,
     quota_key: String,
+    /// False for credentials that name nobody (see [`crate::auth::Candidates`]).
+    named: bool,
     key: Vec<u8>,
     integrity: IntegrityKind,
 }
@@ -391,10 +411,14 @@ pub struct Server {
     /// The top byte of every CONNECTION-ID this server issues: the shell routes a
     /// ConnectionBind, which arrives on a new connection, to the server that issued its ID.
     connection_shard: u8,
-    /// Allocations with held permissions, and the internal parties' generation they were last
-    /// judged at.
-    holding: std::collections::HashSet<FiveTuple>,
+    /// Allocations with held or consented permissions, and the internal parties' generation
+    /// the held ones were last judged at.
+    consent_tracked: std::collections::HashSet<FiveTuple>,
     parties_seen: u64,
+    /// The front-ends' authorizations (`authorized` consent): external user -> internal user
+    /// -> expiry (unix seconds), and when the earliest expires.
+    authorizations: HashMap<String, HashMap<String, u64>>,
+    authorizations_expire: Option<Instant>,
 }
 
 impl Server {
@@ -434,8 +458,10 @@ impl Server {
             peer_connections: HashMap::new(),
             data_connections: HashMap::new(),
             connection_shard: 0,
-            holding: std::collections::HashSet::new(),
+            consent_tracked: std::collections::HashSet::new(),
             parties_seen: 0,
+            authorizations: HashMap::new(),
+            authorizations_expire: None,
         }
     }
 
@@ -469,7 +495,10 @@ impl Server {
     /// When [`Server::handle_timeout`] is next due; None while nothing will expire.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        [timer, self.housekeeping].into_iter().flatten().min()
+        [timer, self.housekeeping, self.authorizations_expire]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// `at` on the wall clock, in whole Unix seconds: kept with sub-second precision until
@@ -511,6 +540,7 @@ impl Server {
         for five_tuple in pending {
             self.cancel_allocate(five_tuple);
         }
+        self.withdraw_consent_of(user, now);
         info!(
             user,
             allocations = theirs.len(),
@@ -726,6 +756,9 @@ impl Server {
                 Timer::Reservation(token) => self.shared.expire_reservation(&token, now),
                 Timer::PeerConnection(id) => self.expire_peer_connection(id, at),
             }
+        }
+        if self.authorizations_expire.is_some_and(|at| at <= now) {
+            self.authorizations_expired(now);
         }
         if self.housekeeping.is_some_and(|at| at <= now) {
             self.housekeeping = None;
@@ -943,6 +976,7 @@ impl Server {
                 return Ok(Authenticated {
                     username: username.to_owned(),
                     quota_key: candidates.quota_key,
+                    named: candidates.named,
                     key,
                     integrity: request.integrity_kind().unwrap_or(IntegrityKind::Sha1),
                 });
@@ -1258,9 +1292,10 @@ impl Server {
         allocation.allocate_response = response.clone();
         allocation.tcp = pending.tcp;
         allocation.internal = self.on_internal_listener(five_tuple.server);
+        allocation.anonymous = !pending.auth.named;
         if allocation.internal {
             self.shared
-                .party_joined(five_tuple.client.ip().to_canonical());
+                .party_joined(five_tuple.client.ip().to_canonical(), &allocation.quota_key);
         }
         self.allocations.insert(five_tuple, allocation);
         self.schedule(five_tuple);
@@ -1368,7 +1403,7 @@ impl Server {
             allocation.install_permission(peer.ip(), now);
         }
         for (ip, was_permitted) in judged {
-            self.hold_unless_consented(five_tuple, ip, was_permitted);
+            self.hold_unless_consented(five_tuple, ip, was_permitted, now);
         }
         let allocation = self
             .allocations
@@ -1421,7 +1456,7 @@ impl Server {
                 if new {
                     debug!(client = %five_tuple.client, channel, %peer, "channel bound");
                 }
-                self.hold_unless_consented(five_tuple, peer.ip(), was_permitted);
+                self.hold_unless_consented(five_tuple, peer.ip(), was_permitted, now);
                 let allocation = self
                     .allocations
                     .get_mut(&five_tuple)

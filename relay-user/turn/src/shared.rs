@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::ports::{Candidate, PortAllocator, PortSearch};
@@ -46,8 +46,8 @@ pub struct SharedState {
     max_per_user: usize,
     ports: Mutex<PortAllocator>,
     reservations: Mutex<HashMap<[u8; 8], Reservation>>,
-    /// Internal allocations by client address.
-    parties: Mutex<HashMap<IpAddr, usize>>,
+    /// Internal allocations by client address, by user (quota key).
+    parties: Mutex<HashMap<IpAddr, HashMap<Arc<str>, usize>>>,
     parties_generation: AtomicU64,
 }
 
@@ -77,18 +77,27 @@ impl SharedState {
         }
     }
 
-    /// An allocation was made on an internal listener from `ip`: an internal party is there.
-    pub fn party_joined(&self, ip: IpAddr) {
-        *lock(&self.parties).entry(ip).or_default() += 1;
+    /// `user` made an allocation on an internal listener from `ip`: an internal party is there.
+    pub fn party_joined(&self, ip: IpAddr, user: &Arc<str>) {
+        *lock(&self.parties)
+            .entry(ip)
+            .or_default()
+            .entry(user.clone())
+            .or_default() += 1;
         self.parties_generation.fetch_add(1, Ordering::Release);
     }
 
-    /// An internal allocation from `ip` ended.
-    pub fn party_left(&self, ip: IpAddr) {
+    /// An internal allocation of `user` from `ip` ended.
+    pub fn party_left(&self, ip: IpAddr, user: &Arc<str>) {
         let mut parties = lock(&self.parties);
-        if let Some(count) = parties.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(users) = parties.get_mut(&ip) {
+            if let Some(count) = users.get_mut(user) {
+                *count -= 1;
+                if *count == 0 {
+                    users.remove(user);
+                }
+            }
+            if users.is_empty() {
                 parties.remove(&ip);
             }
         }
@@ -96,9 +105,12 @@ impl SharedState {
         self.parties_generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Whether an internal party holds an allocation from `ip`.
-    pub fn is_party(&self, ip: IpAddr) -> bool {
-        lock(&self.parties).contains_key(&ip)
+    /// The internal parties (users) holding an allocation from `ip`.
+    pub fn parties_at(&self, ip: IpAddr) -> Vec<Arc<str>> {
+        lock(&self.parties)
+            .get(&ip)
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Changes with every party that joins or leaves: what a loop compares against the value
@@ -254,7 +266,7 @@ mod tests {
 
     #[test]
     fn concurrent_acquires_never_exceed_the_total() {
-        let shared = std::sync::Arc::new(SharedState::new([0; 32], (50000, 50009), 1000, 100));
+        let shared = Arc::new(SharedState::new([0; 32], (50000, 50009), 1000, 100));
         let granted: usize = (0..4)
             .map(|t| {
                 let shared = shared.clone();

@@ -84,11 +84,15 @@ impl Server {
             return Some(self.error(request, 403, &[], Some(&auth)));
         }
         // A connection cannot be held like a permission: without consent it is refused.
-        if !self.consents(allocation, peer.ip()) {
+        if !self.consent_to_connect(five_tuple, peer.ip(), now) {
             self.stats.consent_refused_connections += 1;
             info!(client = %five_tuple.client, user = %auth.username, %peer, "connect refused: no internal party has agreed");
             return Some(self.error(request, 403, &[], Some(&auth)));
         }
+        let allocation = self
+            .allocations
+            .get(&five_tuple)
+            .expect("checked by caller");
         let Some(relay) = allocation.relay_for(&peer).map(|r| r.bound) else {
             return Some(self.error(request, 443, &[], Some(&auth)));
         };
@@ -182,7 +186,8 @@ impl Server {
         } else if !allocation.has_permission(peer.ip(), now) {
             self.stats.no_permission_dropped += 1;
             Some("no permission".to_owned())
-        } else if !self.consents(allocation, peer.ip()) {
+        } else if allocation.holds(peer.ip()) {
+            // Its permission waits for consent.
             self.stats.consent_refused_connections += 1;
             Some("no internal party has agreed".to_owned())
         } else if allocation.peer_connections.contains_key(&peer) {

@@ -326,3 +326,10 @@ fn ifindex(interface: &str) -> Result<u32> {
         index => Ok(index),
     }
 }
+
+/// Whether a failure (its whole chain, as text) is the kernel refusing the injector's
+/// `BPF_PROG_RUN` in live-frames mode (EPERM): some kernels do, for root too (seen on a 6.18
+/// Firecracker guest whose root lacks CAP_SYS_RESOURCE), and then no load can be injected.
+pub fn injector_refused(failure: &str) -> bool {
+    failure.contains("live-frames mode") && failure.contains("Operation not permitted")
+}

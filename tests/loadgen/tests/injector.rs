@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use loadgen_common::{FlowStats, InjectFlow, TO_CLIENT, TO_PEER, per_direction};
 use rampart_loadgen::payload::{Direction, Header};
-use rampart_loadgen::xdp::{Counters, Injector};
+use rampart_loadgen::xdp::{Counters, Injector, injector_refused};
 use rampart_tests::netns::{self, Netns};
 
 const A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xa, 1];
@@ -75,6 +75,15 @@ fn every_injected_frame_is_counted_once_per_flow_in_sequence() {
     netns::run_in(b.name(), || counters.attach("b0")).unwrap();
     let seven = flows_of(7);
     let mut injector = injector_on(&a, &seven, 160);
+    // Some kernels refuse live-frames mode (see the harness test): nothing to count there. The
+    // probe's frame belongs to no step, and is gone before the counts start.
+    if let Err(error) = netns::run_in(a.name(), || injector.inject(1))
+        && injector_refused(&format!("{error:#}"))
+    {
+        eprintln!("SKIPPED: this kernel refuses BPF_PROG_RUN in live-frames mode: {error:#}");
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(50));
     counters.start_step(1, 7).unwrap();
     injector.start_step(1, None).unwrap();
     netns::run_in(a.name(), || -> anyhow::Result<()> {

@@ -78,6 +78,9 @@ pub fn rest_password(secret: &[u8], username: &str) -> String {
 pub struct Candidates {
     pub quota_key: String,
     pub passwords: Vec<String>,
+    /// False for a REST username that is a bare expiry: it names nobody, so no front-end
+    /// can have authorized it to reach anyone (consent's `authorized` mode).
+    pub named: bool,
 }
 
 /// Everyone the relay accepts.
@@ -112,6 +115,13 @@ impl Credentials {
         self.revoked.retain(|_, until| *until > now_unix);
     }
 
+    /// Whether `user` is revoked at `now_unix` (their static credentials refused).
+    pub fn is_revoked(&self, user: &str, now_unix: u64) -> bool {
+        self.revoked
+            .get(user)
+            .is_some_and(|until| now_unix < *until)
+    }
+
     /// Whether any revocation is held (and [`Credentials::prune_revocations`] has work).
     pub fn has_revocations(&self) -> bool {
         !self.revoked.is_empty()
@@ -131,6 +141,7 @@ impl Credentials {
             return Ok(Candidates {
                 quota_key: username.to_owned(),
                 passwords: vec![password.clone()],
+                named: true,
             });
         }
         let Some(rest) = &self.rest else {
@@ -138,6 +149,7 @@ impl Credentials {
         };
         // A bare expiry names no user: its quota is the username's own, and no revocation
         // (which names a user) reaches it before it expires.
+        let named = username.contains(':');
         let (expiry, user) = username.split_once(':').unwrap_or((username, username));
         let expiry: u64 = expiry
             .parse()
@@ -159,6 +171,7 @@ impl Credentials {
         }
         Ok(Candidates {
             quota_key: user.to_owned(),
+            named,
             passwords: rest
                 .secrets
                 .iter()
