@@ -1,0 +1,211 @@
+//! Internal-party consent on a two-armed edge with the XDP fast path (`rampart_tests::topology`:
+//! an external client host, the edge in its own namespace, an internal host), in `authorized`
+//! mode with the control service beside the agent:
+//!
+//! - the external user's channel to the internal host is accepted but held: nothing reaches
+//!   the host, nothing is installed in the kernel;
+//! - an internal party allocates on the edge's internal listener from that host, and a
+//!   front-end authorizes the pair: media flows both ways, in the kernel, with no new request
+//!   from the external client;
+//! - the front-end revokes the authorization: the flow stops within a second, kernel included.
+//!
+//! Needs root (namespaces, XDP); skipped with a message without it, except under CI.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use proto::control::v1::{
+    AuthorizeMediaSessionRequest, IssueMediaCredentialsRequest, RevokeMediaSessionRequest,
+};
+use rampart_tests::control::{ControlPki, ControlService, temp_dir};
+use rampart_tests::media::{
+    Channel, client_to_peer, kernel_flow, messages, next_counters, number, peer_to_client,
+    xdp_delta,
+};
+use rampart_tests::netns::run_in;
+use rampart_tests::ports::free_tcp_address;
+use rampart_tests::topology::{EdgeTopology, SenderChecksums};
+use rampart_tests::{Proto, Rampart, TurnClient};
+use rampart_turn::stun::AddressFamily;
+
+const CHANNEL: u16 = 0x4000;
+const EXTERNAL_USER: &str = "sip:guest@partner.example";
+const INTERNAL_USER: &str = "sip:bob@example.com";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Whether a ChannelData message sent now reaches the peer within `wait`.
+fn reaches_peer(client: &mut TurnClient, channel: &Channel, wait: Duration) -> bool {
+    client
+        .send_channel_data(CHANNEL, b"knock knock")
+        .expect("send ChannelData");
+    let _ = channel
+        .peer
+        .set_read_timeout(Some(Duration::from_millis(10)));
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = channel.peer.recv_from(&mut buf)
+            && &buf[..n] == b"knock knock"
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it() {
+    let Some(topology) = EdgeTopology::create("consent_netns", SenderChecksums::Complete)
+        .expect("build the topology")
+    else {
+        return;
+    };
+    let dir = temp_dir().unwrap();
+    let pki = ControlPki::create(dir.path()).unwrap();
+    let control_address = free_tcp_address(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let control = ControlService::start_in(
+        &pki,
+        &dir.path().join("control"),
+        control_address,
+        Some(topology.edge.name()),
+    )
+    .unwrap();
+    let internal_listener = topology.edge_internal_ip(false);
+    let mut config = topology
+        .agent_config("native")
+        .with_consent("authorized")
+        .with_control(pki.agent_link(control.address));
+    config.listeners.push((Proto::Udp, internal_listener));
+    config.internal_listeners = vec![(Proto::Udp, internal_listener)];
+    let server = Rampart::start(&config).expect("start rampart in the edge namespace");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !server.log().contains("control snapshot applied") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never synced with control"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The front-end reaches control inside the edge's namespace: its connection is made there.
+    let rt = runtime();
+    let mut front_end = run_in(topology.edge.name(), || {
+        rt.block_on(pki.front_end(control.address))
+    })
+    .unwrap();
+    let mut credentials = |user: &str| {
+        let issued = rt
+            .block_on(
+                front_end.issue_media_credentials(IssueMediaCredentialsRequest {
+                    user: user.into(),
+                    lifetime_seconds: None,
+                }),
+            )
+            .unwrap()
+            .into_inner();
+        (issued.username, issued.password)
+    };
+    let (external_name, external_password) = credentials(EXTERNAL_USER);
+    let (internal_name, internal_password) = credentials(INTERNAL_USER);
+
+    // The external client binds a channel to the internal host.
+    let listener = server.addr(Proto::Udp, topology.edge_external_ip(false));
+    let client_ip = topology.client_ip(false);
+    let mut client = run_in(topology.client.name(), || {
+        TurnClient::connect_udp(client_ip, listener)
+    })
+    .unwrap();
+    let allocated = client
+        .allocate(&external_name, &external_password, AddressFamily::V4)
+        .unwrap();
+    let host = topology.peer_ip(false);
+    let channel = Channel {
+        number: CHANNEL,
+        peer: run_in(topology.peer.name(), || UdpSocket::bind((host, 0))).unwrap(),
+        relayed: allocated.relayed(),
+    };
+    let peer_addr: SocketAddr = channel.peer.local_addr().unwrap();
+    client.channel_bind(CHANNEL, peer_addr).unwrap();
+    let held = next_counters(&server).unwrap();
+    assert_eq!(
+        number(&held, &["fast_path", "channels_installed"]),
+        0,
+        "a held channel is not put into the kernel: {}",
+        held["fast_path"]
+    );
+    assert!(
+        !reaches_peer(&mut client, &channel, Duration::from_millis(300)),
+        "media reached the internal host without consent"
+    );
+
+    // An internal party allocates from the host; a front-end authorizes the pair.
+    let internal = server.addr(Proto::Udp, internal_listener);
+    let mut party = run_in(topology.peer.name(), || {
+        TurnClient::connect_udp(host, internal)
+    })
+    .unwrap();
+    party
+        .allocate(&internal_name, &internal_password, AddressFamily::V4)
+        .unwrap();
+    assert!(
+        !reaches_peer(&mut client, &channel, Duration::from_millis(300)),
+        "a party alone is not enough in authorized mode"
+    );
+    rt.block_on(
+        front_end.authorize_media_session(AuthorizeMediaSessionRequest {
+            external_user: EXTERNAL_USER.into(),
+            internal_user: INTERNAL_USER.into(),
+            lifetime_seconds: 300,
+        }),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !reaches_peer(&mut client, &channel, Duration::from_millis(100)) {
+        assert!(
+            Instant::now() < deadline,
+            "media does not flow after the authorization"
+        );
+    }
+    // Both ways, in the kernel.
+    let before = next_counters(&server).unwrap();
+    client_to_peer(&mut client, &channel, &messages(1, 50)).unwrap();
+    peer_to_client(&mut client, &channel, &messages(2, 50)).unwrap();
+    let after = next_counters(&server).unwrap();
+    let kernel = kernel_flow(&xdp_delta(&before, &after));
+    assert!(
+        kernel.to_peer.packets >= 45 && kernel.to_client.packets >= 45,
+        "the media did not go through the kernel: {kernel}"
+    );
+
+    // Revoked: the flow stops within a second, the kernel's channel with it.
+    rt.block_on(front_end.revoke_media_session(RevokeMediaSessionRequest {
+        external_user: EXTERNAL_USER.into(),
+        internal_user: INTERNAL_USER.into(),
+    }))
+    .unwrap();
+    let revoked = Instant::now();
+    while reaches_peer(&mut client, &channel, Duration::from_millis(20)) {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "media still flows a second after the revocation"
+        );
+    }
+    let took = revoked.elapsed();
+    assert!(
+        !reaches_peer(&mut client, &channel, Duration::from_millis(500)),
+        "media flows again after the revocation"
+    );
+    let withdrawn = next_counters(&server).unwrap();
+    assert_eq!(
+        number(&withdrawn, &["relay", "consent_withdrawn"]),
+        1,
+        "{withdrawn}"
+    );
+    eprintln!("consent_netns: the flow stopped {took:?} after RevokeMediaSession returned");
+}
