@@ -458,6 +458,46 @@ mod tests {
     }
 
     #[test]
+    fn media_authorizations_are_stored_listed_until_they_expire_and_revoked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("control.redb")).unwrap();
+        let authorization = |external: &str, expires| MediaAuthorization {
+            external_user: external.into(),
+            internal_user: "sip:bob@example.com".into(),
+            expires_at_unix: expires,
+        };
+        assert_eq!(
+            store.authorize_media(&authorization("guest", 100)).unwrap(),
+            1
+        );
+        // Given again, it replaces the earlier one.
+        assert_eq!(
+            store.authorize_media(&authorization("guest", 200)).unwrap(),
+            2
+        );
+        assert_eq!(
+            store.authorize_media(&authorization("other", 50)).unwrap(),
+            3
+        );
+        let snapshot = store.snapshot(60).unwrap();
+        assert_eq!(snapshot.media_authorizations, [authorization("guest", 200)]);
+        assert_eq!(
+            store.revoke_media("guest", "sip:bob@example.com").unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            store.revoke_media("guest", "sip:bob@example.com").unwrap(),
+            None
+        );
+        store.purge_expired(60).unwrap();
+        assert_eq!(
+            store.revoke_media("other", "sip:bob@example.com").unwrap(),
+            None
+        );
+        assert!(store.snapshot(0).unwrap().media_authorizations.is_empty());
+    }
+
+    #[test]
     fn state_survives_reopening_and_revisions_grow() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.redb");

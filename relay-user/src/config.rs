@@ -16,7 +16,7 @@ use serde::Deserialize;
 use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::{Credentials, RestSecrets};
 use rampart_turn::peer_policy::PeerPolicy;
-use rampart_turn::server::Consent;
+use rampart_turn::server::{Consent, ListenerSide};
 use rampart_turn::{RelayAddress, ServerConfig, Transport};
 pub use rampart_xdp::fast_path::{Mode as XdpMode, Settings as XdpSettings};
 
@@ -456,10 +456,13 @@ impl RawConfig {
             ));
         }
         let listeners = validate_listeners(&self.listen)?;
-        let internal_listeners = listeners
+        let listener_sides = listeners
             .iter()
-            .filter(|l| l.internal)
-            .map(|l| l.address)
+            .map(|l| ListenerSide {
+                transport: l.transport,
+                address: l.address,
+                internal: l.internal,
+            })
             .collect();
         let wants_tls = listeners.iter().any(|l| l.transport == Transport::Tls);
         let tls = match (&self.tls, wants_tls) {
@@ -662,7 +665,7 @@ impl RawConfig {
                     RawConsent::Party => Consent::Party,
                     RawConsent::Authorized => Consent::Authorized,
                 },
-                internal_listeners,
+                listener_sides,
             },
             connections: ConnectionLimits {
                 total: limits.connections_total,

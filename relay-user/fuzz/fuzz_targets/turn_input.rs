@@ -172,7 +172,7 @@ fn server_with_a_channel(now: Instant) -> (Server, SocketAddr) {
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
-        internal_listeners: vec![],
+        listener_sides: vec![],
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay_ip], vec![], Some((50000, 50009))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));

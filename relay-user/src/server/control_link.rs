@@ -307,6 +307,12 @@ fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
                 expires_at = authorization.expires_at_unix,
                 "media session authorized"
             );
+            // Expired ones go here, so the set stays as small as what is in force.
+            let now = unix_now();
+            state
+                .control
+                .media_authorizations
+                .retain(|_, expires| *expires > now);
             state.control.media_authorizations.insert(
                 (authorization.external_user, authorization.internal_user),
                 authorization.expires_at_unix,

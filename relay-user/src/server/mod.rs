@@ -312,6 +312,14 @@ impl Edge {
             (None, Vec::new())
         };
         let gathered = gathering.is_some();
+        if config.turn.consent != rampart_turn::server::Consent::Off
+            && !config.turn.listener_sides.iter().any(|l| l.internal)
+        {
+            warn!(
+                consent = ?config.turn.consent,
+                "no listener has side = \"internal\": external users' media to the allowed networks is held until an internal party allocates, and none can"
+            );
+        }
         let settings = LoopSettings {
             shared: Arc::new(SharedState::for_config(&config.turn, nonce_key)),
             turn: config.turn,

@@ -746,7 +746,8 @@ impl RelayLoop {
                     self.carry_out(Input::Bytes(&datagram));
                 }
                 Command::Change(LoopChange::AllowedPeerNetworks(networks)) => {
-                    self.core.set_allowed_peer_networks(networks);
+                    self.core.set_allowed_peer_networks(networks, now);
+                    self.carry_out(Input::Bytes(&[]));
                 }
                 Command::Change(LoopChange::MediaAuthorizations(authorizations)) => {
                     self.core.set_media_authorizations(authorizations, now);

@@ -256,7 +256,11 @@ impl Allocation {
         });
         for ip in &expired.permissions {
             self.held.remove(ip);
-            self.consented_by.remove(ip);
+            // A TCP connection outlives the permission it was made under (RFC 6062 clients do
+            // not refresh it): its consent stays, to be taken back with it.
+            if !self.peer_connections.keys().any(|peer| peer.ip() == *ip) {
+                self.consented_by.remove(ip);
+            }
         }
         let mut gone = Vec::new();
         self.channels.retain(|n, c| {

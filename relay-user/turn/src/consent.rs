@@ -20,15 +20,15 @@
 //! permission.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::info;
 
-use super::{Consent, MediaAuthorization, Server};
-use crate::FiveTuple;
+use super::{Consent, ListenerSide, MediaAuthorization, Server};
 use crate::allocation::Allocation;
+use crate::{FiveTuple, Transport};
 
 /// Who agrees to an allocation's media towards an address.
 enum Agreement {
@@ -39,14 +39,29 @@ enum Agreement {
 }
 
 impl Server {
-    /// Whether the listener at `server` (the local address of a client's 5-tuple) is one of
-    /// the internal side's.
-    pub(super) fn on_internal_listener(&self, server: SocketAddr) -> bool {
-        self.config.internal_listeners.iter().any(|listener| {
-            listener.port() == server.port()
-                && (listener.ip() == server.ip()
-                    || (listener.ip().is_unspecified() && listener.is_ipv4() == server.is_ipv4()))
-        })
+    /// Whether `five_tuple` came in on an internal listener: the listener of its kind (UDP,
+    /// or TCP and TLS, which share a port space) bound to its server address, else the
+    /// wildcard one of its family on that port.
+    pub(super) fn on_internal_listener(&self, five_tuple: &FiveTuple) -> bool {
+        let stream = |transport: Transport| transport != Transport::Udp;
+        let server = five_tuple.server;
+        let ours = |listener: &&ListenerSide| {
+            stream(listener.transport) == stream(five_tuple.transport)
+                && listener.address.port() == server.port()
+        };
+        let sides = &self.config.listener_sides;
+        match sides
+            .iter()
+            .filter(ours)
+            .find(|listener| listener.address.ip() == server.ip())
+        {
+            Some(exact) => exact.internal,
+            None => sides.iter().filter(ours).any(|listener| {
+                listener.internal
+                    && listener.address.ip().is_unspecified()
+                    && listener.address.is_ipv4() == server.is_ipv4()
+            }),
+        }
     }
 
     /// Whether `five_tuple`'s allocation may open a connection to `ip` now (a connection
@@ -185,16 +200,20 @@ impl Server {
                     None => None,
                 })
                 .collect();
-            let withdrawn: Vec<IpAddr> = if self.config.consent == Consent::Authorized {
-                allocation
-                    .consented_by
-                    .iter()
-                    .filter(|(_, party)| !self.authorized(&allocation.quota_key, party, now))
-                    .map(|(ip, _)| *ip)
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let mut released = released;
+            let mut withdrawn = Vec::new();
+            if self.config.consent == Consent::Authorized {
+                for (ip, party) in &allocation.consented_by {
+                    if self.authorized(&allocation.quota_key, party, now) {
+                        continue;
+                    }
+                    // Another party at that address may still be authorized.
+                    match self.agreement(allocation, *ip, now) {
+                        Some(Agreement::By(other)) => released.push((*ip, other)),
+                        Some(Agreement::NotNeeded) | None => withdrawn.push(*ip),
+                    }
+                }
+            }
             self.change_consent(five_tuple, released, &withdrawn, now);
         }
     }
@@ -215,12 +234,14 @@ impl Server {
             .get_mut(&five_tuple)
             .expect("looked up by the caller");
         for (ip, party) in released {
-            allocation.held.remove(&ip);
+            let was_held = allocation.held.remove(&ip);
             if !party.is_empty() {
                 allocation.consented_by.insert(ip, party.clone());
             }
-            self.stats.consent_granted += 1;
-            info!(client = %five_tuple.client, user = %allocation.username, peer = %ip, %party, "consent given, permission released");
+            if was_held {
+                self.stats.consent_granted += 1;
+                info!(client = %five_tuple.client, user = %allocation.username, peer = %ip, %party, "consent given, permission released");
+            }
         }
         for ip in withdrawn {
             allocation.consented_by.remove(ip);
@@ -305,11 +326,50 @@ impl Server {
             .flat_map(HashMap::values)
             .min()
             .copied();
-        self.authorizations_expire = earliest.map(|unix| {
+        // A whole second after the expiry second began, so it has passed in unix_time; none
+        // for an expiry beyond what an Instant can hold.
+        self.authorizations_expire = earliest.and_then(|unix| {
             let since_epoch = Duration::from_secs(unix).saturating_sub(self.unix_at_epoch);
-            // A whole second after the expiry second began, so it has passed in unix_time.
-            self.epoch + since_epoch + Duration::from_secs(1)
+            self.epoch
+                .checked_add(since_epoch)?
+                .checked_add(Duration::from_secs(1))
         });
+    }
+
+    /// The internal networks changed: every permission of every external allocation is
+    /// judged again (a newly internal address without consent is held, a held one no longer
+    /// internal is released).
+    pub(super) fn judge_every_permission(&mut self, now: Instant) {
+        let external: Vec<FiveTuple> = self
+            .allocations
+            .iter()
+            .filter(|(_, allocation)| !allocation.internal)
+            .map(|(five_tuple, _)| *five_tuple)
+            .collect();
+        for five_tuple in external {
+            let Some(allocation) = self.allocations.get(&five_tuple) else {
+                continue;
+            };
+            let mut released = Vec::new();
+            let mut withdrawn = Vec::new();
+            for ip in allocation.permissions.keys() {
+                let consented = allocation.consented_by.contains_key(ip);
+                match self.agreement(allocation, *ip, now) {
+                    Some(Agreement::NotNeeded) if allocation.held.contains(ip) => {
+                        released.push((*ip, Arc::from("")));
+                    }
+                    Some(Agreement::By(party)) if allocation.held.contains(ip) || !consented => {
+                        released.push((*ip, party));
+                    }
+                    None if !allocation.held.contains(ip) => withdrawn.push(*ip),
+                    _ => {}
+                }
+            }
+            if !released.is_empty() || !withdrawn.is_empty() {
+                self.consent_tracked.insert(five_tuple);
+            }
+            self.change_consent(five_tuple, released, &withdrawn, now);
+        }
     }
 
     /// An allocation ended: if it was an internal party's, the party is one allocation less.

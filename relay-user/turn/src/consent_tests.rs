@@ -18,7 +18,18 @@ fn consent_config(consent: Consent) -> ServerConfig {
         Some((50000, 50099)),
     );
     config.consent = consent;
-    config.internal_listeners = vec![INTERNAL_LISTENER.parse().unwrap()];
+    config.listener_sides = vec![
+        ListenerSide {
+            transport: Transport::Udp,
+            address: SERVER.parse().unwrap(),
+            internal: false,
+        },
+        ListenerSide {
+            transport: Transport::Udp,
+            address: INTERNAL_LISTENER.parse().unwrap(),
+            internal: true,
+        },
+    ];
     config
 }
 
@@ -89,12 +100,15 @@ fn media_to_an_internal_host_waits_for_an_internal_party_there() {
     bob.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(0)]);
     assert!(send(&mut h, &alice, host, b"still flows").is_some());
     let other: SocketAddr = "10.1.1.2:9000".parse().unwrap();
-    alice.call(
+    let permitted = alice.call(
         &mut h,
         Method::CREATE_PERMISSION,
         &[Attribute::XorPeerAddress(other)],
     );
+    assert_eq!(code(&permitted), None);
+    let dropped = h.server.stats().consent_held_dropped;
     assert!(send(&mut h, &alice, other, b"held").is_none());
+    assert_eq!(h.server.stats().consent_held_dropped, dropped + 1);
 
     // Public peers and internal parties' own allocations need no consent.
     let public: SocketAddr = PEER.parse().unwrap();
@@ -225,16 +239,18 @@ fn credentials_that_name_nobody_get_no_internal_access_when_authorized() {
     let response = anonymous.allocate(&mut h, &[]);
     assert_eq!(code(&response), None, "a bare expiry is accepted");
     let host: SocketAddr = format!("{INTERNAL_HOST}:9000").parse().unwrap();
-    anonymous.call(
+    let permitted = anonymous.call(
         &mut h,
         Method::CREATE_PERMISSION,
         &[Attribute::XorPeerAddress(host)],
     );
+    assert_eq!(code(&permitted), None, "accepted, and held");
     let mut bob = internal_party(&format!("{INTERNAL_HOST}:6000"));
     bob.allocate(&mut h, &[]);
     // Even an authorization naming the whole username does not count: it names nobody.
     authorize(&mut h, &[(&bare, "bob", 60)]);
     assert!(send(&mut h, &anonymous, host, b"held").is_none());
+    assert_eq!(h.server.stats().consent_held_dropped, 1);
     // Public peers are not affected.
     let public: SocketAddr = PEER.parse().unwrap();
     anonymous.call(
@@ -243,4 +259,120 @@ fn credentials_that_name_nobody_get_no_internal_access_when_authorized() {
         &[Attribute::XorPeerAddress(public)],
     );
     assert!(send(&mut h, &anonymous, public, b"public").is_some());
+}
+
+#[test]
+fn the_listener_of_the_clients_own_transport_decides_its_side() {
+    let mut config = consent_config(Consent::Party);
+    // An internal UDP wildcard and an external TCP listener on the same port.
+    config.listener_sides = vec![
+        ListenerSide {
+            transport: Transport::Udp,
+            address: "0.0.0.0:3478".parse().unwrap(),
+            internal: true,
+        },
+        ListenerSide {
+            transport: Transport::Tcp,
+            address: "0.0.0.0:3478".parse().unwrap(),
+            internal: false,
+        },
+        ListenerSide {
+            transport: Transport::Udp,
+            address: SERVER.parse().unwrap(),
+            internal: false,
+        },
+    ];
+    let mut h = Harness::with(config);
+    let mut over_tcp = Client::new("10.1.1.9:5000", "bob", "builder");
+    over_tcp.five_tuple.transport = Transport::Tcp;
+    over_tcp.five_tuple.server = "10.0.0.1:3478".parse().unwrap();
+    over_tcp.allocate(&mut h, &[]);
+    assert!(!h.server.allocation(&over_tcp.five_tuple).unwrap().internal);
+    // The exact external UDP listener wins over the internal wildcard.
+    let mut exact = Client::new("10.1.1.8:5000", "bob", "builder");
+    exact.allocate(&mut h, &[]);
+    assert!(!h.server.allocation(&exact.five_tuple).unwrap().internal);
+    let mut wildcard = internal_party("10.1.1.7:5000");
+    wildcard.allocate(&mut h, &[]);
+    assert!(h.server.allocation(&wildcard.five_tuple).unwrap().internal);
+}
+
+#[test]
+fn a_network_the_control_plane_makes_internal_needs_consent_from_then_on() {
+    let mut h = Harness::with(consent_config(Consent::Party));
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    // 8.8.8.8 is public: no consent needed, its channel goes into the kernel.
+    let public: SocketAddr = PEER.parse().unwrap();
+    let response = alice.call(
+        &mut h,
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4002),
+            Attribute::XorPeerAddress(public),
+        ],
+    );
+    assert_eq!(code(&response), None);
+    assert!(send(&mut h, &alice, public, b"flows").is_some());
+    assert_eq!(channel_events(&mut h), ["up"]);
+    // The control plane lists it as internal: held at once, out of the kernel.
+    let now = h.now;
+    h.server
+        .set_allowed_peer_networks(vec!["8.8.8.0/24".parse().unwrap()], now);
+    h.drain(&[]);
+    assert_eq!(channel_events(&mut h), ["down"]);
+    assert!(send(&mut h, &alice, public, b"held").is_none());
+    assert_eq!(h.server.stats().consent_held_dropped, 1);
+}
+
+#[test]
+fn taking_consent_back_closes_tcp_connections_even_after_their_permission_expired() {
+    let mut h = Harness::with(consent_config(Consent::Authorized));
+    let mut bob = internal_party(&format!("{INTERNAL_HOST}:6000"));
+    bob.allocate(&mut h, &[]);
+    authorize(&mut h, &[("alice", "bob", 3600)]);
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.five_tuple.transport = Transport::Tcp;
+    alice.call(
+        &mut h,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(6)],
+    );
+    let host: SocketAddr = format!("{INTERNAL_HOST}:3389").parse().unwrap();
+    let tid = alice.tid();
+    let connect = alice.build(tid, Method::CONNECT, &[Attribute::XorPeerAddress(host)]);
+    assert!(h.input(alice.five_tuple, &connect).is_none());
+    let id = match h.peer_connection_outputs.pop() {
+        Some(Output::ConnectPeer { id, .. }) => id,
+        other => panic!("{other:?}"),
+    };
+    assert!(h.server.handle_connect_result(id, true, h.now));
+    h.drain(&[]);
+    let mut data = Client::new("192.0.2.1:5556", "alice", "wonderland");
+    data.five_tuple.transport = Transport::Tcp;
+    data.call(
+        &mut h,
+        Method::CONNECTION_BIND,
+        &[Attribute::ConnectionId(id)],
+    );
+    assert!(matches!(
+        h.peer_connection_outputs.pop(),
+        Some(Output::SpliceConnection { .. })
+    ));
+    // Long after any permission would have expired, the revocation still ends it.
+    h.advance(500);
+    alice.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(600)]);
+    bob.call(&mut h, Method::REFRESH, &[Attribute::Lifetime(600)]);
+    h.advance(400);
+    assert!(
+        h.peer_connection_outputs.is_empty(),
+        "the connection lives on: {:?}",
+        h.peer_connection_outputs
+    );
+    authorize(&mut h, &[]);
+    assert_eq!(
+        h.peer_connection_outputs.pop(),
+        Some(Output::ClosePeerConnection { id })
+    );
+    assert_eq!(h.server.stats().consent_withdrawn, 1);
 }

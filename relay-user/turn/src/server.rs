@@ -85,9 +85,17 @@ pub struct ServerConfig {
     pub peer_connections_per_allocation: usize,
     /// Who must agree before an external user's media reaches an internal network.
     pub consent: Consent,
-    /// Listeners on the internal side: allocations made on them are internal parties'. A
-    /// wildcard address stands for every address of its family on that port.
-    pub internal_listeners: Vec<SocketAddr>,
+    /// Every client listener and its side: allocations made on an internal one are internal
+    /// parties'.
+    pub listener_sides: Vec<ListenerSide>,
+}
+
+/// A client listener and the side of the edge it faces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerSide {
+    pub transport: Transport,
+    pub address: SocketAddr,
+    pub internal: bool,
 }
 
 /// Consent for media from external users towards internal networks (the peer policy's
@@ -553,12 +561,14 @@ impl Server {
 
     /// Replace the peer networks the control plane's access policy allows (in addition to
     /// the configured `allowed_peer_networks`).
-    pub fn set_allowed_peer_networks(&mut self, allowed: Vec<ipnet::IpNet>) {
+    pub fn set_allowed_peer_networks(&mut self, allowed: Vec<ipnet::IpNet>, now: Instant) {
         info!(
             ?allowed,
             "peer networks allowed by the control plane updated"
         );
         self.config.peer_policy.set_allowed_by_control(allowed);
+        // What is internal changed: every external permission is judged again.
+        self.judge_every_permission(now);
     }
 
     /// Relay ports in use right now by every loop (allocations and reservations).
@@ -1291,7 +1301,7 @@ impl Server {
         );
         allocation.allocate_response = response.clone();
         allocation.tcp = pending.tcp;
-        allocation.internal = self.on_internal_listener(five_tuple.server);
+        allocation.internal = self.on_internal_listener(&five_tuple);
         allocation.anonymous = !pending.auth.named;
         if allocation.internal {
             self.shared

@@ -55,7 +55,7 @@ fn config() -> ServerConfig {
         ),
         peer_connections_per_allocation: 8,
         consent: Consent::Off,
-        internal_listeners: vec![],
+        listener_sides: vec![],
         peer_policy: PeerPolicy::new(
             vec![],
             vec![],
@@ -1038,12 +1038,12 @@ fn control_plane_policy_changes_which_peers_are_allowed() {
         Some(403)
     );
     h.server
-        .set_allowed_peer_networks(vec!["10.0.0.0/8".parse().unwrap()]);
+        .set_allowed_peer_networks(vec!["10.0.0.0/8".parse().unwrap()], h.now);
     assert_eq!(
         code(&alice.call(&mut h, Method::CREATE_PERMISSION, &internal)),
         None
     );
-    h.server.set_allowed_peer_networks(vec![]);
+    h.server.set_allowed_peer_networks(vec![], h.now);
     assert_eq!(
         code(&alice.call(&mut h, Method::CREATE_PERMISSION, &internal)),
         Some(403)
@@ -1064,7 +1064,7 @@ fn control_plane_policy_adds_to_the_configured_networks() {
     let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
     alice.allocate(&mut h, &[]);
     h.server
-        .set_allowed_peer_networks(vec!["172.16.0.0/12".parse().unwrap()]);
+        .set_allowed_peer_networks(vec!["172.16.0.0/12".parse().unwrap()], h.now);
     for peer in ["10.1.1.1:7000", "172.16.1.1:7000"] {
         let permission = [Attribute::XorPeerAddress(peer.parse().unwrap())];
         let response = alice.call(&mut h, Method::CREATE_PERMISSION, &permission);

@@ -179,6 +179,11 @@ impl Server {
             return None;
         };
         let five_tuple = allocation.five_tuple;
+        // A held permission may have its consent by now (the parties changed).
+        if allocation.holds(peer.ip()) {
+            self.consent_came(five_tuple, peer.ip(), now);
+        }
+        let allocation = self.allocations.get(&five_tuple).expect("looked up above");
         // §5.3: only a peer with a permission; and ours: the peer policy and the cap.
         let refusal = if let Err(reason) = self.config.peer_policy.check_socket(peer) {
             self.stats.forbidden_peers += 1;

@@ -96,7 +96,7 @@ fn server(now: Instant) -> Server {
         credentials: Credentials::new([("alice".into(), "wonderland".into())].into(), None),
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
-        internal_listeners: vec![],
+        listener_sides: vec![],
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay], vec![], Some((50000, 50099))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));

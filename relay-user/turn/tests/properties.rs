@@ -89,7 +89,7 @@ fn config() -> ServerConfig {
         ),
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
-        internal_listeners: vec![],
+        listener_sides: vec![],
         peer_policy: PeerPolicy::new(
             vec![],
             vec!["10.0.0.0/8".parse().unwrap()],
