@@ -319,3 +319,42 @@ pub fn temp_dir() -> anyhow::Result<TempDir> {
         .prefix("rampart-control-test-")
         .tempdir()?)
 }
+
+/// A current-thread runtime for a test's gRPC calls to control.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Media credentials (username, password) control issues to `user`, for its default lifetime.
+pub fn issue_credentials(
+    rt: &tokio::runtime::Runtime,
+    front_end: &mut FrontEndClient<Channel>,
+    user: &str,
+) -> (String, String) {
+    let issued = rt
+        .block_on(front_end.issue_media_credentials(
+            proto::control::v1::IssueMediaCredentialsRequest {
+                user: user.into(),
+                lifetime_seconds: None,
+            },
+        ))
+        .expect("IssueMediaCredentials")
+        .into_inner();
+    (issued.username, issued.password)
+}
+
+/// Polls `condition` every 20 ms until it holds, for at most `limit` (then panics saying
+/// `what`); how long it took.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

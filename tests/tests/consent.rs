@@ -9,11 +9,11 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use proto::control::v1::{
-    AuthorizeMediaSessionRequest, IssueMediaCredentialsRequest, RevokeMediaSessionRequest,
-};
+use proto::control::v1::{AuthorizeMediaSessionRequest, RevokeMediaSessionRequest};
 use rampart_tests::client::{Received, TurnClient};
-use rampart_tests::control::{ControlPki, ControlService, temp_dir};
+use rampart_tests::control::{
+    ControlPki, ControlService, issue_credentials, runtime, temp_dir, wait_until,
+};
 use rampart_tests::coturn::EchoPeer;
 use rampart_tests::ports::free_tcp_address;
 use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
@@ -87,25 +87,6 @@ fn media_to_an_internal_host_is_held_until_an_internal_party_allocates_there() {
     );
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Polls `condition` every 20 ms for at most `limit`; how long it took.
-fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if condition() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn authorized_mode_follows_the_front_ends_authorization() {
     let rt = runtime();
@@ -127,20 +108,9 @@ fn authorized_mode_follows_the_front_ends_authorization() {
     );
     let peer = EchoPeer::start(IpAddr::V4(PEER_V4));
     let mut front_end = rt.block_on(pki.front_end(control.address)).unwrap();
-    let mut credentials = |user: &str| {
-        let issued = rt
-            .block_on(
-                front_end.issue_media_credentials(IssueMediaCredentialsRequest {
-                    user: user.into(),
-                    lifetime_seconds: None,
-                }),
-            )
-            .unwrap()
-            .into_inner();
-        (issued.username, issued.password)
-    };
-    let (ext_name, ext_password) = credentials("sip:guest@partner.example");
-    let (int_name, int_password) = credentials("sip:bob@example.com");
+    let (ext_name, ext_password) =
+        issue_credentials(&rt, &mut front_end, "sip:guest@partner.example");
+    let (int_name, int_password) = issue_credentials(&rt, &mut front_end, "sip:bob@example.com");
 
     let mut external = TurnClient::connect_udp(EXTERNAL, agent.addr(Proto::Udp, EXTERNAL)).unwrap();
     external

@@ -9,15 +9,18 @@
 //!   from the external client;
 //! - the front-end revokes the authorization: the flow stops within a second, kernel included.
 //!
+//! In `party` mode (no control service) the party's allocation alone releases the channel, into
+//! the kernel.
+//!
 //! Needs root (namespaces, XDP); skipped with a message without it, except under CI.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use proto::control::v1::{
-    AuthorizeMediaSessionRequest, IssueMediaCredentialsRequest, RevokeMediaSessionRequest,
+use proto::control::v1::{AuthorizeMediaSessionRequest, RevokeMediaSessionRequest};
+use rampart_tests::control::{
+    ControlPki, ControlService, issue_credentials, runtime, temp_dir, wait_until,
 };
-use rampart_tests::control::{ControlPki, ControlService, temp_dir};
 use rampart_tests::media::{
     Channel, client_to_peer, kernel_flow, messages, next_counters, number, peer_to_client,
     xdp_delta,
@@ -25,19 +28,12 @@ use rampart_tests::media::{
 use rampart_tests::netns::run_in;
 use rampart_tests::ports::free_tcp_address;
 use rampart_tests::topology::{EdgeTopology, SenderChecksums};
-use rampart_tests::{Proto, Rampart, TurnClient};
+use rampart_tests::{PASSWORD, Proto, Rampart, RampartConfig, TurnClient, USER};
 use rampart_turn::stun::AddressFamily;
 
 const CHANNEL: u16 = 0x4000;
 const EXTERNAL_USER: &str = "sip:guest@partner.example";
 const INTERNAL_USER: &str = "sip:bob@example.com";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Whether a ChannelData message sent now reaches the peer within `wait`.
 fn reaches_peer(client: &mut TurnClient, channel: &Channel, wait: Duration) -> bool {
@@ -59,6 +55,116 @@ fn reaches_peer(client: &mut TurnClient, channel: &Channel, wait: Duration) -> b
     false
 }
 
+/// The edge with an internal UDP listener on its internal address, started with `config`'s
+/// consent (and control link, if any), and an external client whose channel to the internal
+/// host is bound and held: nothing in the kernel, nothing reaches the host.
+struct Held {
+    server: Rampart,
+    client: TurnClient,
+    channel: Channel,
+    internal_listener: SocketAddr,
+}
+
+fn held_channel(
+    topology: &EdgeTopology,
+    mut config: RampartConfig,
+    before_clients: impl FnOnce(&Rampart) -> (String, String),
+) -> Held {
+    let internal_ip = topology.edge_internal_ip(false);
+    config.listeners.push((Proto::Udp, internal_ip));
+    config.internal_listeners = vec![(Proto::Udp, internal_ip)];
+    let server = Rampart::start(&config).expect("start rampart in the edge namespace");
+    let (username, password) = before_clients(&server);
+    let listener = server.addr(Proto::Udp, topology.edge_external_ip(false));
+    let client_ip = topology.client_ip(false);
+    let mut client = run_in(topology.client.name(), || {
+        TurnClient::connect_udp(client_ip, listener)
+    })
+    .unwrap();
+    let allocated = client
+        .allocate(&username, &password, AddressFamily::V4)
+        .unwrap();
+    let host = topology.peer_ip(false);
+    let channel = Channel {
+        number: CHANNEL,
+        peer: run_in(topology.peer.name(), || UdpSocket::bind((host, 0))).unwrap(),
+        relayed: allocated.relayed(),
+    };
+    let peer_addr: SocketAddr = channel.peer.local_addr().unwrap();
+    client.channel_bind(CHANNEL, peer_addr).unwrap();
+    let counters = next_counters(&server).unwrap();
+    assert_eq!(
+        number(&counters, &["fast_path", "channels_installed"]),
+        0,
+        "a held channel is not put into the kernel: {}",
+        counters["fast_path"]
+    );
+    assert!(
+        !reaches_peer(&mut client, &channel, Duration::from_millis(300)),
+        "media reached the internal host without consent"
+    );
+    let internal_listener = server.addr(Proto::Udp, internal_ip);
+    Held {
+        server,
+        client,
+        channel,
+        internal_listener,
+    }
+}
+
+/// An internal party allocates on the internal listener from the internal host.
+fn party_allocates(
+    topology: &EdgeTopology,
+    held: &Held,
+    username: &str,
+    password: &str,
+) -> TurnClient {
+    let host = topology.peer_ip(false);
+    let internal = held.internal_listener;
+    let mut party = run_in(topology.peer.name(), || {
+        TurnClient::connect_udp(host, internal)
+    })
+    .unwrap();
+    party
+        .allocate(username, password, AddressFamily::V4)
+        .unwrap();
+    party
+}
+
+/// Waits (2 s at most) for media to reach the host, then checks that 50 messages each way
+/// pass through the kernel.
+fn media_flows_through_the_kernel(held: &mut Held) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !reaches_peer(&mut held.client, &held.channel, Duration::from_millis(100)) {
+        assert!(
+            Instant::now() < deadline,
+            "media does not flow after consent"
+        );
+    }
+    let before = next_counters(&held.server).unwrap();
+    client_to_peer(&mut held.client, &held.channel, &messages(1, 50)).unwrap();
+    peer_to_client(&mut held.client, &held.channel, &messages(2, 50)).unwrap();
+    let after = next_counters(&held.server).unwrap();
+    let kernel = kernel_flow(&xdp_delta(&before, &after));
+    assert!(
+        kernel.to_peer.packets >= 45 && kernel.to_client.packets >= 45,
+        "the media did not go through the kernel: {kernel}"
+    );
+}
+
+#[test]
+fn in_party_mode_media_flows_through_the_kernel_once_an_internal_party_allocates() {
+    let Some(topology) = EdgeTopology::create("consent_netns (party)", SenderChecksums::Complete)
+        .expect("build the topology")
+    else {
+        return;
+    };
+    let config = topology.agent_config("native").with_consent("party");
+    let mut held = held_channel(&topology, config, |_| (USER.into(), PASSWORD.into()));
+    let _party = party_allocates(&topology, &held, USER, PASSWORD);
+    media_flows_through_the_kernel(&mut held);
+}
+
 #[test]
 fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it() {
     let Some(topology) = EdgeTopology::create("consent_netns", SenderChecksums::Complete)
@@ -76,87 +182,35 @@ fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it()
         Some(topology.edge.name()),
     )
     .unwrap();
-    let internal_listener = topology.edge_internal_ip(false);
-    let mut config = topology
+    let config = topology
         .agent_config("native")
         .with_consent("authorized")
         .with_control(pki.agent_link(control.address));
-    config.listeners.push((Proto::Udp, internal_listener));
-    config.internal_listeners = vec![(Proto::Udp, internal_listener)];
-    let server = Rampart::start(&config).expect("start rampart in the edge namespace");
-    let deadline = Instant::now() + Duration::from_secs(25);
-    while !server.log().contains("control snapshot applied") {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never synced with control"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
     // The front-end reaches control inside the edge's namespace: its connection is made there.
     let rt = runtime();
     let mut front_end = run_in(topology.edge.name(), || {
         rt.block_on(pki.front_end(control.address))
     })
     .unwrap();
-    let mut credentials = |user: &str| {
-        let issued = rt
-            .block_on(
-                front_end.issue_media_credentials(IssueMediaCredentialsRequest {
-                    user: user.into(),
-                    lifetime_seconds: None,
-                }),
-            )
-            .unwrap()
-            .into_inner();
-        (issued.username, issued.password)
-    };
-    let (external_name, external_password) = credentials(EXTERNAL_USER);
-    let (internal_name, internal_password) = credentials(INTERNAL_USER);
+    let mut internal_credentials = None;
+    let mut held = held_channel(&topology, config, |server| {
+        wait_until(
+            Duration::from_secs(25),
+            "the agent syncs with control",
+            || server.log().contains("control snapshot applied"),
+        );
+        internal_credentials = Some(issue_credentials(&rt, &mut front_end, INTERNAL_USER));
+        issue_credentials(&rt, &mut front_end, EXTERNAL_USER)
+    });
+    let (internal_name, internal_password) = internal_credentials.expect("issued");
 
-    // The external client binds a channel to the internal host.
-    let listener = server.addr(Proto::Udp, topology.edge_external_ip(false));
-    let client_ip = topology.client_ip(false);
-    let mut client = run_in(topology.client.name(), || {
-        TurnClient::connect_udp(client_ip, listener)
-    })
-    .unwrap();
-    let allocated = client
-        .allocate(&external_name, &external_password, AddressFamily::V4)
-        .unwrap();
-    let host = topology.peer_ip(false);
-    let channel = Channel {
-        number: CHANNEL,
-        peer: run_in(topology.peer.name(), || UdpSocket::bind((host, 0))).unwrap(),
-        relayed: allocated.relayed(),
-    };
-    let peer_addr: SocketAddr = channel.peer.local_addr().unwrap();
-    client.channel_bind(CHANNEL, peer_addr).unwrap();
-    let held = next_counters(&server).unwrap();
-    assert_eq!(
-        number(&held, &["fast_path", "channels_installed"]),
-        0,
-        "a held channel is not put into the kernel: {}",
-        held["fast_path"]
-    );
+    // An internal party allocates from the host: not enough in authorized mode.
+    let _party = party_allocates(&topology, &held, &internal_name, &internal_password);
     assert!(
-        !reaches_peer(&mut client, &channel, Duration::from_millis(300)),
-        "media reached the internal host without consent"
-    );
-
-    // An internal party allocates from the host; a front-end authorizes the pair.
-    let internal = server.addr(Proto::Udp, internal_listener);
-    let mut party = run_in(topology.peer.name(), || {
-        TurnClient::connect_udp(host, internal)
-    })
-    .unwrap();
-    party
-        .allocate(&internal_name, &internal_password, AddressFamily::V4)
-        .unwrap();
-    assert!(
-        !reaches_peer(&mut client, &channel, Duration::from_millis(300)),
+        !reaches_peer(&mut held.client, &held.channel, Duration::from_millis(300)),
         "a party alone is not enough in authorized mode"
     );
+    // A front-end authorizes the pair: media flows, with no new request from the client.
     rt.block_on(
         front_end.authorize_media_session(AuthorizeMediaSessionRequest {
             external_user: EXTERNAL_USER.into(),
@@ -165,23 +219,7 @@ fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it()
         }),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !reaches_peer(&mut client, &channel, Duration::from_millis(100)) {
-        assert!(
-            Instant::now() < deadline,
-            "media does not flow after the authorization"
-        );
-    }
-    // Both ways, in the kernel.
-    let before = next_counters(&server).unwrap();
-    client_to_peer(&mut client, &channel, &messages(1, 50)).unwrap();
-    peer_to_client(&mut client, &channel, &messages(2, 50)).unwrap();
-    let after = next_counters(&server).unwrap();
-    let kernel = kernel_flow(&xdp_delta(&before, &after));
-    assert!(
-        kernel.to_peer.packets >= 45 && kernel.to_client.packets >= 45,
-        "the media did not go through the kernel: {kernel}"
-    );
+    media_flows_through_the_kernel(&mut held);
 
     // Revoked: the flow stops within a second, the kernel's channel with it.
     rt.block_on(front_end.revoke_media_session(RevokeMediaSessionRequest {
@@ -190,7 +228,7 @@ fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it()
     }))
     .unwrap();
     let revoked = Instant::now();
-    while reaches_peer(&mut client, &channel, Duration::from_millis(20)) {
+    while reaches_peer(&mut held.client, &held.channel, Duration::from_millis(20)) {
         assert!(
             revoked.elapsed() < Duration::from_secs(1),
             "media still flows a second after the revocation"
@@ -198,10 +236,10 @@ fn an_external_users_media_reaches_inside_only_while_a_front_end_authorizes_it()
     }
     let took = revoked.elapsed();
     assert!(
-        !reaches_peer(&mut client, &channel, Duration::from_millis(500)),
+        !reaches_peer(&mut held.client, &held.channel, Duration::from_millis(500)),
         "media flows again after the revocation"
     );
-    let withdrawn = next_counters(&server).unwrap();
+    let withdrawn = next_counters(&held.server).unwrap();
     assert_eq!(
         number(&withdrawn, &["relay", "consent_withdrawn"]),
         1,

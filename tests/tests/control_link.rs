@@ -5,13 +5,13 @@
 //! control comes up, and again after control restarts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::control::v1::{
     AccessPolicy, HealthState, IssueMediaCredentialsRequest, ListAgentsRequest, RevokeUserRequest,
     SetAccessPolicyRequest,
 };
-use rampart_tests::control::{AGENT_ID, ControlPki, ControlService, temp_dir};
+use rampart_tests::control::{AGENT_ID, ControlPki, ControlService, runtime, temp_dir, wait_until};
 use rampart_tests::coturn::{EchoPeer, MESSAGES, assert_all_echoed, uclient};
 use rampart_tests::ports::free_tcp_address;
 use rampart_tests::{PASSWORD, PEER_V4, Proto, Rampart, RampartConfig, USER};
@@ -21,27 +21,8 @@ use rampart_turn::stun::AddressFamily;
 /// at 15 s.
 const CONVERGE: Duration = Duration::from_secs(25);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn control_address() -> SocketAddr {
     free_tcp_address(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap()
-}
-
-/// Waits until `condition` holds, polling every 20 ms, for at most `limit`.
-fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if condition() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn snapshots_applied(agent: &Rampart) -> usize {

@@ -79,6 +79,23 @@ fn connected(h: &mut Harness, id: ConnectionId, up: bool) -> Vec<u8> {
     client_payload(h.at_most_one(&[]))
 }
 
+/// The connections the server asked the shell to close, in id order; nothing else was asked.
+fn closed_ids(h: &mut Harness) -> Vec<ConnectionId> {
+    let ids = take_outputs(h)
+        .into_iter()
+        .map(|output| match output {
+            Output::ClosePeerConnection { id } => id,
+            other => panic!("expected only closes, got {other:?}"),
+        })
+        .collect();
+    sorted(ids)
+}
+
+fn sorted(mut ids: Vec<ConnectionId>) -> Vec<ConnectionId> {
+    ids.sort_unstable();
+    ids
+}
+
 fn connection_bind(h: &mut Harness, data: &mut Client, id: ConnectionId) -> Vec<u8> {
     data.call(h, Method::CONNECTION_BIND, &[Attribute::ConnectionId(id)])
 }
@@ -330,20 +347,7 @@ fn peer_connections_end_with_their_allocation_and_are_capped() {
     // still connecting included (RFC 6062 §5.5).
     h.server.client_closed(alice.five_tuple);
     h.drain(&[]);
-    let mut closed: Vec<Output> = take_outputs(&mut h);
-    closed.sort_by_key(|o| match o {
-        Output::ClosePeerConnection { id } => *id,
-        _ => 0,
-    });
-    let mut expected = vec![
-        Output::ClosePeerConnection { id: first },
-        Output::ClosePeerConnection { id: second },
-    ];
-    expected.sort_by_key(|o| match o {
-        Output::ClosePeerConnection { id } => *id,
-        _ => 0,
-    });
-    assert_eq!(closed, expected);
+    assert_eq!(closed_ids(&mut h), sorted(vec![first, second]));
     assert!(!h.server.handle_connect_result(second, true, h.now));
 }
 
@@ -409,18 +413,5 @@ fn a_relay_going_away_takes_its_connections_and_answers_a_pending_connect() {
         [Some(447), None],
         "the Connect's 447, then the Refresh's success"
     );
-    let mut closed = take_outputs(&mut h);
-    closed.sort_by_key(|o| match o {
-        Output::ClosePeerConnection { id } => *id,
-        _ => 0,
-    });
-    let mut expected = vec![
-        Output::ClosePeerConnection { id: v4 },
-        Output::ClosePeerConnection { id: pending },
-    ];
-    expected.sort_by_key(|o| match o {
-        Output::ClosePeerConnection { id } => *id,
-        _ => 0,
-    });
-    assert_eq!(closed, expected);
+    assert_eq!(closed_ids(&mut h), sorted(vec![v4, pending]));
 }
