@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::{Credentials, RestSecrets};
+use rampart_turn::bandwidth::BandwidthLimit;
 use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::server::{Consent, ListenerSide};
 use rampart_turn::{RelayAddress, ServerConfig, Transport};
@@ -330,6 +331,12 @@ struct RawLimits {
     tls_handshake_timeout: u64,
     #[serde(default = "peer_connections_per_allocation")]
     peer_connections_per_allocation: usize,
+    /// Each allocation's limit in each direction, bits per second of application data; 0 or
+    /// absent: unlimited.
+    #[serde(default)]
+    bandwidth_per_allocation: u64,
+    /// Its burst in bytes; default a tenth of a second at the limit, at least 1500.
+    bandwidth_burst: Option<u64>,
 }
 
 impl Default for RawLimits {
@@ -343,6 +350,8 @@ impl Default for RawLimits {
             connections_per_source: connections_per_source(),
             tls_handshake_timeout: tls_handshake_timeout(),
             peer_connections_per_allocation: peer_connections_per_allocation(),
+            bandwidth_per_allocation: 0,
+            bandwidth_burst: None,
         }
     }
 }
@@ -456,6 +465,28 @@ impl RawConfig {
             ));
         }
         let listeners = validate_listeners(&self.listen)?;
+        let bandwidth_per_allocation = match (
+            self.limits.bandwidth_per_allocation,
+            self.limits.bandwidth_burst,
+        ) {
+            (0, Some(_)) => {
+                return Err(invalid(
+                    "limits.bandwidth_burst",
+                    "a burst without limits.bandwidth_per_allocation (bits per second) limits nothing",
+                ));
+            }
+            (0, None) => None,
+            (_, Some(burst)) if burst < 1500 => {
+                return Err(invalid(
+                    "limits.bandwidth_burst",
+                    "must be at least 1500 bytes (one full datagram), or no datagram that size ever passes",
+                ));
+            }
+            (bits_per_second, burst) => Some(BandwidthLimit {
+                bits_per_second,
+                burst_bytes: burst.unwrap_or((bits_per_second / 80).max(1500)),
+            }),
+        };
         let listener_sides = listeners
             .iter()
             .map(|l| ListenerSide {
@@ -660,6 +691,7 @@ impl RawConfig {
                 credentials: Credentials::new(users, rest),
                 peer_policy,
                 peer_connections_per_allocation: limits.peer_connections_per_allocation,
+                bandwidth_per_allocation,
                 consent: match relay.consent {
                     RawConsent::Off => Consent::Off,
                     RawConsent::Party => Consent::Party,
@@ -1075,6 +1107,32 @@ users = { alice = "pw" }
         let config = Config::parse(MINIMAL, Path::new(".")).unwrap();
         assert_eq!(config.turn.default_lifetime, Duration::from_secs(600));
         assert_eq!(config.turn.relay_v6, None);
+    }
+
+    #[test]
+    fn bandwidth_limits_get_a_burst_and_refuse_what_limits_nothing() {
+        let limited = format!("{MINIMAL}[limits]\nbandwidth_per_allocation = 2000000\n");
+        let config = Config::parse(&limited, Path::new(".")).unwrap();
+        assert_eq!(
+            config.turn.bandwidth_per_allocation,
+            Some(BandwidthLimit {
+                bits_per_second: 2_000_000,
+                burst_bytes: 25_000
+            })
+        );
+        assert_eq!(
+            Config::parse(MINIMAL, Path::new("."))
+                .unwrap()
+                .turn
+                .bandwidth_per_allocation,
+            None
+        );
+        let e = error_of(&format!("{MINIMAL}[limits]\nbandwidth_burst = 9000\n"));
+        assert!(e.contains("limits.bandwidth_burst"), "{e}");
+        let e = error_of(&format!(
+            "{MINIMAL}[limits]\nbandwidth_per_allocation = 64000\nbandwidth_burst = 100\n"
+        ));
+        assert!(e.contains("at least 1500"), "{e}");
     }
 
     #[test]

@@ -195,15 +195,17 @@ fn refused_joins_say_why_and_nothing_reaches_the_internal_side() {
                 .await
                 .unwrap();
         }
+        // Wait until the agent has the conferences (an admitted join proves it) before the
+        // revocation: an agent whose first snapshot came after it would never have seen
+        // "cancelled", and would call it unknown rather than revoked.
+        drop(admitted(&edge, "open", true, Duration::from_secs(5)).await);
         front_end
             .revoke_conference(RevokeConferenceRequest {
                 conference_id: "cancelled".into(),
             })
             .await
             .unwrap();
-        // Wait until the agent has the conferences (an admitted join proves it), then for
-        // the short one to expire.
-        drop(admitted(&edge, "open", true, Duration::from_secs(5)).await);
+        // Then for the short one to expire (and the revocation to arrive, on the open stream).
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let sessions_before = server.stats().sessions;
 

@@ -500,6 +500,9 @@ fn allocation_summaries(
                 channels: u32::try_from(allocation.channels).unwrap_or(u32::MAX),
                 bytes_from_client: allocation.bytes_from_client + in_kernel.from_client,
                 bytes_to_client: allocation.bytes_to_client + in_kernel.to_client,
+                bandwidth_limit_bps: allocation.bandwidth_limit_bps,
+                bytes_over_limit_from_client: allocation.over_limit.from_client,
+                bytes_over_limit_to_client: allocation.over_limit.to_client,
             }
         })
         .collect();

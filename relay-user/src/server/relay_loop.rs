@@ -202,6 +202,9 @@ pub(crate) struct AllocationInfo {
     pub channels: usize,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// 0 when unlimited.
+    pub bandwidth_limit_bps: u64,
+    pub over_limit: RelayedBytes,
 }
 
 /// How the tokio side reaches one loop.
@@ -1086,6 +1089,10 @@ impl RelayLoop {
                         channels: allocation.channels().count(),
                         bytes_from_client: allocation.relayed.from_client,
                         bytes_to_client: allocation.relayed.to_client,
+                        bandwidth_limit_bps: allocation
+                            .bandwidth
+                            .map_or(0, |limit| limit.bits_per_second),
+                        over_limit: allocation.over_limit,
                     }
                 })
                 .collect(),

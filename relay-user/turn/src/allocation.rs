@@ -119,6 +119,12 @@ pub struct Allocation {
     pub consented_by: HashMap<IpAddr, std::sync::Arc<str>>,
     /// Made with credentials that name nobody (a bare-expiry REST username).
     pub anonymous: bool,
+    /// The bandwidth limit of each direction and what it dropped (see [`crate::bandwidth`]);
+    /// channels of a limited allocation stay out of the kernel, which does not police them.
+    pub bandwidth: Option<crate::bandwidth::BandwidthLimit>,
+    pub from_client_bucket: crate::bandwidth::Bucket,
+    pub to_client_bucket: crate::bandwidth::Bucket,
+    pub over_limit: RelayedBytes,
     /// A TCP allocation's peer connections, by peer (one per peer: RFC 6062 §5.2's 446).
     pub peer_connections: HashMap<SocketAddr, u32>,
 }
@@ -149,6 +155,10 @@ impl Allocation {
             held: HashSet::new(),
             consented_by: HashMap::new(),
             anonymous: false,
+            bandwidth: None,
+            from_client_bucket: crate::bandwidth::Bucket::default(),
+            to_client_bucket: crate::bandwidth::Bucket::default(),
+            over_limit: RelayedBytes::default(),
             peer_connections: HashMap::new(),
         }
     }
@@ -282,7 +292,7 @@ impl Allocation {
     /// The channels the kernel may forward now. Only UDP clients: ChannelData on a TCP or TLS
     /// stream is framed inside the stream, which XDP does not see.
     fn fast_path_channels(&self, now: Instant) -> HashMap<u16, FastPathChannel> {
-        if self.five_tuple.transport != Transport::Udp {
+        if self.five_tuple.transport != Transport::Udp || self.bandwidth.is_some() {
             return HashMap::new();
         }
         self.channels

@@ -8,6 +8,7 @@
 
 pub mod allocation;
 pub mod auth;
+pub mod bandwidth;
 pub mod channel_data;
 pub mod peer_policy;
 pub mod ports;

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     pub peer_connections_per_allocation: usize,
     /// Who must agree before an external user's media reaches an internal network.
     pub consent: Consent,
+    /// Every allocation's limit, each direction (none: unlimited).
+    pub bandwidth_per_allocation: Option<crate::bandwidth::BandwidthLimit>,
     /// Every client listener and its side: allocations made on an internal one are internal
     /// parties'.
     pub listener_sides: Vec<ListenerSide>,
@@ -234,6 +236,8 @@ pub struct Stats {
     /// Consent taken back (an authorization revoked or expired, the consenting user revoked):
     /// the permission is held again, its kernel channels withdrawn, its connections closed.
     pub consent_withdrawn: u64,
+    /// Datagrams dropped over their allocation's bandwidth limit.
+    pub bandwidth_dropped: u64,
 }
 
 /// Every loop's counters summed: the agent's.
@@ -271,6 +275,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
             consent_held_dropped,
             consent_refused_connections,
             consent_withdrawn,
+            bandwidth_dropped,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -303,6 +308,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.consent_held_dropped += consent_held_dropped;
         self.consent_refused_connections += consent_refused_connections;
         self.consent_withdrawn += consent_withdrawn;
+        self.bandwidth_dropped += bandwidth_dropped;
     }
 }
 
@@ -667,6 +673,13 @@ impl Server {
             self.stats.malformed_dropped += 1;
             return;
         };
+        if let Some(limit) = &allocation.bandwidth
+            && !allocation.to_client_bucket.admit(limit, len as u64, now)
+        {
+            allocation.over_limit.to_client += len as u64;
+            self.stats.bandwidth_dropped += 1;
+            return;
+        }
         allocation.relayed.to_client += len as u64;
         self.stats.to_client_packets += 1;
         self.stats.to_client_bytes += len as u64;
@@ -1303,6 +1316,7 @@ impl Server {
         allocation.tcp = pending.tcp;
         allocation.internal = self.on_internal_listener(&five_tuple);
         allocation.anonymous = !pending.auth.named;
+        allocation.bandwidth = self.config.bandwidth_per_allocation;
         if allocation.internal {
             self.shared
                 .party_joined(five_tuple.client.ip().to_canonical(), &allocation.quota_key);
@@ -1554,6 +1568,13 @@ impl Server {
             return;
         };
         let len = data.len() as u64;
+        if let Some(limit) = &allocation.bandwidth
+            && !allocation.from_client_bucket.admit(limit, len, now)
+        {
+            allocation.over_limit.from_client += len;
+            self.stats.bandwidth_dropped += 1;
+            return;
+        }
         allocation.relayed.from_client += len;
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += len;

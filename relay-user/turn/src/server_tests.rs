@@ -56,6 +56,7 @@ fn config() -> ServerConfig {
         peer_connections_per_allocation: 8,
         consent: Consent::Off,
         listener_sides: vec![],
+        bandwidth_per_allocation: None,
         peer_policy: PeerPolicy::new(
             vec![],
             vec![],
@@ -1127,3 +1128,49 @@ mod tcp_relay;
 
 #[path = "consent_tests.rs"]
 mod consent;
+
+#[test]
+fn an_allocation_over_its_bandwidth_limit_drops_and_counts_and_stays_out_of_the_kernel() {
+    let mut config = config();
+    // 80 kbit/s: 10 000 bytes a second, with a 1500-byte burst.
+    config.bandwidth_per_allocation = Some(crate::bandwidth::BandwidthLimit {
+        bits_per_second: 80_000,
+        burst_bytes: 1500,
+    });
+    let mut h = Harness::with(config);
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    alice.allocate(&mut h, &[]);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    alice.call(
+        &mut h,
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4001),
+            Attribute::XorPeerAddress(peer),
+        ],
+    );
+    assert!(
+        h.take_fast_path_events().is_empty(),
+        "the kernel does not police the limit: the channel stays in userspace"
+    );
+    // 1000-byte datagrams both ways, 10 a second apart by 10 ms: ten times the limit.
+    let data = vec![7u8; 1000];
+    let relay = bound_relay(&h, &alice);
+    let (mut out, mut back) = (0, 0);
+    for _ in 0..500 {
+        let frame = encode_channel_data(0x4001, &data, false);
+        if h.input(alice.five_tuple, &frame).is_some() {
+            out += 1;
+        }
+        if h.peer_sends(relay, PEER, &data).is_some() {
+            back += 1;
+        }
+        h.now += Duration::from_millis(10);
+    }
+    // 5 s at 10 000 bytes a second: 50 datagrams and the burst's one, each way.
+    assert!((50..=52).contains(&out), "{out} datagrams out");
+    assert!((50..=52).contains(&back), "{back} datagrams back");
+    let allocation = h.server.allocation(&alice.five_tuple).unwrap();
+    assert_eq!(allocation.over_limit.from_client, (500 - out) * 1000);
+    assert_eq!(h.server.stats().bandwidth_dropped, 1000 - out - back);
+}
