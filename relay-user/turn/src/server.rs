@@ -367,6 +367,8 @@ struct PendingAllocate {
     relays: Vec<Relay>,
     /// ADDITIONAL-ADDRESS-FAMILY's second family, searched once the first is bound.
     additional: Option<AddressFamily>,
+    /// It was asked for under the draft number 0x8032: a refusal is told under 0x8033 too.
+    legacy_family: bool,
     family_error: Option<AddressFamily>,
     /// The odd port of an EVEN-PORT pair, held for a reservation.
     reservation: Option<SocketAddr>,
@@ -1201,6 +1203,7 @@ impl Server {
                 dont_fragment,
                 relays: Vec::new(),
                 additional: additional_family.filter(|f| *f == AddressFamily::V6),
+                legacy_family: request.has_legacy_additional_address_family(),
                 family_error: None,
                 reservation: None,
                 search,
@@ -1278,6 +1281,13 @@ impl Server {
                 code: 440,
                 reason: reason_phrase(440),
             });
+            if pending.legacy_family {
+                attributes.push(Attribute::LegacyAddressErrorCode {
+                    family,
+                    code: 440,
+                    reason: reason_phrase(440),
+                });
+            }
         }
         attributes.push(Attribute::Lifetime(duration_secs(pending.lifetime)));
         if let Some(held) = pending.reservation {

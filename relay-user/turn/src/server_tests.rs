@@ -540,6 +540,27 @@ fn the_draft_additional_address_family_attribute_gets_a_dual_allocation() {
         ],
     );
     assert_eq!(code(&response), Some(400));
+    // A second family refused is told under 0x8033 as well, the draft ADDRESS-ERROR-CODE a
+    // client that asked with 0x8032 reads (coturn before #1748, as Debian's 4.6).
+    let mut v4_only = config();
+    v4_only.relay_v6 = None;
+    let mut h4 = Harness::with(v4_only);
+    let mut carol = Client::new("192.0.2.3:5555", "alice", "wonderland");
+    let response = carol.allocate(
+        &mut h4,
+        &[Attribute::LegacyAdditionalAddressFamily(AddressFamily::V6)],
+    );
+    let message = Message::parse(&response).unwrap();
+    assert_eq!(message.class, Class::SuccessResponse);
+    let refusals: Vec<u16> = message
+        .attributes()
+        .filter_map(|a| match a {
+            Attribute::AddressErrorCode { code, .. } => Some(*code),
+            Attribute::LegacyAddressErrorCode { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals, [440, 440]);
 }
 
 /// alice's allocation asking for a second family with `additional`: an IPv4 and an IPv6 relay.

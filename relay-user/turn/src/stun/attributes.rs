@@ -36,6 +36,9 @@ pub mod attr_type {
     /// and coturn's server accepts.
     pub const LEGACY_ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8032;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
+    /// ADDRESS-ERROR-CODE's draft number, which coturn used with 0x8032 until 2025 (#1748):
+    /// what a client that asked with 0x8032 looks for.
+    pub const LEGACY_ADDRESS_ERROR_CODE: u16 = 0x8033;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const ALTERNATE_DOMAIN: u16 = 0x8003;
     pub const SOFTWARE: u16 = 0x8022;
@@ -149,6 +152,12 @@ pub enum Attribute<'a> {
         code: u16,
         reason: &'a str,
     },
+    /// ADDRESS-ERROR-CODE under its draft number ([`attr_type::LEGACY_ADDRESS_ERROR_CODE`]).
+    LegacyAddressErrorCode {
+        family: AddressFamily,
+        code: u16,
+        reason: &'a str,
+    },
     Priority(u32),
     UseCandidate,
     IceControlled(u64),
@@ -200,6 +209,7 @@ impl<'a> Attribute<'a> {
             Attribute::AdditionalAddressFamily(_) => t::ADDITIONAL_ADDRESS_FAMILY,
             Attribute::LegacyAdditionalAddressFamily(_) => t::LEGACY_ADDITIONAL_ADDRESS_FAMILY,
             Attribute::AddressErrorCode { .. } => t::ADDRESS_ERROR_CODE,
+            Attribute::LegacyAddressErrorCode { .. } => t::LEGACY_ADDRESS_ERROR_CODE,
             Attribute::Priority(_) => t::PRIORITY,
             Attribute::UseCandidate => t::USE_CANDIDATE,
             Attribute::IceControlled(_) => t::ICE_CONTROLLED,
@@ -231,6 +241,11 @@ impl<'a> Attribute<'a> {
             Attribute::Fingerprint(crc) => out.extend_from_slice(&crc.to_be_bytes()),
             Attribute::ErrorCode { code, reason } => encode_error_code(0, *code, reason, out),
             Attribute::AddressErrorCode {
+                family,
+                code,
+                reason,
+            }
+            | Attribute::LegacyAddressErrorCode {
                 family,
                 code,
                 reason,
@@ -316,6 +331,15 @@ impl<'a> Attribute<'a> {
                     reason,
                 })
             }),
+            t::LEGACY_ADDRESS_ERROR_CODE => {
+                decode_error_code(value).and_then(|(family, code, reason)| {
+                    Some(Attribute::LegacyAddressErrorCode {
+                        family: AddressFamily::from_wire(family)?,
+                        code,
+                        reason,
+                    })
+                })
+            }
             t::PASSWORD_ALGORITHMS => decode_algorithms(value).map(Attribute::PasswordAlgorithms),
             t::PASSWORD_ALGORITHM => match decode_algorithms(value).as_deref() {
                 Some(&[(algorithm, params)]) => {

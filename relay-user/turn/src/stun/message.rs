@@ -1260,6 +1260,12 @@ mod tests {
                 code: 440,
                 reason: "no",
             },
+            Attribute::LegacyAddressErrorCode {
+                family: AddressFamily::V6,
+                code: 440,
+                reason: "no",
+            },
+            Attribute::ConnectionId(0x0102_0304),
             Attribute::Priority(0x6e00_01ff),
             Attribute::UseCandidate,
             Attribute::IceControlled(u64::MAX),
