@@ -174,6 +174,27 @@ impl Allocation {
         self.permissions.get(&peer).is_some_and(|exp| *exp > now)
     }
 
+    /// Charges `bytes` towards the client (`to_client`) or from it to its bucket: false, and
+    /// counted in `over_limit`, when they are over the limit (always true without one).
+    pub fn within_bandwidth(&mut self, to_client: bool, bytes: u64, now: Instant) -> bool {
+        let Some(limit) = &self.bandwidth else {
+            return true;
+        };
+        let (bucket, over) = if to_client {
+            (&mut self.to_client_bucket, &mut self.over_limit.to_client)
+        } else {
+            (
+                &mut self.from_client_bucket,
+                &mut self.over_limit.from_client,
+            )
+        };
+        let admitted = bucket.admit(limit, bytes, now);
+        if !admitted {
+            *over += bytes;
+        }
+        admitted
+    }
+
     /// Whether the permission for `peer` waits for consent (cheap when none does).
     pub fn holds(&self, peer: IpAddr) -> bool {
         !self.held.is_empty() && self.held.contains(&peer)

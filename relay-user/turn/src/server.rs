@@ -675,10 +675,7 @@ impl Server {
             self.stats.malformed_dropped += 1;
             return;
         };
-        if let Some(limit) = &allocation.bandwidth
-            && !allocation.to_client_bucket.admit(limit, len as u64, now)
-        {
-            allocation.over_limit.to_client += len as u64;
+        if !allocation.within_bandwidth(true, len as u64, now) {
             self.stats.bandwidth_dropped += 1;
             return;
         }
@@ -1578,10 +1575,7 @@ impl Server {
             return;
         };
         let len = data.len() as u64;
-        if let Some(limit) = &allocation.bandwidth
-            && !allocation.from_client_bucket.admit(limit, len, now)
-        {
-            allocation.over_limit.from_client += len;
+        if !allocation.within_bandwidth(false, len, now) {
             self.stats.bandwidth_dropped += 1;
             return;
         }
