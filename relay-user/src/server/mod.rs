@@ -780,9 +780,11 @@ impl BindWait {
 
     /// A frame was written to the client: the answer, if one was awaited.
     fn answered(&self) {
-        if self
-            .awaiting
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        // A load first: this runs for every frame written, and an answer is awaited only on a
+        // ConnectionBind's connection, once.
+        let awaiting = &self.awaiting;
+        if awaiting.load(std::sync::atomic::Ordering::Relaxed)
+            && awaiting.swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             self.answer.notify_one();
         }
