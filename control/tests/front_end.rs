@@ -255,6 +255,7 @@ async fn conferences_and_policy_round_trip() {
                 }),
                 anonymous_users_enabled: true,
                 internal_peer_networks: vec!["10.20.0.0/16".into()],
+                bandwidth: None,
             }),
         })
         .await

@@ -2,8 +2,11 @@
 //!
 //! Every variant maps to exactly one XDP action and one [`Stat`] slot. Everything found before
 //! the frame is touched is `XDP_PASS`: the kernel stack delivers the frame unchanged and
-//! userspace serves it (or the stack drops it, if it is malformed), so nothing is lost. Only a
-//! failure after the rewrite began is `XDP_DROP`: a half-rewritten frame must never leave.
+//! userspace serves it (or the stack drops it, if it is malformed), so nothing is lost. Two
+//! outcomes are `XDP_DROP`: a failure after the rewrite began (a half-rewritten frame must
+//! never leave), and a datagram over its allocation's bandwidth limit or the total (userspace
+//! would drop it too, after the cost of getting it there, which is what a flood over a limit
+//! must not get).
 
 use aya_ebpf::bindings::xdp_action;
 use relay_common::Stat;
@@ -55,6 +58,10 @@ pub enum Error {
     AfterRewrite,
     /// Partial (offload) UDP checksum: see `Stat::PassChecksumPartial`.
     ChecksumPartial,
+    /// Over the allocation's bandwidth limit.
+    OverLimit,
+    /// Over this CPU's share of the total bandwidth limit.
+    OverTotal,
 }
 
 impl Error {
@@ -62,7 +69,7 @@ impl Error {
     #[inline(always)]
     pub const fn action(self) -> u32 {
         match self {
-            Error::AfterRewrite => xdp_action::XDP_DROP,
+            Error::AfterRewrite | Error::OverLimit | Error::OverTotal => xdp_action::XDP_DROP,
             _ => xdp_action::XDP_PASS,
         }
     }
@@ -90,6 +97,8 @@ impl Error {
             Error::AdjustFailed => Stat::PassAdjustFailed,
             Error::AfterRewrite => Stat::DropAfterRewrite,
             Error::ChecksumPartial => Stat::PassChecksumPartial,
+            Error::OverLimit => Stat::DropOverLimit,
+            Error::OverTotal => Stat::DropOverTotal,
         }
     }
 }

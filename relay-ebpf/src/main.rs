@@ -39,6 +39,13 @@
 //! program's code too.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The non-fetch atomic add of the bandwidth budgets (`maps::Charge`): the BPF target has no
+// `fetch_add` without compare-and-swap, only this intrinsic.
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 // On the host only `main` is reachable; the program's code is linted but never run there.
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code))]
 

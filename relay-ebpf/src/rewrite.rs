@@ -22,6 +22,14 @@ pub trait Rewrite {
     /// Counted for every frame this direction forwards.
     const FORWARDED: Stat;
 
+    /// Checks the datagram against its allocation's bandwidth limit (and charges it), before
+    /// anything else is done with it: `Err(OverLimit)` drops it.
+    fn police<In: Family>(
+        ctx: &XdpContext,
+        datagram: &Datagram,
+        binding: &Self::Binding,
+    ) -> Result<(), Error>;
+
     /// Rewrites an `In` frame into an `Out` one and returns its action. Before the frame is
     /// changed an `Err` leaves it as it came (`XDP_PASS`); after, it drops it.
     fn try_rewrite<In: Family, Out: Family>(
@@ -65,11 +73,13 @@ fn counted<R: Rewrite, In: Family, Out: Family>(
     binding: &R::Binding,
 ) -> u32 {
     let ctx = XdpContext::new(ctx);
-    finish(
-        R::try_rewrite::<In, Out>(&ctx, datagram, binding),
-        R::FORWARDED,
-        datagram.frame_len,
-    )
+    // Policed at the start, where little is live: further in, what it needs spilled onto a
+    // stack that has no room left.
+    let result = match R::police::<In>(&ctx, datagram, binding) {
+        Ok(()) => R::try_rewrite::<In, Out>(&ctx, datagram, binding),
+        Err(error) => Err(error),
+    };
+    finish(result, R::FORWARDED, datagram.frame_len)
 }
 
 /// The datagram a rewrite sends: from `src` to `dst` (the binding's map-form endpoints), with

@@ -19,7 +19,7 @@ use crate::{
     family::Family,
     ipv4::Ipv4,
     ipv6::Ipv6,
-    maps::{Direction, count_channel},
+    maps::{Direction, count_channel, police},
     packet::{CHANNEL_HEADER_LEN, ETH_LEN, UDP_LEN, next_hop_limit, settle, trim_to, write_at},
     rewrite::{Outgoing, Rewrite, checksum_fields, rewrite, write_headers},
     udp::Datagram,
@@ -52,6 +52,21 @@ pub struct ToClient;
 impl Rewrite for ToClient {
     type Binding = PeerChannelValue;
     const FORWARDED: Stat = Stat::ForwardedToClient;
+
+    #[inline(always)]
+    fn police<In: Family>(
+        _ctx: &XdpContext,
+        datagram: &Datagram,
+        binding: &PeerChannelValue,
+    ) -> Result<(), Error> {
+        police(
+            &binding.limit,
+            (binding.budget_id, binding.budget_generation),
+            binding.counter_id,
+            Direction::ToClient,
+            datagram.udp_len as usize - UDP_LEN,
+        )
+    }
 
     #[inline(always)]
     fn try_rewrite<In: Family, Out: Family>(
@@ -98,7 +113,7 @@ impl Rewrite for ToClient {
         trim_to(ctx, ETH_LEN + Out::HEADER_LEN + new_udp_len as usize)?;
 
         let action = egress.send()?;
-        count_channel(binding.counter_id, Direction::ToClient, data_len);
+        count_channel(binding.counter_id, Direction::ToClient, data_len, false);
         Ok(action)
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     family::Family,
     ipv4::Ipv4,
     ipv6::Ipv6,
-    maps::{Direction, count_channel},
+    maps::{Direction, count_channel, police, polices},
     packet::{
         CHANNEL_HEADER_LEN, ETH_LEN, UDP_LEN, load_4_before, next_hop_limit, read_at, settle,
         trim_to,
@@ -55,6 +55,27 @@ pub struct ToPeer;
 impl Rewrite for ToPeer {
     type Binding = ClientChannelValue;
     const FORWARDED: Stat = Stat::ForwardedToPeer;
+
+    /// On the length field as sent: one the rewrite then refuses goes to userspace, where it
+    /// is charged again (see `maps::police`).
+    #[inline(always)]
+    fn police<In: Family>(
+        ctx: &XdpContext,
+        _datagram: &Datagram,
+        binding: &ClientChannelValue,
+    ) -> Result<(), Error> {
+        if !polices(&binding.limit) {
+            return Ok(());
+        }
+        let header: Words<2> = read_at(ctx, ETH_LEN + UDP_LEN + In::HEADER_LEN, Error::Malformed)?;
+        police(
+            &binding.limit,
+            (binding.budget_id, binding.budget_generation),
+            binding.counter_id,
+            Direction::ToPeer,
+            u16::from_be(header[1]) as usize,
+        )
+    }
 
     #[inline(always)]
     fn try_rewrite<In: Family, Out: Family>(
@@ -126,7 +147,7 @@ impl Rewrite for ToPeer {
         trim_to(ctx, ETH_LEN + Out::HEADER_LEN + out.udp_len as usize)?;
 
         let action = egress.send()?;
-        count_channel(binding.counter_id, Direction::ToPeer, data_len);
+        count_channel(binding.counter_id, Direction::ToPeer, data_len, false);
         Ok(action)
     }
 }

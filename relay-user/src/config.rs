@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use rampart_rate_limit::RateLimit;
 use rampart_turn::auth::{Credentials, RestSecrets};
-use rampart_turn::bandwidth::BandwidthLimit;
+use rampart_turn::bandwidth::{BandwidthLimit, BandwidthPolicy};
 use rampart_turn::peer_policy::PeerPolicy;
 use rampart_turn::server::{Consent, ListenerSide};
 use rampart_turn::{RelayAddress, ServerConfig, Transport};
@@ -337,6 +337,12 @@ struct RawLimits {
     bandwidth_per_allocation: u64,
     /// Its burst in bytes; default a tenth of a second at the limit, at least 1500.
     bandwidth_burst: Option<u64>,
+    /// The agent's limit in each direction, all allocations together, bits per second of
+    /// application data; 0 or absent: unlimited.
+    #[serde(default)]
+    bandwidth_total: u64,
+    /// Its burst in bytes; default as for `bandwidth_burst`.
+    bandwidth_total_burst: Option<u64>,
 }
 
 impl Default for RawLimits {
@@ -352,6 +358,8 @@ impl Default for RawLimits {
             peer_connections_per_allocation: peer_connections_per_allocation(),
             bandwidth_per_allocation: 0,
             bandwidth_burst: None,
+            bandwidth_total: 0,
+            bandwidth_total_burst: None,
         }
     }
 }
@@ -409,6 +417,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Static usernames, for the start-up summary (never their passwords).
     pub static_users: Vec<String>,
+    /// The agent's total bandwidth limit, each direction (`[limits] bandwidth_total`).
+    pub bandwidth_total: Option<BandwidthLimit>,
     /// Relay loops (threads), each owning a TURN core and its share of the sockets.
     pub relay_loops: usize,
     /// Whether client datagrams are steered to their loop in the kernel (`relay.steering`).
@@ -465,28 +475,20 @@ impl RawConfig {
             ));
         }
         let listeners = validate_listeners(&self.listen)?;
-        let bandwidth_per_allocation = match (
-            self.limits.bandwidth_per_allocation,
-            self.limits.bandwidth_burst,
-        ) {
-            (0, Some(_)) => {
-                return Err(invalid(
-                    "limits.bandwidth_burst",
-                    "a burst without limits.bandwidth_per_allocation (bits per second) limits nothing",
-                ));
-            }
-            (0, None) => None,
-            (_, Some(burst)) if burst < 1500 => {
-                return Err(invalid(
-                    "limits.bandwidth_burst",
-                    "must be at least 1500 bytes (one full datagram), or no datagram that size ever passes",
-                ));
-            }
-            (bits_per_second, burst) => Some(BandwidthLimit {
-                bits_per_second,
-                burst_bytes: burst.unwrap_or((bits_per_second / 80).max(1500)),
-            }),
-        };
+        let bandwidth_per_allocation = bandwidth_limit(
+            (
+                "limits.bandwidth_per_allocation",
+                self.limits.bandwidth_per_allocation,
+            ),
+            ("limits.bandwidth_burst", self.limits.bandwidth_burst),
+        )?;
+        let bandwidth_total = bandwidth_limit(
+            ("limits.bandwidth_total", self.limits.bandwidth_total),
+            (
+                "limits.bandwidth_total_burst",
+                self.limits.bandwidth_total_burst,
+            ),
+        )?;
         let listener_sides = listeners
             .iter()
             .map(|l| ListenerSide {
@@ -639,7 +641,7 @@ impl RawConfig {
         let xdp = self
             .xdp
             .as_ref()
-            .map(RawXdp::validate)
+            .map(|xdp| xdp.validate(self.limits.bandwidth_total != 0))
             .transpose()?
             .flatten();
         let control = self
@@ -691,7 +693,10 @@ impl RawConfig {
                 credentials: Credentials::new(users, rest),
                 peer_policy,
                 peer_connections_per_allocation: limits.peer_connections_per_allocation,
-                bandwidth_per_allocation,
+                bandwidth: BandwidthPolicy {
+                    default: bandwidth_per_allocation,
+                    users: Default::default(),
+                },
                 consent: match relay.consent {
                     RawConsent::Off => Consent::Off,
                     RawConsent::Party => Consent::Party,
@@ -705,6 +710,7 @@ impl RawConfig {
                 tls_handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout),
             },
             static_users: auth.users.keys().cloned().collect(),
+            bandwidth_total,
             relay_loops,
             steering: relay.steering,
             gather_peers: relay.gather_peers,
@@ -716,8 +722,40 @@ impl RawConfig {
     }
 }
 
+/// A rate (bits per second, 0: none) and its burst (bytes, default a tenth of a second at the
+/// rate), each with its key for the error.
+fn bandwidth_limit(
+    (rate_key, bits_per_second): (&str, u64),
+    (burst_key, burst): (&str, Option<u64>),
+) -> Result<Option<BandwidthLimit>, ConfigError> {
+    match (bits_per_second, burst) {
+        (0, Some(_)) => Err(invalid(
+            burst_key,
+            format!("a burst without {rate_key} (bits per second) limits nothing"),
+        )),
+        (0, None) => Ok(None),
+        (bits_per_second, _) if bits_per_second < BandwidthLimit::MIN_BITS_PER_SECOND => {
+            Err(invalid(
+                rate_key,
+                "must be at least 1000 bits per second (or 0, no limit): a slower limit passes nothing useful",
+            ))
+        }
+        (_, Some(burst)) if burst < BandwidthLimit::MIN_BURST_BYTES => Err(invalid(
+            burst_key,
+            "must be at least 1500 bytes (one full datagram), or no datagram that size ever passes",
+        )),
+        (bits_per_second, None) => Ok(Some(BandwidthLimit::with_default_burst(bits_per_second))),
+        (bits_per_second, Some(burst_bytes)) => Ok(Some(BandwidthLimit {
+            bits_per_second,
+            burst_bytes,
+        })),
+    }
+}
+
 impl RawXdp {
-    fn validate(&self) -> Result<Option<XdpSettings>, ConfigError> {
+    /// `police_total`: whether a total bandwidth limit is configured, which the program then
+    /// polices too.
+    fn validate(&self, police_total: bool) -> Result<Option<XdpSettings>, ConfigError> {
         if self.mode == XdpMode::Off {
             return Ok(None);
         }
@@ -756,6 +794,7 @@ impl RawXdp {
             max_channels: self.max_channels,
             pin_path: self.pin_path.clone(),
             cache_next_hops: self.cache_next_hops,
+            police_total,
         }))
     }
 }
@@ -1114,7 +1153,7 @@ users = { alice = "pw" }
         let limited = format!("{MINIMAL}[limits]\nbandwidth_per_allocation = 2000000\n");
         let config = Config::parse(&limited, Path::new(".")).unwrap();
         assert_eq!(
-            config.turn.bandwidth_per_allocation,
+            config.turn.bandwidth.limit_for("anyone"),
             Some(BandwidthLimit {
                 bits_per_second: 2_000_000,
                 burst_bytes: 25_000
@@ -1124,9 +1163,27 @@ users = { alice = "pw" }
             Config::parse(MINIMAL, Path::new("."))
                 .unwrap()
                 .turn
-                .bandwidth_per_allocation,
+                .bandwidth
+                .limit_for("anyone"),
             None
         );
+        let e = error_of(&format!(
+            "{MINIMAL}[limits]\nbandwidth_per_allocation = 999\n"
+        ));
+        assert!(e.contains("at least 1000 bits per second"), "{e}");
+        let total = format!("{MINIMAL}[limits]\nbandwidth_total = 100000000\n");
+        let config = Config::parse(&total, Path::new(".")).unwrap();
+        assert_eq!(
+            config.bandwidth_total,
+            Some(BandwidthLimit {
+                bits_per_second: 100_000_000,
+                burst_bytes: 1_250_000
+            })
+        );
+        let e = error_of(&format!(
+            "{MINIMAL}[limits]\nbandwidth_total = 100\nbandwidth_total_burst = 2000\n"
+        ));
+        assert!(e.contains("`limits.bandwidth_total`"), "{e}");
         let e = error_of(&format!("{MINIMAL}[limits]\nbandwidth_burst = 9000\n"));
         assert!(e.contains("limits.bandwidth_burst"), "{e}");
         let e = error_of(&format!(

@@ -708,6 +708,7 @@ pub fn federation_policy(enabled: bool) -> proto::control::v1::SetAccessPolicyRe
             }),
             anonymous_users_enabled: false,
             internal_peer_networks: vec![],
+            bandwidth: None,
         }),
     }
 }

@@ -156,6 +156,7 @@ impl Pins {
                         to_client_packets: e
                             .sum_u64(offset_of!(ChannelCounters, to_client_packets)),
                         to_client_bytes: e.sum_u64(offset_of!(ChannelCounters, to_client_bytes)),
+                        ..ChannelCounters::default()
                     },
                 )
             })

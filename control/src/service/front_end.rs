@@ -9,13 +9,13 @@ use tonic::{Request, Response, Status};
 
 use proto::control::v1::front_end_server::FrontEnd;
 use proto::control::v1::{
-    AccessPolicy, AuthorizeMediaSessionRequest, AuthorizeMediaSessionResponse, Conference,
-    FederationPolicy, GetAccessPolicyRequest, GetAccessPolicyResponse,
+    AccessPolicy, AuthorizeMediaSessionRequest, AuthorizeMediaSessionResponse, BandwidthLimit,
+    BandwidthPolicy, Conference, FederationPolicy, GetAccessPolicyRequest, GetAccessPolicyResponse,
     IssueMediaCredentialsRequest, IssueMediaCredentialsResponse, MediaAuthorization,
     RegisterConferenceRequest, RegisterConferenceResponse, RevokeConferenceRequest,
     RevokeConferenceResponse, RevokeMediaSessionRequest, RevokeMediaSessionResponse,
     RevokeUserRequest, RevokeUserResponse, SetAccessPolicyRequest, SetAccessPolicyResponse,
-    UpdateConferenceRequest, UpdateConferenceResponse, register_conference_request,
+    UpdateConferenceRequest, UpdateConferenceResponse, UserBandwidth, register_conference_request,
     update_conference_request,
 };
 
@@ -142,6 +142,59 @@ fn normalise_policy(policy: AccessPolicy) -> Result<AccessPolicy, Status> {
         }),
         anonymous_users_enabled: policy.anonymous_users_enabled,
         internal_peer_networks: networks.iter().map(ToString::to_string).collect(),
+        bandwidth: policy.bandwidth.map(normalise_bandwidth).transpose()?,
+    })
+}
+
+/// Checks a bandwidth policy: every rate 0 or at least 1 kbit/s, every burst 0 or at least one
+/// full datagram, one entry per user; users sorted, for a stable policy.
+fn normalise_bandwidth(policy: BandwidthPolicy) -> Result<BandwidthPolicy, Status> {
+    let check = |field: &str, limit: &BandwidthLimit| -> Result<(), Status> {
+        if limit.bits_per_second != 0 && limit.bits_per_second < 1000 {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} bits per second: a limit is at least 1000 (or 0, none)",
+                    limit.bits_per_second
+                ),
+            ));
+        }
+        if limit.burst_bytes != 0 && limit.burst_bytes < 1500 {
+            return Err(invalid(
+                field,
+                format!(
+                    "a burst of {} bytes: at least 1500 (one full datagram), or 0 for the default",
+                    limit.burst_bytes
+                ),
+            ));
+        }
+        Ok(())
+    };
+    if let Some(limit) = &policy.allocation_default {
+        check("policy.bandwidth.allocation_default", limit)?;
+    }
+    let mut users = std::collections::BTreeMap::new();
+    for entry in policy.users {
+        let user = entry.user.trim().to_owned();
+        if user.is_empty() {
+            return Err(invalid("policy.bandwidth.users", "a user is empty"));
+        }
+        if let Some(limit) = &entry.limit {
+            check("policy.bandwidth.users", limit)?;
+        }
+        if users.insert(user.clone(), entry.limit).is_some() {
+            return Err(invalid(
+                "policy.bandwidth.users",
+                format!("{user:?} is listed twice; give one limit per user"),
+            ));
+        }
+    }
+    Ok(BandwidthPolicy {
+        allocation_default: policy.allocation_default,
+        users: users
+            .into_iter()
+            .map(|(user, limit)| UserBandwidth { user, limit })
+            .collect(),
     })
 }
 
@@ -466,8 +519,32 @@ mod tests {
             }),
             anonymous_users_enabled: false,
             internal_peer_networks: vec!["10.1.2.3/8".into(), "fd00::/8".into()],
+            bandwidth: Some(BandwidthPolicy {
+                allocation_default: None,
+                users: vec![
+                    UserBandwidth {
+                        user: " sip:zoe@example.com".into(),
+                        limit: None,
+                    },
+                    UserBandwidth {
+                        user: "sip:amy@example.com".into(),
+                        limit: Some(BandwidthLimit {
+                            bits_per_second: 64_000,
+                            burst_bytes: 0,
+                        }),
+                    },
+                ],
+            }),
         })
         .unwrap();
+        let users: Vec<_> = policy
+            .bandwidth
+            .unwrap()
+            .users
+            .into_iter()
+            .map(|u| u.user)
+            .collect();
+        assert_eq!(users, ["sip:amy@example.com", "sip:zoe@example.com"]);
         let federation = policy.federation.unwrap();
         assert_eq!(federation.allowed_domains, ["partner.example"]);
         assert_eq!(policy.internal_peer_networks, ["10.0.0.0/8", "fd00::/8"]);
@@ -513,6 +590,41 @@ mod tests {
                     ..Default::default()
                 },
                 "policy.federation",
+            ),
+            (
+                AccessPolicy {
+                    bandwidth: Some(BandwidthPolicy {
+                        allocation_default: Some(BandwidthLimit {
+                            bits_per_second: 500,
+                            burst_bytes: 0,
+                        }),
+                        users: vec![],
+                    }),
+                    ..Default::default()
+                },
+                "policy.bandwidth.allocation_default",
+            ),
+            (
+                AccessPolicy {
+                    bandwidth: Some(BandwidthPolicy {
+                        allocation_default: None,
+                        users: vec![
+                            UserBandwidth {
+                                user: "bob".into(),
+                                limit: None,
+                            },
+                            UserBandwidth {
+                                user: "bob ".into(),
+                                limit: Some(BandwidthLimit {
+                                    bits_per_second: 64_000,
+                                    burst_bytes: 0,
+                                }),
+                            },
+                        ],
+                    }),
+                    ..Default::default()
+                },
+                "policy.bandwidth.users",
             ),
         ];
         for (policy, field) in cases {

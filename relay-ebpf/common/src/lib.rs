@@ -30,7 +30,7 @@ pub fn address_bytes(ip: IpAddr) -> ([u8; 16], usize) {
 
 /// Subdirectory of the agent's bpffs pin path for this layout of the maps: bumped whenever a
 /// map's key or value changes, so an upgraded agent never adopts maps it would misread.
-pub const PIN_LAYOUT_VERSION: &str = "v2";
+pub const PIN_LAYOUT_VERSION: &str = "v3";
 
 /// Name of the XDP program in the object file (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "rampart_xdp";
@@ -51,6 +51,21 @@ pub const PEER_CHANNELS_MAP: &str = "RAMPART_PEER_CHANNELS";
 /// slot the agent assigns, below the map's size). An array, not a hash: the verifier inlines
 /// its lookup, where a hash lookup is a helper call and a hash computation per packet.
 pub const CHANNEL_COUNTERS_MAP: &str = "RAMPART_CHANNEL_COUNTERS";
+/// Name of the per-CPU array of [`TotalShare`]s, one per direction ([`TOTAL_TO_PEER`],
+/// [`TOTAL_TO_CLIENT`]): each CPU's share of the agent's total bandwidth limit.
+pub const TOTAL_MAP: &str = "RAMPART_TOTAL";
+/// Index of the client -> peer direction in [`TOTAL_MAP`] (and of a [`Budget`] pair).
+pub const TOTAL_TO_PEER: u32 = 0;
+/// Index of the peer -> client direction.
+pub const TOTAL_TO_CLIENT: u32 = 1;
+/// Name of the program's read-only global (a `u8`, set when the agent loads it) saying
+/// whether a total limit is configured: when it is 0 the verifier prunes the total's code, so
+/// an agent without one pays nothing for it.
+pub const TOTAL_ENABLED_GLOBAL: &str = "RAMPART_TOTAL_ENABLED";
+
+/// How many [`Budget`]s the program holds: limited allocations with channels in the kernel
+/// at once (beyond, their channels stay in userspace).
+pub const BUDGET_SLOTS: u32 = 65536;
 /// Name of the `DEVMAP_HASH` of the interfaces the program may redirect to (key = value =
 /// ifindex). A hash, not an array, because an ifindex is not bounded by the map's size.
 pub const EGRESS_MAP: &str = "RAMPART_EGRESS";
@@ -172,11 +187,16 @@ pub enum Stat {
     /// The UDP checksum field holds only the pseudo-header sum of a sender that left the
     /// checksum to offload (a local process over veth): userspace relays it.
     PassChecksumPartial = 21,
+    /// Over its allocation's bandwidth limit in that direction (the binding's [`Limit`]):
+    /// dropped, as userspace drops it, rather than moved onto the userspace path.
+    DropOverLimit = 22,
+    /// Over this CPU's share of the agent's total bandwidth limit ([`TOTAL_MAP`]): dropped.
+    DropOverTotal = 23,
 }
 
 impl Stat {
     /// Every slot, in index order.
-    pub const ALL: [Stat; 22] = [
+    pub const ALL: [Stat; 24] = [
         Stat::Seen,
         Stat::ForwardedToPeer,
         Stat::ForwardedToClient,
@@ -199,6 +219,8 @@ impl Stat {
         Stat::PassAdjustFailed,
         Stat::DropAfterRewrite,
         Stat::PassChecksumPartial,
+        Stat::DropOverLimit,
+        Stat::DropOverTotal,
     ];
 
     /// Index of this slot in [`STATS_MAP`].
@@ -231,6 +253,8 @@ impl Stat {
             Stat::PassAdjustFailed => "pass_adjust_failed",
             Stat::DropAfterRewrite => "drop_after_rewrite",
             Stat::PassChecksumPartial => "pass_checksum_partial",
+            Stat::DropOverLimit => "drop_over_limit",
+            Stat::DropOverTotal => "drop_over_total",
         }
     }
 }
@@ -350,6 +374,13 @@ pub struct ClientChannelValue {
     pub counter_id: u32,
     /// Towards `peer`.
     pub next_hop: NextHop,
+    /// The allocation's [`Budget`] slot, below [`BUDGET_SLOTS`] (meaningless when `limit` is
+    /// [`Limit::NONE`]).
+    pub budget_id: u32,
+    /// Which use of the slot: a budget found with another is taken over, emptied.
+    pub budget_generation: u32,
+    /// The allocation's limit from its client (towards `peer`).
+    pub limit: Limit,
 }
 
 /// Key of [`PEER_CHANNELS_MAP`]: UDP arriving from `peer` at the allocation's `relay` address.
@@ -376,7 +407,14 @@ pub struct PeerChannelValue {
     pub _pad: [u8; 2],
     /// Towards `client`.
     pub next_hop: NextHop,
+    /// The allocation's [`Budget`] slot, below [`BUDGET_SLOTS`] (meaningless when `limit` is
+    /// [`Limit::NONE`]).
+    pub budget_id: u32,
+    /// As in [`ClientChannelValue`].
+    pub budget_generation: u32,
     pub _pad2: [u8; 4],
+    /// The allocation's limit towards its client.
+    pub limit: Limit,
 }
 
 /// One CPU's traffic of one channel, in application payload bytes (the ChannelData data, the
@@ -388,6 +426,11 @@ pub struct ChannelCounters {
     pub to_peer_bytes: u64,
     pub to_client_packets: u64,
     pub to_client_bytes: u64,
+    /// Dropped over the allocation's limit ([`Stat::DropOverLimit`]).
+    pub to_peer_over_limit_packets: u64,
+    pub to_peer_over_limit_bytes: u64,
+    pub to_client_over_limit_packets: u64,
+    pub to_client_over_limit_bytes: u64,
 }
 
 impl ChannelCounters {
@@ -398,8 +441,130 @@ impl ChannelCounters {
             to_peer_bytes: self.to_peer_bytes.wrapping_add(other.to_peer_bytes),
             to_client_packets: self.to_client_packets.wrapping_add(other.to_client_packets),
             to_client_bytes: self.to_client_bytes.wrapping_add(other.to_client_bytes),
+            to_peer_over_limit_packets: self
+                .to_peer_over_limit_packets
+                .wrapping_add(other.to_peer_over_limit_packets),
+            to_peer_over_limit_bytes: self
+                .to_peer_over_limit_bytes
+                .wrapping_add(other.to_peer_over_limit_bytes),
+            to_client_over_limit_packets: self
+                .to_client_over_limit_packets
+                .wrapping_add(other.to_client_over_limit_packets),
+            to_client_over_limit_bytes: self
+                .to_client_over_limit_bytes
+                .wrapping_add(other.to_client_over_limit_bytes),
         }
     }
+}
+
+/// A bandwidth limit in the form the program applies it: a GCRA (the virtual-time form of a
+/// token bucket, one `u64` of state per bucket: the theoretical arrival time of the next byte
+/// at the limit's rate) in nanoseconds of `CLOCK_MONOTONIC`. The agent computes it from bits
+/// per second and a burst in bytes ([`Limit::new`]); the program only multiplies, adds and
+/// compares ([`Limit::admit`]). Carried inside the bindings, which the agent replaces whole, so
+/// a change of limit never meets half-written state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Limit {
+    /// Nanoseconds one byte takes at the limit's rate, in 48.16 fixed point; 0 = no limit.
+    pub ns_per_byte_q16: u64,
+    /// How far ahead of now the bucket's arrival time may run: the burst, in nanoseconds.
+    pub burst_ns: u64,
+}
+
+impl Limit {
+    /// No limit.
+    pub const NONE: Limit = Limit {
+        ns_per_byte_q16: 0,
+        burst_ns: 0,
+    };
+
+    /// The slowest rate a [`Limit`] takes: below it a 64 KiB datagram's cost could overflow.
+    pub const MIN_BITS_PER_SECOND: u64 = 1000;
+
+    /// The smallest burst the program is given, in nanoseconds at the rate. Its clock (the
+    /// kernel's coarse one, read per packet for a few ns instead of a clocksource read) moves
+    /// in steps of one tick (1 to 10 ms); a bucket whose burst is shorter than a step would
+    /// admit only the burst per step, below the rate.
+    pub const MIN_BURST_NS: u64 = 20_000_000;
+
+    /// `bits_per_second` (raised to [`Limit::MIN_BITS_PER_SECOND`]) with a burst of
+    /// `burst_bytes` (raised to [`Limit::MIN_BURST_NS`] at that rate).
+    pub const fn new(bits_per_second: u64, burst_bytes: u64) -> Limit {
+        let bits_per_second = if bits_per_second < Self::MIN_BITS_PER_SECOND {
+            Self::MIN_BITS_PER_SECOND
+        } else {
+            bits_per_second
+        };
+        let ns_per_byte_q16 = ((8_000_000_000u128 << 16) / bits_per_second as u128) as u64;
+        let burst_ns = burst_bytes as u128 * 8_000_000_000 / bits_per_second as u128;
+        let burst_ns = if burst_ns > u64::MAX as u128 {
+            u64::MAX
+        } else {
+            burst_ns as u64
+        };
+        Limit {
+            // At least 1: a rate so high that a byte costs under 2^-16 ns is still a limit.
+            ns_per_byte_q16: if ns_per_byte_q16 == 0 {
+                1
+            } else {
+                ns_per_byte_q16
+            },
+            burst_ns: if burst_ns < Self::MIN_BURST_NS {
+                Self::MIN_BURST_NS
+            } else {
+                burst_ns
+            },
+        }
+    }
+
+    pub const fn is_limited(&self) -> bool {
+        self.ns_per_byte_q16 != 0
+    }
+
+    /// How long `bytes` (at most 65535) take at the limit's rate, in nanoseconds.
+    #[inline(always)]
+    pub const fn cost(&self, bytes: u64) -> u64 {
+        (bytes * self.ns_per_byte_q16) >> 16
+    }
+
+    /// Whether `bytes` (at most 65535) pass at `now` in a bucket whose arrival time is `tat`;
+    /// their cost in nanoseconds, to be added to `tat` (after raising it to `now`), when so.
+    #[inline(always)]
+    pub const fn admit(&self, tat: u64, now: u64, bytes: u64) -> Option<u64> {
+        let start = if tat > now { tat } else { now };
+        let cost = self.cost(bytes);
+        if start - now + cost > self.burst_ns {
+            None
+        } else {
+            Some(cost)
+        }
+    }
+}
+
+/// One direction's bucket of one limited allocation: the arrival time of [`Limit::admit`],
+/// and the generation of the binding that last used it. Program-owned (in its global data:
+/// the agent never writes it), so the agent gives a slot to a new allocation by giving its
+/// bindings a new generation, and the program empties the bucket on seeing one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub generation: u32,
+    pub _pad: u32,
+    pub tat_ns: u64,
+}
+
+/// One CPU's share of the total limit in one direction. The agent writes `limit` every tenth
+/// of a second (reading the value back first, so that `tat_ns` and `offered_bytes`, which the
+/// program writes, lose at most what the program added in between); the program polices and
+/// counts with plain stores, since the value is this CPU's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TotalShare {
+    pub limit: Limit,
+    pub tat_ns: u64,
+    /// Application bytes offered on this CPU, passed or not (wrapping): its demand.
+    pub offered_bytes: u64,
 }
 
 // The kernel copies keys and values as raw bytes: no implicit padding may sneak in.
@@ -409,11 +574,14 @@ const _: () = {
     assert!(size_of::<Endpoint>() == 20 && align_of::<Endpoint>() == 4);
     assert!(size_of::<ClientChannelKey>() == 44 && align_of::<ClientChannelKey>() == 4);
     assert!(size_of::<NextHop>() == 20 && align_of::<NextHop>() == 4);
-    assert!(size_of::<ClientChannelValue>() == 72 && align_of::<ClientChannelValue>() == 8);
+    assert!(size_of::<ClientChannelValue>() == 96 && align_of::<ClientChannelValue>() == 8);
     assert!(size_of::<PeerChannelKey>() == 40 && align_of::<PeerChannelKey>() == 4);
-    assert!(size_of::<PeerChannelValue>() == 80 && align_of::<PeerChannelValue>() == 8);
+    assert!(size_of::<PeerChannelValue>() == 104 && align_of::<PeerChannelValue>() == 8);
     assert!(size_of::<Settings>() == 4);
-    assert!(size_of::<ChannelCounters>() == 32);
+    assert!(size_of::<ChannelCounters>() == 64);
+    assert!(size_of::<Limit>() == 16);
+    assert!(size_of::<Budget>() == 16);
+    assert!(size_of::<TotalShare>() == 32);
 };
 
 // SAFETY (all of these): `#[repr(C)]`, made of integers and byte arrays only, no implicit
@@ -430,6 +598,8 @@ mod pod {
     unsafe impl aya::Pod for ChannelCounters {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Limit {}
+    unsafe impl aya::Pod for TotalShare {}
 }
 
 #[cfg(test)]
@@ -451,6 +621,59 @@ mod tests {
                 assert_ne!(a.name(), b.name());
             }
         }
+    }
+
+    /// Offers `factor` times the limit for `seconds` in `size`-byte datagrams, with a clock
+    /// that moves in 4 ms ticks as the program's coarse one does; the bytes admitted.
+    fn admitted(limit: &Limit, bits_per_second: u64, factor: u64, size: u64, seconds: u64) -> u64 {
+        let gap = size * 8 * 1_000_000_000 / (bits_per_second * factor);
+        let tick = 4_000_000;
+        let (mut tat, mut admitted) = (0u64, 0u64);
+        let mut at = 1_000_000_000u64;
+        let end = at + seconds * 1_000_000_000;
+        while at < end {
+            let now = at / tick * tick;
+            if let Some(cost) = limit.admit(tat, now, size) {
+                tat = tat.max(now) + cost;
+                admitted += size;
+            }
+            at += gap;
+        }
+        admitted
+    }
+
+    #[test]
+    fn a_limit_cuts_a_flow_ten_times_over_it_to_its_rate_and_burst() {
+        // 2 Mbit/s, 25 kB burst, 20 Mbit/s offered for 5 s.
+        let limit = Limit::new(2_000_000, 25_000);
+        let got = admitted(&limit, 2_000_000, 10, 1000, 5);
+        let expected = 250_000 * 5 + 25_000;
+        assert!(
+            got.abs_diff(expected) * 100 < expected,
+            "{got} admitted, {expected} expected"
+        );
+    }
+
+    #[test]
+    fn a_flow_under_its_limit_passes_whole_even_with_a_small_burst() {
+        // The burst (1500 B, 6 ms at 2 Mbit/s) is raised to two ticks' worth.
+        let limit = Limit::new(2_000_000, 1500);
+        assert_eq!(limit.burst_ns, Limit::MIN_BURST_NS);
+        let got = admitted(&limit, 2_000_000, 1, 1000, 5);
+        assert!(got >= 5 * 250_000 * 99 / 100, "{got} admitted of 1250000");
+    }
+
+    #[test]
+    fn limits_stay_in_range_at_both_ends() {
+        assert!(!Limit::NONE.is_limited());
+        let slow = Limit::new(1, 1);
+        assert_eq!(slow, Limit::new(Limit::MIN_BITS_PER_SECOND, 1));
+        // The largest datagram at the slowest rate does not overflow: 65535 B at 1 kbit/s.
+        assert_eq!(slow.admit(0, 0, 65535), None);
+        assert!(slow.admit(0, 0, 2).is_some());
+        let fast = Limit::new(400_000_000_000, 1_000_000);
+        assert!(fast.is_limited());
+        assert!(fast.admit(0, 0, 65535).is_some());
     }
 
     #[test]

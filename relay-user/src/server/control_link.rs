@@ -30,6 +30,7 @@ use super::{Counters, Shared, State, lock};
 use crate::config::{Config, ControlSettings};
 use rampart_rate_limit::RateLimit;
 use rampart_turn::Transport;
+use rampart_turn::bandwidth::{BandwidthLimit, BandwidthPolicy};
 use rampart_turn::server::MediaAuthorization;
 
 /// First reconnection delay; doubled after every failed attempt up to [`BACKOFF_MAX`]. The
@@ -53,6 +54,18 @@ pub(super) struct ControlState {
     revocations: HashSet<(String, u64)>,
     /// The front-ends' media authorizations: (external user, internal user) -> expiry.
     media_authorizations: HashMap<(String, String), u64>,
+    /// `[limits] bandwidth_per_allocation`: the default wherever the control plane's policy
+    /// sets none.
+    configured_bandwidth: Option<BandwidthLimit>,
+}
+
+impl ControlState {
+    pub(super) fn new(configured_bandwidth: Option<BandwidthLimit>) -> Self {
+        ControlState {
+            configured_bandwidth,
+            ..ControlState::default()
+        }
+    }
 }
 
 /// The registration this agent sends: its addresses and capacity, from the configuration.
@@ -246,7 +259,7 @@ fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
     let mut changes = Vec::new();
     match update.update {
         Some(control_update::Update::Snapshot(snapshot)) => {
-            changes.push(apply_policy(state, snapshot.policy.unwrap_or_default()));
+            changes.extend(apply_policy(state, snapshot.policy.unwrap_or_default()));
             let gone = state
                 .conferencing
                 .replace_all(snapshot.conferences, unix_now());
@@ -279,7 +292,7 @@ fn apply(shared: &Shared, update: ControlUpdate) -> Vec<LoopChange> {
                 .collect();
             changes.push(media_authorizations(&state.control));
         }
-        Some(control_update::Update::Policy(policy)) => changes.push(apply_policy(state, policy)),
+        Some(control_update::Update::Policy(policy)) => changes.extend(apply_policy(state, policy)),
         Some(control_update::Update::ConferenceUpserted(conference)) => {
             debug!(
                 conference = conference.conference_id,
@@ -348,7 +361,7 @@ fn disconnect(state: &mut State, conference_id: &str) {
     }
 }
 
-fn apply_policy(state: &mut State, policy: AccessPolicy) -> LoopChange {
+fn apply_policy(state: &mut State, policy: AccessPolicy) -> [LoopChange; 2] {
     if let Some(edge) = &state.sip {
         edge.set_policy(sip_policy(edge.configured_policy(), &policy));
     }
@@ -363,7 +376,46 @@ fn apply_policy(state: &mut State, policy: AccessPolicy) -> LoopChange {
             }
         })
         .collect();
-    LoopChange::AllowedPeerNetworks(networks)
+    [
+        LoopChange::AllowedPeerNetworks(networks),
+        LoopChange::Bandwidth(bandwidth_policy(
+            state.control.configured_bandwidth,
+            policy.bandwidth,
+        )),
+    ]
+}
+
+/// The relay's bandwidth policy: the control plane's limits, over the configured default
+/// where it sets none. Rates and bursts under the minimum (which control refuses) are raised.
+fn bandwidth_policy(
+    configured: Option<BandwidthLimit>,
+    policy: Option<proto::control::v1::BandwidthPolicy>,
+) -> BandwidthPolicy {
+    let limit = |limit: Option<proto::control::v1::BandwidthLimit>| {
+        let limit = limit.filter(|l| l.bits_per_second != 0)?;
+        let bits_per_second = limit
+            .bits_per_second
+            .max(BandwidthLimit::MIN_BITS_PER_SECOND);
+        Some(match limit.burst_bytes {
+            0 => BandwidthLimit::with_default_burst(bits_per_second),
+            burst => BandwidthLimit {
+                bits_per_second,
+                burst_bytes: burst.max(BandwidthLimit::MIN_BURST_BYTES),
+            },
+        })
+    };
+    let policy = policy.unwrap_or_default();
+    BandwidthPolicy {
+        default: match policy.allocation_default {
+            None => configured,
+            set => limit(set),
+        },
+        users: policy
+            .users
+            .into_iter()
+            .map(|user| (user.user, limit(user.limit)))
+            .collect(),
+    }
 }
 
 /// The Access Edge's view of a control policy; the partner rate falls back to the agent's
@@ -462,15 +514,15 @@ async fn status(shared: &Shared, stale_since: Option<u64>) -> AgentReport {
 }
 
 /// The allocations for a status report (at most [`MAX_LISTED_ALLOCATIONS`]) and how many
-/// were left out. Bytes are the userspace relay's plus the kernel's for channels it
-/// forwards or forwarded.
+/// were left out. Bytes, relayed and over the limit, are the userspace relay's plus the
+/// kernel's for channels it forwards or forwarded.
 fn allocation_summaries(
     shared: &Shared,
     reports: Vec<super::relay_loop::LoopReport>,
 ) -> (Vec<AllocationSummary>, u64) {
     let forwarded = lock(&shared.fast_path)
         .as_ref()
-        .map(|fast_path| fast_path.forwarded_bytes())
+        .map(|fast_path| fast_path.kernel_traffic())
         .unwrap_or_default();
     let total: usize = reports.iter().map(|r| r.allocations).sum();
     let listed: Vec<_> = reports
@@ -498,11 +550,13 @@ fn allocation_summaries(
                 expires_at_unix: allocation.expires_at_unix,
                 permissions: u32::try_from(allocation.permissions).unwrap_or(u32::MAX),
                 channels: u32::try_from(allocation.channels).unwrap_or(u32::MAX),
-                bytes_from_client: allocation.bytes_from_client + in_kernel.from_client,
-                bytes_to_client: allocation.bytes_to_client + in_kernel.to_client,
+                bytes_from_client: allocation.bytes_from_client + in_kernel.relayed.from_client,
+                bytes_to_client: allocation.bytes_to_client + in_kernel.relayed.to_client,
                 bandwidth_limit_bps: allocation.bandwidth_limit_bps,
-                bytes_over_limit_from_client: allocation.over_limit.from_client,
-                bytes_over_limit_to_client: allocation.over_limit.to_client,
+                bytes_over_limit_from_client: allocation.over_limit.from_client
+                    + in_kernel.over_limit.from_client,
+                bytes_over_limit_to_client: allocation.over_limit.to_client
+                    + in_kernel.over_limit.to_client,
             }
         })
         .collect();

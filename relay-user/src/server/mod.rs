@@ -11,6 +11,7 @@ mod control_link;
 mod data_connection;
 mod relay_loop;
 mod sip;
+mod total_bandwidth;
 
 use std::collections::HashMap;
 use std::io;
@@ -320,8 +321,11 @@ impl Edge {
                 "no listener has side = \"internal\": external users' media to the allowed networks is held until an internal party allocates, and none can"
             );
         }
+        let configured_bandwidth = config.turn.bandwidth.default;
+        let bandwidth_total = config.bandwidth_total;
+        let relay_shared = Arc::new(SharedState::for_config(&config.turn, nonce_key));
         let settings = LoopSettings {
-            shared: Arc::new(SharedState::for_config(&config.turn, nonce_key)),
+            shared: relay_shared.clone(),
             turn: config.turn,
             fast_path: fast_path.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -340,7 +344,7 @@ impl Edge {
                 connections_per_source: HashMap::new(),
                 connections: 0,
                 shell: ShellStats::default(),
-                control: control_link::ControlState::default(),
+                control: control_link::ControlState::new(configured_bandwidth),
                 conferencing: Admission::default(),
                 conference_sessions: HashMap::new(),
                 conferencing_enabled: conferencing.is_some(),
@@ -379,6 +383,13 @@ impl Edge {
             ));
         }
         tasks.spawn(timers(shared.clone(), stats_every));
+        if let Some(total) = bandwidth_total {
+            tasks.spawn(total_bandwidth::share(
+                shared.clone(),
+                relay_shared.clone(),
+                total,
+            ));
+        }
         if let Some((settings, external, internal)) = conferencing {
             let service = conferencing::Conferencing::new(settings);
             for (listener, what) in [

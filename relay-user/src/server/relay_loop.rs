@@ -160,6 +160,8 @@ pub(crate) enum LoopChange {
     },
     /// All the front-ends' media authorizations (consent).
     MediaAuthorizations(Vec<rampart_turn::server::MediaAuthorization>),
+    /// Bandwidth limits: the control plane's policy over the configured default.
+    Bandwidth(rampart_turn::bandwidth::BandwidthPolicy),
 }
 
 /// Counters of what a loop's shell (not its core) saw.
@@ -757,6 +759,11 @@ impl RelayLoop {
                     // Consent taken back leaves the kernel and closes connections now.
                     self.carry_out(Input::Bytes(&[]));
                 }
+                Command::Change(LoopChange::Bandwidth(policy)) => {
+                    self.core.set_bandwidth_policy(policy, now);
+                    // Channels in the kernel take the new limits now.
+                    self.carry_out(Input::Bytes(&[]));
+                }
                 Command::Change(LoopChange::RevokeUser { user, through_unix }) => {
                     self.core.revoke_user(&user, through_unix, now);
                     // The ended allocations' sockets close and their channels leave the kernel.
@@ -808,8 +815,9 @@ impl RelayLoop {
             Some(fast_path) => fast_path.apply(changes, Instant::now()),
             None => Vec::new(),
         };
-        for (five_tuple, bytes) in withdrawn {
-            self.core.credit_fast_path(&five_tuple, bytes);
+        for (five_tuple, traffic) in withdrawn {
+            self.core
+                .credit_fast_path(&five_tuple, traffic.relayed, traffic.over_limit);
         }
     }
 

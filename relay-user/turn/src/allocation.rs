@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::bandwidth::{Direction, TotalLease, TotalPool};
 use crate::stun::TransactionId;
 
 use crate::{FiveTuple, Transport};
@@ -61,6 +62,18 @@ pub struct FastPathChannel {
     /// The relay socket's bound address (what peers' packets arrive at).
     pub relay: SocketAddr,
     pub expires: Instant,
+    /// The allocation's bandwidth limit, which the kernel polices too, in one budget per
+    /// allocation shared by its channels.
+    pub bandwidth: Option<crate::bandwidth::BandwidthLimit>,
+}
+
+/// Which bandwidth limit refused a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BandwidthRefusal {
+    /// The allocation's own.
+    Allocation,
+    /// The agent's total.
+    Total,
 }
 
 /// A change the fast path must apply: install or update a channel, or withdraw it.
@@ -119,8 +132,10 @@ pub struct Allocation {
     pub consented_by: HashMap<IpAddr, std::sync::Arc<str>>,
     /// Made with credentials that name nobody (a bare-expiry REST username).
     pub anonymous: bool,
-    /// The bandwidth limit of each direction and what it dropped (see [`crate::bandwidth`]);
-    /// channels of a limited allocation stay out of the kernel, which does not police them.
+    /// The bandwidth limit of each direction and what it dropped (see [`crate::bandwidth`]).
+    /// The kernel polices its channels there with buckets of its own: while both paths carry
+    /// an allocation's data (a channel in the kernel, Send indications in userspace) each
+    /// admits up to the limit.
     pub bandwidth: Option<crate::bandwidth::BandwidthLimit>,
     pub from_client_bucket: crate::bandwidth::Bucket,
     pub to_client_bucket: crate::bandwidth::Bucket,
@@ -174,25 +189,38 @@ impl Allocation {
         self.permissions.get(&peer).is_some_and(|exp| *exp > now)
     }
 
-    /// Charges `bytes` towards the client (`to_client`) or from it to its bucket: false, and
-    /// counted in `over_limit`, when they are over the limit (always true without one).
-    pub fn within_bandwidth(&mut self, to_client: bool, bytes: u64, now: Instant) -> bool {
-        let Some(limit) = &self.bandwidth else {
-            return true;
-        };
-        let (bucket, over) = if to_client {
-            (&mut self.to_client_bucket, &mut self.over_limit.to_client)
-        } else {
-            (
+    /// Charges `bytes` in `direction` to the allocation's bucket, then to the agent's total
+    /// (through this loop's `lease` of `pool`): the limit that refused them, if one did (the
+    /// bytes are then counted in `over_limit`). The allocation comes first: one allocation
+    /// over its own limit does not spend the total the others share.
+    pub fn within_bandwidth(
+        &mut self,
+        direction: Direction,
+        bytes: u64,
+        now: Instant,
+        lease: &mut TotalLease,
+        pool: &TotalPool,
+    ) -> Result<(), BandwidthRefusal> {
+        let (bucket, over) = match direction {
+            Direction::ToClient => (&mut self.to_client_bucket, &mut self.over_limit.to_client),
+            Direction::FromClient => (
                 &mut self.from_client_bucket,
                 &mut self.over_limit.from_client,
-            )
+            ),
         };
-        let admitted = bucket.admit(limit, bytes, now);
-        if !admitted {
-            *over += bytes;
-        }
-        admitted
+        let refusal = if self
+            .bandwidth
+            .as_ref()
+            .is_some_and(|limit| !bucket.admit(limit, bytes, now))
+        {
+            BandwidthRefusal::Allocation
+        } else if !lease.admit(pool, direction, bytes, now) {
+            BandwidthRefusal::Total
+        } else {
+            return Ok(());
+        };
+        *over += bytes;
+        Err(refusal)
     }
 
     /// Whether the permission for `peer` waits for consent (cheap when none does).
@@ -313,7 +341,7 @@ impl Allocation {
     /// The channels the kernel may forward now. Only UDP clients: ChannelData on a TCP or TLS
     /// stream is framed inside the stream, which XDP does not see.
     fn fast_path_channels(&self, now: Instant) -> HashMap<u16, FastPathChannel> {
-        if self.five_tuple.transport != Transport::Udp || self.bandwidth.is_some() {
+        if self.five_tuple.transport != Transport::Udp {
             return HashMap::new();
         }
         self.channels
@@ -333,6 +361,7 @@ impl Allocation {
                         peer: channel.peer,
                         relay: relay.bound,
                         expires,
+                        bandwidth: self.bandwidth,
                     },
                 ))
             })

@@ -27,7 +27,8 @@ use crate::stun::{
     PasswordAlgorithm, TransactionId,
 };
 
-use crate::allocation::{Allocation, FastPathEvent, Relay, RelayedBytes};
+use crate::allocation::{Allocation, BandwidthRefusal, FastPathEvent, Relay, RelayedBytes};
+use crate::bandwidth::{Direction, TotalLease};
 use crate::channel_data::{CHANNEL_MAX, CHANNEL_MIN, ChannelData, frame_in_place};
 use crate::peer_policy::PeerPolicy;
 use crate::ports::{Candidate, Parity, PortSearch};
@@ -85,8 +86,8 @@ pub struct ServerConfig {
     pub peer_connections_per_allocation: usize,
     /// Who must agree before an external user's media reaches an internal network.
     pub consent: Consent,
-    /// Every allocation's limit, each direction (none: unlimited).
-    pub bandwidth_per_allocation: Option<crate::bandwidth::BandwidthLimit>,
+    /// Each allocation's limit, each direction (none: unlimited).
+    pub bandwidth: crate::bandwidth::BandwidthPolicy,
     /// Every client listener and its side: allocations made on an internal one are internal
     /// parties'.
     pub listener_sides: Vec<ListenerSide>,
@@ -238,6 +239,17 @@ pub struct Stats {
     pub consent_withdrawn: u64,
     /// Datagrams dropped over their allocation's bandwidth limit.
     pub bandwidth_dropped: u64,
+    /// Datagrams dropped over the agent's total bandwidth limit (its userspace share).
+    pub bandwidth_total_dropped: u64,
+}
+
+impl Stats {
+    fn count_bandwidth_refusal(&mut self, refusal: BandwidthRefusal) {
+        match refusal {
+            BandwidthRefusal::Allocation => self.bandwidth_dropped += 1,
+            BandwidthRefusal::Total => self.bandwidth_total_dropped += 1,
+        }
+    }
 }
 
 /// Every loop's counters summed: the agent's.
@@ -276,6 +288,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
             consent_refused_connections,
             consent_withdrawn,
             bandwidth_dropped,
+            bandwidth_total_dropped,
         } = other;
         self.malformed_dropped += malformed_dropped;
         self.rate_limited += rate_limited;
@@ -309,6 +322,7 @@ impl std::ops::AddAssign<&Stats> for Stats {
         self.consent_refused_connections += consent_refused_connections;
         self.consent_withdrawn += consent_withdrawn;
         self.bandwidth_dropped += bandwidth_dropped;
+        self.bandwidth_total_dropped += bandwidth_total_dropped;
     }
 }
 
@@ -415,6 +429,8 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     housekeeping: Option<Instant>,
     shared: Arc<SharedState>,
+    /// This loop's lease of the total bandwidth limit's userspace share.
+    total_lease: TotalLease,
     limiter: SourceRateLimiter,
     stats: Stats,
     out: Outputs,
@@ -464,6 +480,7 @@ impl Server {
             by_relay: HashMap::new(),
             timers: BinaryHeap::new(),
             housekeeping: None,
+            total_lease: TotalLease::default(),
             stats: Stats::default(),
             out: Outputs::default(),
             indication: MessageBuilder::new(
@@ -523,12 +540,20 @@ impl Server {
         (self.unix_at_epoch + at.saturating_duration_since(self.epoch)).as_secs()
     }
 
-    /// Adds what the kernel forwarded on a channel of `five_tuple` that left the fast path,
-    /// so the allocation's totals stay whole (nothing if the allocation is gone).
-    pub fn credit_fast_path(&mut self, five_tuple: &FiveTuple, bytes: RelayedBytes) {
+    /// Adds what the kernel forwarded, and dropped over the limit, on a channel of
+    /// `five_tuple` that left the fast path, so the allocation's totals stay whole (nothing if
+    /// the allocation is gone).
+    pub fn credit_fast_path(
+        &mut self,
+        five_tuple: &FiveTuple,
+        relayed: RelayedBytes,
+        over_limit: RelayedBytes,
+    ) {
         if let Some(allocation) = self.allocations.get_mut(five_tuple) {
-            allocation.relayed.from_client += bytes.from_client;
-            allocation.relayed.to_client += bytes.to_client;
+            allocation.relayed.from_client += relayed.from_client;
+            allocation.relayed.to_client += relayed.to_client;
+            allocation.over_limit.from_client += over_limit.from_client;
+            allocation.over_limit.to_client += over_limit.to_client;
         }
     }
 
@@ -577,6 +602,36 @@ impl Server {
         self.config.peer_policy.set_allowed_by_control(allowed);
         // What is internal changed: every external permission is judged again.
         self.judge_every_permission(now);
+    }
+
+    /// A new bandwidth policy (the control plane's): every allocation whose limit it changes
+    /// takes the new one at once, its channels in the kernel too. Their buckets carry on.
+    pub fn set_bandwidth_policy(
+        &mut self,
+        policy: crate::bandwidth::BandwidthPolicy,
+        now: Instant,
+    ) {
+        if policy == self.config.bandwidth {
+            return;
+        }
+        info!(
+            default = ?policy.default,
+            users = policy.users.len(),
+            "bandwidth policy updated"
+        );
+        let mut changed = 0usize;
+        for allocation in self.allocations.values_mut() {
+            let limit = policy.limit_for(&allocation.quota_key);
+            if allocation.bandwidth != limit {
+                allocation.bandwidth = limit;
+                allocation.sync_fast_path(now, &mut self.out);
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            info!(allocations = changed, "bandwidth limits changed");
+        }
+        self.config.bandwidth = policy;
     }
 
     /// Relay ports in use right now by every loop (allocations and reservations).
@@ -675,8 +730,14 @@ impl Server {
             self.stats.malformed_dropped += 1;
             return;
         };
-        if !allocation.within_bandwidth(true, len as u64, now) {
-            self.stats.bandwidth_dropped += 1;
+        if let Err(refusal) = allocation.within_bandwidth(
+            Direction::ToClient,
+            len as u64,
+            now,
+            &mut self.total_lease,
+            self.shared.total_bandwidth(),
+        ) {
+            self.stats.count_bandwidth_refusal(refusal);
             return;
         }
         allocation.relayed.to_client += len as u64;
@@ -1323,7 +1384,7 @@ impl Server {
         allocation.tcp = pending.tcp;
         allocation.internal = self.on_internal_listener(&five_tuple);
         allocation.anonymous = !pending.auth.named;
-        allocation.bandwidth = self.config.bandwidth_per_allocation;
+        allocation.bandwidth = self.config.bandwidth.limit_for(&allocation.quota_key);
         if allocation.internal {
             self.shared
                 .party_joined(five_tuple.client.ip().to_canonical(), &allocation.quota_key);
@@ -1575,8 +1636,14 @@ impl Server {
             return;
         };
         let len = data.len() as u64;
-        if !allocation.within_bandwidth(false, len, now) {
-            self.stats.bandwidth_dropped += 1;
+        if let Err(refusal) = allocation.within_bandwidth(
+            Direction::FromClient,
+            len,
+            now,
+            &mut self.total_lease,
+            self.shared.total_bandwidth(),
+        ) {
+            self.stats.count_bandwidth_refusal(refusal);
             return;
         }
         allocation.relayed.from_client += len;

@@ -56,7 +56,7 @@ fn config() -> ServerConfig {
         peer_connections_per_allocation: 8,
         consent: Consent::Off,
         listener_sides: vec![],
-        bandwidth_per_allocation: None,
+        bandwidth: Default::default(),
         peer_policy: PeerPolicy::new(
             vec![],
             vec![],
@@ -1125,6 +1125,10 @@ fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() 
             from_client: 1000,
             to_client: 2000,
         },
+        RelayedBytes {
+            from_client: 30,
+            to_client: 40,
+        },
     );
     assert_eq!(
         relayed(&h),
@@ -1133,9 +1137,19 @@ fn each_allocation_counts_what_it_relayed_including_what_the_kernel_forwarded() 
             to_client: 2007
         }
     );
+    assert_eq!(
+        h.server.allocation(&alice.five_tuple).unwrap().over_limit,
+        RelayedBytes {
+            from_client: 30,
+            to_client: 40
+        }
+    );
     // Credit for an allocation that is gone goes nowhere.
-    h.server
-        .credit_fast_path(&five_tuple("192.0.2.9:1"), RelayedBytes::default());
+    h.server.credit_fast_path(
+        &five_tuple("192.0.2.9:1"),
+        RelayedBytes::default(),
+        RelayedBytes::default(),
+    );
     let listed: Vec<_> = h.server.allocations().map(|a| &*a.username).collect();
     assert_eq!(listed, ["alice"]);
     assert_eq!(
@@ -1151,13 +1165,14 @@ mod tcp_relay;
 mod consent;
 
 #[test]
-fn an_allocation_over_its_bandwidth_limit_drops_and_counts_and_stays_out_of_the_kernel() {
+fn an_allocation_over_its_bandwidth_limit_drops_and_counts_and_takes_its_limit_to_the_kernel() {
     let mut config = config();
     // 80 kbit/s: 10 000 bytes a second, with a 1500-byte burst.
-    config.bandwidth_per_allocation = Some(crate::bandwidth::BandwidthLimit {
+    let config_limit = || crate::bandwidth::BandwidthLimit {
         bits_per_second: 80_000,
         burst_bytes: 1500,
-    });
+    };
+    config.bandwidth.default = Some(config_limit());
     let mut h = Harness::with(config);
     let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
     alice.allocate(&mut h, &[]);
@@ -1170,9 +1185,13 @@ fn an_allocation_over_its_bandwidth_limit_drops_and_counts_and_stays_out_of_the_
             Attribute::XorPeerAddress(peer),
         ],
     );
+    let limit = config_limit();
     assert!(
-        h.take_fast_path_events().is_empty(),
-        "the kernel does not police the limit: the channel stays in userspace"
+        matches!(
+            h.take_fast_path_events()[..],
+            [FastPathEvent::Up(crate::allocation::FastPathChannel { bandwidth: Some(l), .. })] if l == limit
+        ),
+        "the channel goes to the kernel with the allocation's limit"
     );
     // 1000-byte datagrams both ways, 10 a second apart by 10 ms: ten times the limit.
     let data = vec![7u8; 1000];

@@ -49,6 +49,8 @@ pub struct SharedState {
     /// Internal allocations by client address, by user (quota key).
     parties: Mutex<HashMap<IpAddr, HashMap<Arc<str>, usize>>>,
     parties_generation: AtomicU64,
+    /// The agent's total bandwidth limit, as far as the userspace path is given it.
+    total: crate::bandwidth::TotalPool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +76,13 @@ impl SharedState {
             reservations: Mutex::new(HashMap::new()),
             parties: Mutex::new(HashMap::new()),
             parties_generation: AtomicU64::new(0),
+            total: crate::bandwidth::TotalPool::default(),
         }
+    }
+
+    /// The total bandwidth limit's userspace share, which every loop leases from.
+    pub fn total_bandwidth(&self) -> &crate::bandwidth::TotalPool {
+        &self.total
     }
 
     /// `user` made an allocation on an internal listener from `ip`: an internal party is there.

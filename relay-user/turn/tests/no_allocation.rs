@@ -97,7 +97,7 @@ fn server(now: Instant) -> Server {
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
         listener_sides: vec![],
-        bandwidth_per_allocation: None,
+        bandwidth: Default::default(),
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay], vec![], Some((50000, 50099))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));

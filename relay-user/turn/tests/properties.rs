@@ -90,7 +90,7 @@ fn config() -> ServerConfig {
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
         listener_sides: vec![],
-        bandwidth_per_allocation: None,
+        bandwidth: Default::default(),
         peer_policy: PeerPolicy::new(
             vec![],
             vec!["10.0.0.0/8".parse().unwrap()],

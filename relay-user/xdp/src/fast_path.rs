@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::netlink::{Announcement, Announcements, Netlink};
 use crate::next_hop::{Input, NextHopCache, NextHopStats, Output, RouteKey};
-use crate::{Attached, ChannelBinding, MapSizes, NextHop, XdpError, XdpProgram};
+use crate::{
+    Attached, ChannelBinding, Limit, MapSizes, NextHop, TotalDirection, XdpError, XdpProgram,
+};
 use rampart_turn::allocation::{FastPathChannel, FastPathEvent, RelayedBytes};
 use rampart_turn::{FiveTuple, Transport};
 
@@ -49,6 +51,9 @@ pub struct Settings {
     /// (the program then does no FIB lookup per packet); off: every frame takes
     /// `bpf_fib_lookup`.
     pub cache_next_hops: bool,
+    /// A total bandwidth limit is configured: the program polices each CPU's share of it
+    /// ([`FastPath::total_demand`], [`FastPath::set_total_shares`]).
+    pub police_total: bool,
 }
 
 /// A bound channel: the allocation's 5-tuple and the channel number.
@@ -61,6 +66,9 @@ pub struct FastPathStats {
     pub channels_removed: u64,
     /// Channels left to userspace because the kernel maps were full.
     pub map_full: u64,
+    /// Channels of limited allocations left to userspace because every bandwidth budget of
+    /// the program was taken.
+    pub budgets_full: u64,
     pub map_errors: u64,
     /// Channels a previous agent left in the pinned maps, forwarded until their recorded
     /// expiry and then removed.
@@ -80,6 +88,14 @@ pub struct FastPath {
     adopted: HashSet<ChannelKey>,
     /// Counter slots no binding holds.
     free_counters: Vec<u32>,
+    /// The budget slot and generation of each limited allocation with channels in the
+    /// kernel, and how many of its channels use it: an allocation's channels share one
+    /// budget, as they share one limit in userspace.
+    budgets: HashMap<FiveTuple, (u32, u32, usize)>,
+    /// Budget slots no allocation holds.
+    free_budgets: Vec<u32>,
+    /// The generation the next allocation given a slot gets (never 0, a slot's initial one).
+    next_generation: u32,
     next_hops: NextHopCache,
     /// `None` when no rtnetlink socket could be opened: nothing is cached then, and every
     /// frame takes the program's FIB lookup.
@@ -90,6 +106,8 @@ pub struct FastPath {
     route_users: HashMap<RouteKey, HashSet<ChannelKey>>,
     full_reported: bool,
     stats: FastPathStats,
+    /// Each CPU's offered bytes on the total, per direction, as last read.
+    total_offered: [Vec<u64>; 2],
 }
 
 impl FastPath {
@@ -118,6 +136,7 @@ impl FastPath {
                 ..MapSizes::default()
             },
             &pins,
+            settings.police_total,
         )?;
         let mut egress = Vec::new();
         for interface in &settings.interfaces {
@@ -177,12 +196,18 @@ impl FastPath {
             bound: HashMap::new(),
             adopted: HashSet::new(),
             free_counters: (0..settings.max_channels).rev().collect(),
+            budgets: HashMap::new(),
+            free_budgets: (0..settings.max_channels.min(crate::BUDGET_SLOTS))
+                .rev()
+                .collect(),
+            next_generation: 1,
             next_hops: NextHopCache::new(egress),
             netlink,
             announcements,
             route_users: HashMap::new(),
             full_reported: false,
             stats: FastPathStats::default(),
+            total_offered: [Vec::new(), Vec::new()],
         };
         fast_path.read_kernel_state();
         fast_path.reconcile()?;
@@ -356,7 +381,40 @@ impl FastPath {
         if (binding.counter_id as usize) < self.max_channels {
             self.free_counters.push(binding.counter_id);
         }
+        if binding.limit.is_limited() {
+            self.release_budget(&channel.0);
+        }
         Some(binding)
+    }
+
+    /// The budget slot and generation of `five_tuple`'s allocation for one more of its
+    /// channels: its own if it has one, else a free slot with a new generation (which the
+    /// program empties on first use). None when every slot is taken.
+    fn take_budget(&mut self, five_tuple: FiveTuple) -> Option<(u32, u32)> {
+        if let Some((slot, generation, users)) = self.budgets.get_mut(&five_tuple) {
+            *users += 1;
+            return Some((*slot, *generation));
+        }
+        let Some(slot) = self.free_budgets.pop() else {
+            self.stats.budgets_full += 1;
+            warn!(client = %five_tuple.client, slots = crate::BUDGET_SLOTS, "every bandwidth budget of the XDP program is taken: this limited allocation's channels are relayed in userspace");
+            return None;
+        };
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.checked_add(1).unwrap_or(1);
+        self.budgets.insert(five_tuple, (slot, generation, 1));
+        Some((slot, generation))
+    }
+
+    /// One channel of `five_tuple`'s allocation less uses its budget.
+    fn release_budget(&mut self, five_tuple: &FiveTuple) {
+        if let Some((slot, _, users)) = self.budgets.get_mut(five_tuple) {
+            *users -= 1;
+            if *users == 0 {
+                self.free_budgets.push(*slot);
+                self.budgets.remove(five_tuple);
+            }
+        }
     }
 
     /// Bring the pinned maps a previous agent left in line with this one: its state machine
@@ -381,6 +439,16 @@ impl FastPath {
             );
             self.free_counters
                 .retain(|&slot| slot != binding.counter_id);
+            if binding.limit.is_limited() {
+                self.free_budgets.retain(|&slot| slot != binding.budget_id);
+                self.budgets
+                    .entry(key.0)
+                    .or_insert((binding.budget_id, binding.budget_generation, 0))
+                    .2 += 1;
+                self.next_generation = self
+                    .next_generation
+                    .max(binding.budget_generation.saturating_add(1));
+            }
             self.bound.insert(key, binding);
             self.adopted.insert(key);
             self.use_routes(key, &binding);
@@ -428,20 +496,52 @@ impl FastPath {
         &self.program
     }
 
-    /// Applies the core's changes; returns what the kernel had forwarded on each channel it
-    /// withdrew, for the allocation's totals.
+    /// The bytes each CPU was offered in `direction` since the last call: its demand on the
+    /// total limit (empty if the program's shares cannot be read).
+    pub fn total_demand(&mut self, direction: TotalDirection) -> Vec<u64> {
+        let shares = match self.program.total_shares(direction) {
+            Ok(shares) => shares,
+            Err(error) => {
+                self.stats.map_errors += 1;
+                debug!(error = %error_chain(&error), "reading the total limit's shares failed");
+                return Vec::new();
+            }
+        };
+        let last = &mut self.total_offered[direction as usize];
+        last.resize(shares.len(), 0);
+        shares
+            .iter()
+            .zip(last.iter_mut())
+            .map(|(share, last)| {
+                let offered = share.offered_bytes.wrapping_sub(*last);
+                *last = share.offered_bytes;
+                offered
+            })
+            .collect()
+    }
+
+    /// Gives each CPU its share of the total limit in `direction`.
+    pub fn set_total_shares(&mut self, direction: TotalDirection, limits: &[Limit]) {
+        if let Err(error) = self.program.set_total_shares(direction, limits) {
+            self.stats.map_errors += 1;
+            warn!(error = %error_chain(&error), "setting the total limit's shares in the kernel failed");
+        }
+    }
+
+    /// Applies the core's changes; returns what the kernel had done with the data of each
+    /// channel it withdrew, for the allocation's totals.
     pub fn apply(
         &mut self,
         events: Vec<FastPathEvent>,
         now: Instant,
-    ) -> Vec<(FiveTuple, RelayedBytes)> {
+    ) -> Vec<(FiveTuple, KernelTraffic)> {
         let mut withdrawn = Vec::new();
         for event in events {
             match event {
                 FastPathEvent::Up(channel) => self.install(&channel, now),
                 FastPathEvent::Down(channel) => {
                     if let Some(counters) = self.remove(&channel) {
-                        withdrawn.push((channel.five_tuple, relayed_bytes(counters)));
+                        withdrawn.push((channel.five_tuple, KernelTraffic::from(counters)));
                     }
                 }
             }
@@ -449,10 +549,10 @@ impl FastPath {
         withdrawn
     }
 
-    /// What the kernel has forwarded so far on the channels it forwards now, per allocation:
-    /// every slot read in batches (a few system calls for all channels), or one lookup per
-    /// channel where the kernel has no batched lookups (before 5.6).
-    pub fn forwarded_bytes(&self) -> HashMap<FiveTuple, RelayedBytes> {
+    /// What the kernel has done so far with the data of the channels it forwards now, per
+    /// allocation: every slot read in batches (a few system calls for all channels), or one
+    /// lookup per channel where the kernel has no batched lookups (before 5.6).
+    pub fn kernel_traffic(&self) -> HashMap<FiveTuple, KernelTraffic> {
         let slots = self
             .bound
             .values()
@@ -466,17 +566,17 @@ impl FastPath {
                 debug!(%error, "batched counter lookup unavailable: one lookup per channel");
                 Vec::new()
             });
-        let mut totals: HashMap<FiveTuple, RelayedBytes> = HashMap::new();
+        let mut totals: HashMap<FiveTuple, KernelTraffic> = HashMap::new();
         for ((five_tuple, _), binding) in &self.bound {
             let counters = match batch.get(binding.counter_id as usize) {
                 Some(counters) => Ok(*counters),
                 None => self.program.channel_counters(binding.counter_id),
             };
             if let Ok(counters) = counters {
-                let bytes = relayed_bytes(counters);
-                let total = totals.entry(*five_tuple).or_default();
-                total.from_client += bytes.from_client;
-                total.to_client += bytes.to_client;
+                totals
+                    .entry(*five_tuple)
+                    .or_default()
+                    .add(KernelTraffic::from(counters));
             }
         }
         totals
@@ -497,8 +597,32 @@ impl FastPath {
                 .saturating_add(u64::try_from(remaining.as_nanos()).unwrap_or(u64::MAX)),
             to_peer: NextHop::NONE,
             to_client: NextHop::NONE,
+            limit: channel.bandwidth.map_or(Limit::NONE, |limit| {
+                Limit::new(limit.bits_per_second, limit.burst_bytes)
+            }),
+            budget_id: 0,
+            budget_generation: 0,
         };
-        let new = match self.bound.get(&key) {
+        let previous = self.bound.get(&key).copied();
+        // A limited binding holds its allocation's budget: kept across a refresh, taken when
+        // it becomes limited, released (below, once the kernel has the new binding) when it
+        // stops being.
+        let took_budget = match previous {
+            Some(previous) if previous.limit.is_limited() && binding.limit.is_limited() => {
+                binding.budget_id = previous.budget_id;
+                binding.budget_generation = previous.budget_generation;
+                false
+            }
+            _ if binding.limit.is_limited() => match self.take_budget(channel.five_tuple) {
+                Some((slot, generation)) => {
+                    (binding.budget_id, binding.budget_generation) = (slot, generation);
+                    true
+                }
+                None => return,
+            },
+            _ => false,
+        };
+        let new = match previous {
             Some(existing) => {
                 binding.counter_id = existing.counter_id;
                 binding.to_peer = existing.to_peer;
@@ -507,6 +631,9 @@ impl FastPath {
             }
             None => {
                 let Some(slot) = self.free_counters.pop() else {
+                    if took_budget {
+                        self.release_budget(&channel.five_tuple);
+                    }
                     self.map_full(channel);
                     return;
                 };
@@ -520,14 +647,20 @@ impl FastPath {
             Ok(()) => {
                 self.adopted.remove(&key);
                 self.bound.insert(key, binding);
+                if previous.is_some_and(|p| p.limit.is_limited()) && !binding.limit.is_limited() {
+                    self.release_budget(&channel.five_tuple);
+                }
                 if new {
                     self.stats.channels_installed += 1;
-                    debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, to_peer = ?binding.to_peer, to_client = ?binding.to_client, "channel forwarded in the kernel");
+                    debug!(client = %binding.client, channel = binding.channel, peer = %binding.peer, to_peer = ?binding.to_peer, to_client = ?binding.to_client, limit = ?binding.limit, "channel forwarded in the kernel");
                 }
             }
             Err(error) => {
                 if new {
+                    // Releases the budget it took with the rest.
                     self.forget(key);
+                } else if took_budget {
+                    self.release_budget(&channel.five_tuple);
                 }
                 self.stats.map_errors += 1;
                 warn!(client = %binding.client, channel = binding.channel, error = %error_chain(&error), "channel left to userspace: kernel map update failed");
@@ -586,10 +719,35 @@ fn route_keys(binding: &ChannelBinding) -> (RouteKey, RouteKey) {
     )
 }
 
-fn relayed_bytes(counters: ChannelCounters) -> RelayedBytes {
-    RelayedBytes {
-        from_client: counters.to_peer_bytes,
-        to_client: counters.to_client_bytes,
+/// What the kernel did with the application data of an allocation's channels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelTraffic {
+    pub relayed: RelayedBytes,
+    /// Dropped over the allocation's bandwidth limit.
+    pub over_limit: RelayedBytes,
+}
+
+impl KernelTraffic {
+    fn add(&mut self, other: KernelTraffic) {
+        self.relayed.from_client += other.relayed.from_client;
+        self.relayed.to_client += other.relayed.to_client;
+        self.over_limit.from_client += other.over_limit.from_client;
+        self.over_limit.to_client += other.over_limit.to_client;
+    }
+}
+
+impl From<ChannelCounters> for KernelTraffic {
+    fn from(counters: ChannelCounters) -> Self {
+        KernelTraffic {
+            relayed: RelayedBytes {
+                from_client: counters.to_peer_bytes,
+                to_client: counters.to_client_bytes,
+            },
+            over_limit: RelayedBytes {
+                from_client: counters.to_peer_over_limit_bytes,
+                to_client: counters.to_client_over_limit_bytes,
+            },
+        }
     }
 }
 

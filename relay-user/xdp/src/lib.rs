@@ -59,13 +59,16 @@ use aya::{
     },
     util::nr_cpus,
 };
+pub use relay_common::{
+    BUDGET_SLOTS, ChannelCounters, Counter, FIB_LOOKUP_DIRECT, Limit, NextHop, Stat, TotalShare,
+};
 use relay_common::{
     CHANNEL_COUNTERS_MAP, CLIENT_CHANNELS_MAP, ClientChannelKey, ClientChannelValue,
     DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, EGRESS_MAP, Endpoint, PEER_CHANNELS_MAP,
     PROGRAM_NAME, PeerChannelKey, PeerChannelValue, REFERENCE_CALL_PROGRAM_NAME,
-    REFERENCE_PROGRAM_NAME, SETTINGS_MAP, STATS_MAP, Settings,
+    REFERENCE_PROGRAM_NAME, SETTINGS_MAP, STATS_MAP, Settings, TOTAL_ENABLED_GLOBAL, TOTAL_MAP,
+    TOTAL_TO_CLIENT, TOTAL_TO_PEER,
 };
-pub use relay_common::{ChannelCounters, Counter, FIB_LOOKUP_DIRECT, NextHop, Stat};
 
 /// Slots read per `BPF_MAP_LOOKUP_BATCH` call by [`XdpProgram::channel_counters_batch`].
 pub const COUNTER_BATCH: u32 = 1024;
@@ -204,6 +207,13 @@ impl Default for MapSizes {
     }
 }
 
+/// Which way relayed data goes, as the total limit's shares are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TotalDirection {
+    ToPeer = TOTAL_TO_PEER as isize,
+    ToClient = TOTAL_TO_CLIENT as isize,
+}
+
 /// One TURN channel to forward in the kernel, both ways (RFC 8656 §12): ChannelData from
 /// `client` to `server` on `channel` goes to `peer` from `relay`, and UDP from `peer` to
 /// `relay` goes to `client` from `server` as ChannelData on `channel`.
@@ -230,6 +240,14 @@ pub struct ChannelBinding {
     pub to_peer: NextHop,
     /// Where UDP turned into ChannelData goes (towards `client`); `NextHop::NONE`: FIB lookup.
     pub to_client: NextHop,
+    /// The allocation's bandwidth limit, each direction ([`Limit::NONE`]: none).
+    pub limit: Limit,
+    /// The allocation's budget slot in the program, chosen by the agent: one per limited
+    /// allocation, shared by its channels, below [`BUDGET_SLOTS`].
+    pub budget_id: u32,
+    /// Which use of the slot: the program empties a bucket it finds with another generation,
+    /// so a slot given to a new allocation starts empty without the agent writing it.
+    pub budget_generation: u32,
 }
 
 impl ChannelBinding {
@@ -354,32 +372,45 @@ impl XdpProgram {
     /// Loads the embedded object with the default [`MapSizes`]: creates its maps and runs the
     /// program through the verifier. Nothing is attached yet.
     pub fn load() -> Result<Self, XdpError> {
-        Self::load_with(MapSizes::default())
+        Self::load_with(MapSizes::default(), false)
     }
 
-    /// [`XdpProgram::load`] with maps of the given sizes.
-    pub fn load_with(sizes: MapSizes) -> Result<Self, XdpError> {
-        Self::load_from(sizes, None)
+    /// [`XdpProgram::load`] with maps of the given sizes, policing a total limit or not (see
+    /// [`XdpProgram::load_pinned`]).
+    pub fn load_with(sizes: MapSizes, police_total: bool) -> Result<Self, XdpError> {
+        Self::load_from(sizes, None, police_total)
     }
 
     /// [`XdpProgram::load_with`], with the maps pinned in bpffs under `directory` (created,
     /// and bpffs mounted at /sys/fs/bpf if it is not): maps already pinned there by a previous
     /// agent are reused, with the channels and counters they hold.
-    pub fn load_pinned(sizes: MapSizes, directory: &Path) -> Result<Self, XdpError> {
+    /// `police_total`: whether the program polices a total limit, by the per-CPU shares
+    /// [`XdpProgram::set_total_shares`] gives it (without, that code is pruned at load).
+    pub fn load_pinned(
+        sizes: MapSizes,
+        directory: &Path,
+        police_total: bool,
+    ) -> Result<Self, XdpError> {
         prepare_pin_directory(directory)?;
-        Self::load_from(sizes, Some(directory))
+        Self::load_from(sizes, Some(directory), police_total)
     }
 
-    fn load_from(sizes: MapSizes, pins: Option<&Path>) -> Result<Self, XdpError> {
+    fn load_from(
+        sizes: MapSizes,
+        pins: Option<&Path>,
+        police_total: bool,
+    ) -> Result<Self, XdpError> {
         if OBJECT.is_empty() {
             return Err(XdpError::NotBuilt);
         }
+        let total_enabled = u8::from(police_total);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(CLIENT_CHANNELS_MAP, sizes.channels)
             .map_max_entries(PEER_CHANNELS_MAP, sizes.channels)
             .map_max_entries(CHANNEL_COUNTERS_MAP, sizes.channels)
-            .map_max_entries(EGRESS_MAP, sizes.egress_interfaces);
+            .map_max_entries(EGRESS_MAP, sizes.egress_interfaces)
+            .override_global(TOTAL_ENABLED_GLOBAL, &total_enabled, true);
         if let Some(directory) = pins {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, directory.join(name));
@@ -475,6 +506,9 @@ impl XdpProgram {
                     to_client: peers
                         .get(&peer_key, 0)
                         .map_or(NextHop::NONE, |v| v.next_hop),
+                    limit: value.limit,
+                    budget_id: value.budget_id,
+                    budget_generation: value.budget_generation,
                 })
             })
             .collect()
@@ -593,6 +627,9 @@ impl XdpProgram {
             expires_ns: binding.expires_ns,
             counter_id: binding.counter_id,
             next_hop: binding.to_peer,
+            budget_id: binding.budget_id,
+            budget_generation: binding.budget_generation,
+            limit: binding.limit,
         };
         let peer_value = PeerChannelValue {
             client: client_key.client,
@@ -602,7 +639,10 @@ impl XdpProgram {
             channel: binding.channel,
             _pad: [0; 2],
             next_hop: binding.to_client,
+            budget_id: binding.budget_id,
+            budget_generation: binding.budget_generation,
             _pad2: [0; 4],
+            limit: binding.limit,
         };
 
         // Counters first, so the kernel never forwards into another channel's: a slot new to
@@ -650,6 +690,39 @@ impl XdpProgram {
             .map_err(map_error(CHANNEL_COUNTERS_MAP))
     }
 
+    /// Each CPU's share of the total limit in `direction`, as the program left it (its
+    /// `offered_bytes` is the CPU's demand so far).
+    pub fn total_shares(&self, direction: TotalDirection) -> Result<Vec<TotalShare>, XdpError> {
+        let shares = PerCpuArray::<_, TotalShare>::try_from(self.map(TOTAL_MAP)?)
+            .map_err(map_error(TOTAL_MAP))?;
+        Ok(shares
+            .get(&(direction as u32), 0)
+            .map_err(map_error(TOTAL_MAP))?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// Gives each CPU its share of the total limit in `direction` (`limits`, one per possible
+    /// CPU). Read and written back whole: what the program added in between to a CPU's
+    /// arrival time and demand is lost, which a tenth of a second's rebalancing tolerates.
+    pub fn set_total_shares(
+        &mut self,
+        direction: TotalDirection,
+        limits: &[Limit],
+    ) -> Result<(), XdpError> {
+        let mut shares = self.total_shares(direction)?;
+        for (share, limit) in shares.iter_mut().zip(limits) {
+            share.limit = *limit;
+        }
+        let values = PerCpuValues::try_from(shares)
+            .map_err(|e| XdpError::Cpus("one value per possible CPU", e))?;
+        PerCpuArray::<_, TotalShare>::try_from(self.map_mut(TOTAL_MAP)?)
+            .map_err(map_error(TOTAL_MAP))?
+            .set(direction as u32, values, 0)
+            .map_err(map_error(TOTAL_MAP))
+    }
+
     /// Sets the flags of the fallback FIB lookup (for bindings without a cached next hop):
     /// [`FIB_LOOKUP_DIRECT`] when the host has no policy-routing rules beyond the default ones.
     pub fn set_fib_flags(&mut self, fib_flags: u32) -> Result<(), XdpError> {
@@ -688,7 +761,7 @@ impl XdpProgram {
         let fd = data.fd().as_fd().as_raw_fd();
         let mut keys = vec![0u32; COUNTER_BATCH as usize];
         // Per-CPU values come as one value per possible CPU, each padded to 8 bytes, which
-        // ChannelCounters (four u64) already is.
+        // ChannelCounters (eight u64) already is.
         let mut values = vec![ChannelCounters::default(); COUNTER_BATCH as usize * cpus];
         let mut summed = Vec::with_capacity(slots as usize);
         let (mut next, mut started) = (0u32, false);
@@ -875,7 +948,8 @@ fn add_counters(a: Counter, b: Counter) -> Counter {
 
 /// The maps that outlive the agent: the channels and their counters (so forwarding goes on),
 /// the egress devmap (so redirects keep working), the fallback lookup's settings and the
-/// program's statistics.
+/// program's statistics. (The bandwidth budgets are the program's own data: a new program
+/// starts them empty, which lets each limited allocation one burst more.)
 const PINNED_MAPS: [&str; 6] = [
     CLIENT_CHANNELS_MAP,
     PEER_CHANNELS_MAP,

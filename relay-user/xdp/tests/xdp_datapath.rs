@@ -35,8 +35,8 @@ use nix::{
 };
 use rampart_xdp::next_hop::RouteKey;
 use rampart_xdp::{
-    COUNTER_BATCH, ChannelBinding, ChannelCounters, Counter, NextHop, Stat, TestRunOutput,
-    XdpError, XdpProgram, Yardstick, action, monotonic_now_ns,
+    COUNTER_BATCH, ChannelBinding, ChannelCounters, Counter, Limit, MapSizes, NextHop, Stat,
+    TestRunOutput, TotalDirection, XdpError, XdpProgram, Yardstick, action, monotonic_now_ns,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +120,16 @@ fn with_topology(
     path: Path,
     body: impl FnOnce(&mut XdpProgram, Topology) + Send + 'static,
 ) {
+    with_program(test, path, false, body)
+}
+
+/// [`with_topology`], with the program policing a total limit or not.
+fn with_program(
+    test: &str,
+    path: Path,
+    police_total: bool,
+    body: impl FnOnce(&mut XdpProgram, Topology) + Send + 'static,
+) {
     if !Uid::effective().is_root() {
         let why = "xdp_datapath needs root (CAP_BPF, CAP_NET_ADMIN, and `ip netns add`)";
         if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -135,7 +145,8 @@ fn with_topology(
     std::thread::spawn(move || {
         let ns = File::open(&ns_path).unwrap_or_else(|e| panic!("opening {ns_path}: {e}"));
         setns(&ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns({ns_path}): {e}"));
-        let mut xdp = XdpProgram::load().unwrap_or_else(|e| panic!("{}", report(e)));
+        let mut xdp = XdpProgram::load_with(MapSizes::default(), police_total)
+            .unwrap_or_else(|e| panic!("{}", report(e)));
         let topology = Topology {
             ext: xdp
                 .add_egress_interface("ext0")
@@ -492,6 +503,9 @@ fn binding(client: Family, peer: Family, n: u16) -> ChannelBinding {
         expires_ns: monotonic_now_ns() + 600_000_000_000,
         to_peer: NextHop::NONE,
         to_client: NextHop::NONE,
+        limit: Limit::NONE,
+        budget_id: 0,
+        budget_generation: 0,
     }
 }
 
@@ -659,6 +673,7 @@ fn forwards_both_directions_for_every_family_pair() {
                         to_peer_bytes: 101 + 160 + 3,
                         to_client_packets: 2,
                         to_client_bytes: 77 + 3,
+                        ..ChannelCounters::default()
                     },
                     "{what}: channel counters"
                 );
@@ -1074,6 +1089,133 @@ fn expired_bindings_are_not_used() {
     });
 }
 
+#[test]
+fn a_limited_channel_is_cut_to_its_burst_and_counts_what_it_dropped() {
+    on_both_paths(
+        "a_limited_channel_is_cut_to_its_burst_and_counts_what_it_dropped",
+        |xdp, t| {
+            // 1 Mbit/s: 125 bytes per ms, and the smallest burst the program takes, 20 ms:
+            // 2500 bytes. Twenty 1000-byte datagrams each way, back to back in a few ms: the
+            // burst's worth passes (two, three if a tick of the coarse clock falls between),
+            // the rest is dropped and counted on the channel, each direction on its own.
+            let mut b = binding(Family::V4, Family::V4, 3);
+            b.limit = Limit::new(1_000_000, 1000);
+            (b.budget_id, b.budget_generation) = (7, 1);
+            bind(xdp, &b);
+            let before = stats(xdp);
+            let to_peer = from_client(&b, channel_data(b.channel, &data(1000, 1), &[])).build();
+            let to_client = from_peer(&b, data(1000, 2)).build();
+            let mut passed = [0u64; 2];
+            for _ in 0..20 {
+                for (direction, frame, ingress) in [(0, &to_peer, t.ext), (1, &to_client, t.int)] {
+                    match run_on(xdp, frame, ingress).action {
+                        action::REDIRECT => passed[direction] += 1,
+                        action::DROP => {}
+                        other => panic!("action {other} for a limited channel"),
+                    }
+                }
+            }
+            for (direction, passed) in passed.into_iter().enumerate() {
+                assert!(
+                    (2..=4).contains(&passed),
+                    "direction {direction}: {passed} of 20 datagrams passed a 2500-byte burst"
+                );
+            }
+            let c = counters(xdp, b.counter_id);
+            assert_eq!(
+                (c.to_peer_packets, c.to_client_packets),
+                (passed[0], passed[1])
+            );
+            assert_eq!(
+                (c.to_peer_over_limit_packets, c.to_client_over_limit_packets),
+                (20 - passed[0], 20 - passed[1])
+            );
+            assert_eq!(c.to_peer_over_limit_bytes, (20 - passed[0]) * 1000);
+            let after = stats(xdp);
+            assert_eq!(
+                delta(&before, &after, Stat::DropOverLimit),
+                40 - passed[0] - passed[1]
+            );
+
+            // The slot given to another allocation (a new generation) starts with a full burst.
+            bind(
+                xdp,
+                &ChannelBinding {
+                    budget_generation: 2,
+                    ..b
+                },
+            );
+            assert_eq!(run_on(xdp, &to_peer, t.ext).action, action::REDIRECT);
+
+            // Without a limit the same binding forwards everything.
+            bind(
+                xdp,
+                &ChannelBinding {
+                    limit: Limit::NONE,
+                    ..b
+                },
+            );
+            for _ in 0..20 {
+                assert_eq!(run_on(xdp, &to_peer, t.ext).action, action::REDIRECT);
+            }
+        },
+    );
+}
+
+#[test]
+fn each_cpu_is_held_to_its_share_of_the_total() {
+    with_program(
+        "each_cpu_is_held_to_its_share_of_the_total",
+        Path::Cached,
+        true,
+        |xdp, t| {
+            // Unlimited until the agent gives the CPUs their shares: nothing is dropped.
+            let b = binding(Family::V4, Family::V4, 4);
+            bind(xdp, &b);
+            let to_peer = from_client(&b, channel_data(b.channel, &data(1000, 1), &[])).build();
+            let to_client = from_peer(&b, data(1000, 2)).build();
+            for _ in 0..5 {
+                assert_eq!(run_on(xdp, &to_peer, t.ext).action, action::REDIRECT);
+            }
+            // 1 Mbit/s per CPU (its smallest burst, 2500 bytes) towards the peer only.
+            let cpus = xdp
+                .total_shares(TotalDirection::ToPeer)
+                .unwrap_or_else(|e| panic!("{}", report(e)))
+                .len();
+            xdp.set_total_shares(
+                TotalDirection::ToPeer,
+                &vec![Limit::new(1_000_000, 0); cpus],
+            )
+            .unwrap_or_else(|e| panic!("{}", report(e)));
+            let before = stats(xdp);
+            let passed = (0..20)
+                .filter(|_| run_on(xdp, &to_peer, t.ext).action == action::REDIRECT)
+                .count() as u64;
+            assert!(
+                (2..=4).contains(&passed),
+                "{passed} of 20 passed a 2500-byte share"
+            );
+            assert_eq!(
+                delta(&before, &stats(xdp), Stat::DropOverTotal),
+                20 - passed
+            );
+            // Each CPU counts what it was offered, passed or not: the agent's measure of its
+            // demand (5 + 20 datagrams of 1000 bytes, on whichever CPUs ran them).
+            let offered: u64 = xdp
+                .total_shares(TotalDirection::ToPeer)
+                .unwrap_or_else(|e| panic!("{}", report(e)))
+                .iter()
+                .map(|share| share.offered_bytes)
+                .sum();
+            assert_eq!(offered, 25 * 1000);
+            // The other direction has no share set: unlimited.
+            for _ in 0..20 {
+                assert_eq!(run_on(xdp, &to_client, t.int).action, action::REDIRECT);
+            }
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Egress
 // ---------------------------------------------------------------------------------------------
@@ -1377,6 +1519,15 @@ fn bench_xdp() {
         let mut results = Vec::new();
         // A quick comparison of two builds measures a few rows only, e.g. "ipv4/ipv4 cached 100".
         let only = std::env::var("RAMPART_BENCH_XDP_ROWS").ok();
+        // What policing a bandwidth limit costs: every binding limited (so high that nothing is
+        // dropped), against the same rows unlimited in another run.
+        let limited = std::env::var_os("RAMPART_BENCH_XDP_LIMITED").is_some();
+        let limit = if limited {
+            println!("\nRAMPART_BENCH_XDP_LIMITED is set: every binding polices a limit");
+            Limit::new(400_000_000_000, 1 << 40)
+        } else {
+            Limit::NONE
+        };
         let hop = |ifindex, src_mac, dst_mac| NextHop {
             ifindex,
             mtu: 1500,
@@ -1414,6 +1565,9 @@ fn bench_xdp() {
                 expires_ns,
                 to_peer: or_none(hop(t.int, INT_MAC, PEER_MAC)),
                 to_client: or_none(hop(t.ext, EXT_MAC, CLIENT_MAC)),
+                limit,
+                budget_id: 1,
+                budget_generation: 1,
             };
             let mirror = ChannelBinding {
                 client: s,
@@ -1425,6 +1579,9 @@ fn bench_xdp() {
                 expires_ns,
                 to_peer: or_none(hop(t.int, INT_MAC, BENCH_RELAY_MAC)),
                 to_client: or_none(hop(t.ext, EXT_MAC, BENCH_SERVER_MAC)),
+                limit,
+                budget_id: 2,
+                budget_generation: 1,
             };
             for binding in [&forward, &mirror] {
                 xdp.bind_channel(binding)
