@@ -10,6 +10,8 @@
 //! - [`conferencing`]: participants of the Web Conferencing Edge, and the reference
 //!   conferencing server dialling its internal port.
 //! - [`certs`]: a throw-away CA and a `localhost` certificate for the TLS listeners.
+//! - [`chromium`]: headless Chromium driven over the DevTools protocol on a pipe, for a real
+//!   browser's WebRTC call through the edge.
 //! - [`netns`]: private network namespaces, for tests whose failure mode would send traffic
 //!   somewhere other than loopback.
 //! - [`topology`]: a client, a two-armed edge and a peer in network namespaces, for the XDP
@@ -35,6 +37,7 @@ use std::time::Duration;
 pub mod access_edge;
 pub mod bpf;
 pub mod certs;
+pub mod chromium;
 pub mod client;
 pub mod conferencing;
 pub mod control;
