@@ -74,7 +74,10 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "an established SIP proxy: the baseline TLS proxy of the SIP benchmark",
     ),
     ("kamailio-tls-modules", "Kamailio's TLS transport (tls.so)"),
-    ("chromium", "a real browser's WebRTC stack, for tests/tests/chromium_call.rs"),
+    (
+        "chromium",
+        "a real browser's WebRTC stack, for tests/tests/chromium_call.rs",
+    ),
 ];
 
 /// Python packages (import name, pip requirement, reason).
