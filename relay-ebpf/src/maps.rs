@@ -11,7 +11,7 @@ use aya_ebpf::{
 use relay_common::{
     BUDGET_SLOTS, Budget, ChannelCounters, ClientChannelKey, ClientChannelValue, Counter,
     DEFAULT_MAX_CHANNELS, DEFAULT_MAX_EGRESS, Limit, PeerChannelKey, PeerChannelValue, STATS_LEN,
-    Settings, Stat, TotalShare,
+    Settings, Stat, TOTAL_TO_CLIENT, TOTAL_TO_PEER, TotalShare,
 };
 
 #[map(name = "RAMPART_STATS")]
@@ -76,11 +76,12 @@ pub fn count(stat: Stat, bytes: usize) {
     }
 }
 
-/// Which way a channel's payload went.
+/// Which way a channel's payload went. The discriminant indexes a budget's pair and the
+/// total's map, as `relay_common` numbers them.
 #[derive(Clone, Copy)]
 pub enum Direction {
-    ToPeer,
-    ToClient,
+    ToPeer = TOTAL_TO_PEER as isize,
+    ToClient = TOTAL_TO_CLIENT as isize,
 }
 
 /// Adds one datagram of `payload` bytes to the channel's counters (an index the agent
@@ -191,8 +192,9 @@ fn police_allocation(
         let tat = &raw mut (*bucket).tat_ns;
         let mut current = core::ptr::read_volatile(tat);
         if core::ptr::read_volatile(&raw const (*bucket).generation) != generation {
-            // A new allocation in the slot: its bucket starts empty.
+            // A new allocation in the slot: its bucket starts empty, whatever it admits now.
             core::ptr::write_volatile(&raw mut (*bucket).generation, generation);
+            core::ptr::write_volatile(tat, 0);
             current = 0;
         }
         let Some(cost) = limit.admit(current, now, payload as u64) else {
@@ -202,18 +204,27 @@ fn police_allocation(
         if current < now {
             core::ptr::write_volatile(tat, now);
         }
-        // The `lock xadd` form, whose result is unused: the only atomic the BPF target offers
-        // without cpu v3; CPUs charging the same allocation at once lose no charge.
+        add_to(tat, cost);
+    }
+    Ok(())
+}
+
+/// Adds `ns` (wrapping: a refund adds its negation) to a bucket's arrival time with the
+/// `lock xadd` form, whose result is unused: the only atomic the BPF target offers without
+/// cpu v3. CPUs charging the same allocation at once lose no charge.
+#[inline(always)]
+fn add_to(tat: *mut u64, ns: u64) {
+    // SAFETY: an aligned u64 of the budgets, valid for the program's lifetime.
+    unsafe {
         #[cfg(target_arch = "bpf")]
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            tat, cost,
+            tat, ns,
         );
         // Only linted on the host, where the same add exists in std's form.
         #[cfg(not(target_arch = "bpf"))]
         core::sync::atomic::AtomicU64::from_ptr(tat)
-            .fetch_add(cost, core::sync::atomic::Ordering::Relaxed);
+            .fetch_add(ns, core::sync::atomic::Ordering::Relaxed);
     }
-    Ok(())
 }
 
 /// This CPU's share of the total limit: its own value, so plain stores (an XDP program is not

@@ -56,24 +56,27 @@ impl Rewrite for ToPeer {
     type Binding = ClientChannelValue;
     const FORWARDED: Stat = Stat::ForwardedToPeer;
 
-    /// On the length field as sent: one the rewrite then refuses goes to userspace, where it
-    /// is charged again (see `maps::police`).
+    /// On the length field as sent: a frame the rewrite then refuses goes to userspace, where
+    /// it is charged again (see `maps::police`).
     #[inline(always)]
     fn police<In: Family>(
         ctx: &XdpContext,
-        _datagram: &Datagram,
+        datagram: &Datagram,
         binding: &ClientChannelValue,
     ) -> Result<(), Error> {
         if !polices(&binding.limit) {
             return Ok(());
         }
         let header: Words<2> = read_at(ctx, ETH_LEN + UDP_LEN + In::HEADER_LEN, Error::Malformed)?;
+        // No more than the datagram holds: a length field claiming more (which the rewrite
+        // refuses) must not spend what the bytes sent did not.
+        let carried = (datagram.udp_len as usize).saturating_sub(UDP_LEN + CHANNEL_HEADER_LEN);
         police(
             &binding.limit,
             (binding.budget_id, binding.budget_generation),
             binding.counter_id,
             Direction::ToPeer,
-            u16::from_be(header[1]) as usize,
+            (u16::from_be(header[1]) as usize).min(carried),
         )
     }
 

@@ -284,9 +284,9 @@ impl Drop for Chromium {
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Whatever of the group is left (a hung browser, its zygote and renderers). Before the
-        // browser is reaped, so its id, the group's, cannot have been reused. The crash handler
-        // leaves the group but exits by itself within about two seconds of the browser.
+        // Whatever of the group is left (a hung browser, its zygote and renderers): the group
+        // outlives its leader while members remain. The crash handler leaves the group but
+        // exits by itself within about two seconds of the browser.
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }

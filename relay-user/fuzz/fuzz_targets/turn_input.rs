@@ -173,7 +173,7 @@ fn server_with_a_channel(now: Instant) -> (Server, SocketAddr) {
         peer_connections_per_allocation: 8,
         consent: rampart_turn::server::Consent::Off,
         listener_sides: vec![],
-        bandwidth_per_allocation: None,
+        bandwidth: Default::default(),
         peer_policy: PeerPolicy::new(vec![], vec![], vec![relay_ip], vec![], Some((50000, 50009))),
     };
     let shared = Arc::new(SharedState::for_config(&config, [1; 32]));

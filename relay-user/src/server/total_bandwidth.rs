@@ -68,9 +68,13 @@ pub(super) async fn share(shared: Arc<Shared>, relay: Arc<SharedState>, total: B
     }
 }
 
-/// `bits_per_second` of `total`, with the same part of its burst.
+/// `bits_per_second` of `total`, with the same part of its burst, but at least one full
+/// datagram's (or a small share would never pass one, nor lease anything).
 fn share_of(total: BandwidthLimit, bits_per_second: u64) -> Limit {
     let burst = u128::from(total.burst_bytes) * u128::from(bits_per_second)
         / u128::from(total.bits_per_second.max(1));
-    Limit::new(bits_per_second, u64::try_from(burst).unwrap_or(u64::MAX))
+    let burst = u64::try_from(burst)
+        .unwrap_or(u64::MAX)
+        .max(BandwidthLimit::MIN_BURST_BYTES);
+    Limit::new(bits_per_second, burst)
 }

@@ -20,7 +20,7 @@ pub struct BandwidthLimit {
 impl BandwidthLimit {
     /// The slowest limit taken: 1 kbit/s (slower ones are configuration mistakes, and the
     /// kernel's fixed-point arithmetic stops there).
-    pub const MIN_BITS_PER_SECOND: u64 = 1000;
+    pub const MIN_BITS_PER_SECOND: u64 = Limit::MIN_BITS_PER_SECOND;
     /// The smallest burst: one full-size datagram, or no datagram that size ever passes.
     pub const MIN_BURST_BYTES: u64 = 1500;
 
@@ -203,12 +203,18 @@ impl TotalLease {
                 true
             }
             Err(wait) => {
-                self.retry_at[d] = Some(now + wait);
+                // At most a fraction of the shell's period: the demand kept here meanwhile is
+                // what the next split is made by.
+                self.retry_at[d] = Some(now + wait.min(MAX_RETRY_WAIT));
                 false
             }
         }
     }
 }
+
+/// The longest a loop waits before asking the pool again, and so the longest its demand goes
+/// unreported: half the shell's period of splitting the total.
+const MAX_RETRY_WAIT: Duration = Duration::from_millis(50);
 
 /// Splits a total rate among participants (the kernel's CPUs and the userspace path) by their
 /// recent demand, in the same unit: max-min fair (no one gets more than it asks while another

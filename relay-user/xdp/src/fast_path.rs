@@ -538,7 +538,11 @@ impl FastPath {
         let mut withdrawn = Vec::new();
         for event in events {
             match event {
-                FastPathEvent::Up(channel) => self.install(&channel, now),
+                FastPathEvent::Up(channel) => {
+                    if let Some(counters) = self.install(&channel, now) {
+                        withdrawn.push((channel.five_tuple, KernelTraffic::from(counters)));
+                    }
+                }
                 FastPathEvent::Down(channel) => {
                     if let Some(counters) = self.remove(&channel) {
                         withdrawn.push((channel.five_tuple, KernelTraffic::from(counters)));
@@ -582,7 +586,9 @@ impl FastPath {
         totals
     }
 
-    fn install(&mut self, channel: &FastPathChannel, now: Instant) {
+    /// Installs or refreshes a channel; its last counters if it had to be withdrawn instead
+    /// (a channel that became limited when every budget is taken).
+    fn install(&mut self, channel: &FastPathChannel, now: Instant) -> Option<ChannelCounters> {
         let key = (channel.five_tuple, channel.channel);
         // Instant and bpf_ktime_get_coarse_ns are both CLOCK_MONOTONIC.
         let remaining = channel.expires.saturating_duration_since(now);
@@ -618,7 +624,8 @@ impl FastPath {
                     (binding.budget_id, binding.budget_generation) = (slot, generation);
                     true
                 }
-                None => return,
+                // Unpoliced in the kernel it must not stay: userspace polices it.
+                None => return previous.and_then(|_| self.remove(channel)),
             },
             _ => false,
         };
@@ -635,7 +642,7 @@ impl FastPath {
                         self.release_budget(&channel.five_tuple);
                     }
                     self.map_full(channel);
-                    return;
+                    return None;
                 };
                 binding.counter_id = slot;
                 self.bound.insert(key, binding);
@@ -668,6 +675,7 @@ impl FastPath {
         }
         // Route lookups the new binding asked for; their answers rewrite it.
         self.drive();
+        None
     }
 
     fn map_full(&mut self, channel: &FastPathChannel) {
