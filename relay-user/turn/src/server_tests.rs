@@ -1165,6 +1165,89 @@ mod tcp_relay;
 mod consent;
 
 #[test]
+fn a_bandwidth_policy_changes_live_allocations_by_user_and_their_channels_in_the_kernel() {
+    use crate::allocation::FastPathChannel;
+    use crate::bandwidth::{BandwidthLimit, BandwidthPolicy};
+    let limit = |bits_per_second| BandwidthLimit::with_default_burst(bits_per_second);
+    let mut config = config();
+    config.bandwidth.default = Some(limit(2_000_000));
+    let mut h = Harness::with(config);
+    let mut alice = Client::new("192.0.2.1:5555", "alice", "wonderland");
+    let mut bob = Client::new("192.0.2.2:5555", "bob", "builder");
+    for client in [&mut alice, &mut bob] {
+        client.allocate(&mut h, &[]);
+        client.call(
+            &mut h,
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(0x4001),
+                Attribute::XorPeerAddress(PEER.parse().unwrap()),
+            ],
+        );
+    }
+    h.take_fast_path_events();
+    let limit_of =
+        |h: &Harness, client: &Client| h.server.allocation(&client.five_tuple).unwrap().bandwidth;
+
+    // Alice at 64 kbit/s, Bob unlimited, the others at the default: both change at once, and
+    // each one's channel goes to the kernel again with its new limit.
+    h.server.set_bandwidth_policy(
+        BandwidthPolicy {
+            default: Some(limit(2_000_000)),
+            users: [
+                ("alice".to_owned(), Some(limit(64_000))),
+                ("bob".to_owned(), None),
+            ]
+            .into_iter()
+            .collect(),
+        },
+        h.now,
+    );
+    h.drain(&[]);
+    assert_eq!(limit_of(&h, &alice), Some(limit(64_000)));
+    assert_eq!(limit_of(&h, &bob), None);
+    let mut events: Vec<_> = h
+        .take_fast_path_events()
+        .into_iter()
+        .map(|event| match event {
+            FastPathEvent::Up(FastPathChannel {
+                five_tuple,
+                bandwidth,
+                ..
+            }) => (five_tuple.client, bandwidth),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    events.sort_by_key(|(client, _)| *client);
+    assert_eq!(
+        events,
+        [
+            (alice.five_tuple.client, Some(limit(64_000))),
+            (bob.five_tuple.client, None)
+        ]
+    );
+
+    // The same policy again changes nothing; a new allocation takes its user's limit.
+    h.server.set_bandwidth_policy(
+        BandwidthPolicy {
+            default: Some(limit(2_000_000)),
+            users: [
+                ("alice".to_owned(), Some(limit(64_000))),
+                ("bob".to_owned(), None),
+            ]
+            .into_iter()
+            .collect(),
+        },
+        h.now,
+    );
+    h.drain(&[]);
+    assert!(h.take_fast_path_events().is_empty());
+    let mut alice_again = Client::new("192.0.2.3:5555", "alice", "wonderland");
+    alice_again.allocate(&mut h, &[]);
+    assert_eq!(limit_of(&h, &alice_again), Some(limit(64_000)));
+}
+
+#[test]
 fn an_allocation_over_its_bandwidth_limit_drops_and_counts_and_takes_its_limit_to_the_kernel() {
     let mut config = config();
     // 80 kbit/s: 10 000 bytes a second, with a 1500-byte burst.
