@@ -143,8 +143,19 @@ fn callers_from_two_loopback_sources() {
         .run()
         .unwrap();
     let flood = flood.join().unwrap();
-    legit.assert_all_succeeded(5);
-    flood.assert_all_succeeded(20);
+    // Once seen failing (1 run in about 6 of the whole suite): the legitimate caller's one
+    // connection closed by the proxy before any answer, no bridge error. Kamailio's log is
+    // what would tell why.
+    for (run, calls) in [(&legit, 5), (&flood, 20)] {
+        assert!(
+            run.all_succeeded(calls),
+            "expected {calls} successful calls, got {:?} (exit {:?})\n{}\n--- Kamailio ---\n{}",
+            run.calls,
+            run.exit_code,
+            run.diagnostics,
+            kamailio.log()
+        );
+    }
     // Kamailio stamps the source it saw on the caller's Via (force_rport): the flood came
     // from 127.0.0.2.
     let log = uas.messages();
