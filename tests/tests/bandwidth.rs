@@ -14,7 +14,9 @@
 //! - the total, `[limits] bandwidth_total` = 2 Mbit/s and no per-allocation limit: two flows
 //!   each offering ten times it at once get its worth together, within 10%, in userspace (two
 //!   relay loops leasing from one pool) and in the kernel (each CPU's share, split again by
-//!   demand every tenth of a second; the program's `drop_over_total` moves).
+//!   demand every tenth of a second; the program's `drop_over_total` moves);
+//! - a user's limit changed through the control plane on a live channel in the kernel: the
+//!   binding is rewritten and the kernel cuts the flow to the new limit.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -297,24 +299,81 @@ fn per_user_limits_from_the_control_plane_apply_to_live_allocations() {
 
     // The slow user gets half the configured limit, live; the others keep it.
     let half = LIMIT_BITS / 2;
-    rt.block_on(front_end.set_access_policy(SetAccessPolicyRequest {
+    rt.block_on(front_end.set_access_policy(user_limit(SLOW, half)))
+        .unwrap();
+    listed_limits(&rt, &mut operator, &[(SLOW, half), (OTHER, LIMIT_BITS)]);
+    ten_times_over_is_cut_to_the_limit(&mut slow, "userspace, per user", Way::ToPeer, half);
+}
+
+/// `user`'s limit set to `bits_per_second` through the front-end API (the rest unchanged:
+/// the configured default).
+fn user_limit(user: &str, bits_per_second: u64) -> SetAccessPolicyRequest {
+    SetAccessPolicyRequest {
         policy: Some(AccessPolicy {
             bandwidth: Some(BandwidthPolicy {
                 allocation_default: None,
                 users: vec![UserBandwidth {
-                    user: SLOW.into(),
+                    user: user.into(),
                     limit: Some(BandwidthLimit {
-                        bits_per_second: half,
+                        bits_per_second,
                         burst_bytes: 0,
                     }),
                 }],
             }),
             ..Default::default()
         }),
-    }))
+    }
+}
+
+#[test]
+fn in_the_kernel_a_per_user_limit_reaches_a_live_channel() {
+    let _serial = one_at_a_time();
+    let Some(topology) =
+        EdgeTopology::create("bandwidth per user (xdp)", SenderChecksums::Complete)
+            .expect("build the topology")
+    else {
+        return;
+    };
+    let dir = temp_dir().unwrap();
+    let pki = ControlPki::create(dir.path()).unwrap();
+    let address = free_tcp_address(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let control = ControlService::start_in(
+        &pki,
+        &dir.path().join("control"),
+        address,
+        Some(topology.edge.name()),
+    )
     .unwrap();
-    listed_limits(&rt, &mut operator, &[(SLOW, half), (OTHER, LIMIT_BITS)]);
-    ten_times_over_is_cut_to_the_limit(&mut slow, "userspace, per user", Way::ToPeer, half);
+    let config = topology
+        .agent_config("native")
+        .with_limit("bandwidth_per_allocation", &LIMIT_BITS.to_string())
+        .with_control(pki.agent_link(control.address));
+    let (server, mut flows, mut before) = in_the_edge(&topology, &config, 1);
+    wait_until(
+        Duration::from_secs(25),
+        "the agent syncs with control",
+        || server.log().contains("control snapshot applied"),
+    );
+    // The front-end reaches control inside the edge's namespace.
+    let rt = runtime();
+    let mut front_end = run_in(topology.edge.name(), || {
+        rt.block_on(pki.front_end(control.address))
+    })
+    .unwrap();
+    // The static user's channel is in the kernel at the configured limit; the user is given
+    // half of it, live: the binding in the kernel is rewritten with the new limit.
+    let half = LIMIT_BITS / 2;
+    rt.block_on(front_end.set_access_policy(user_limit(USER, half)))
+        .unwrap();
+    wait_until(Duration::from_secs(5), "the new limit applied", || {
+        server.log().contains("bandwidth limits changed")
+    });
+    ten_times_over_is_cut_to_the_limit(&mut flows[0], "xdp, per user", Way::ToPeer, half);
+    let (kernel, userspace) = counted_since(&server, &mut before);
+    assert!(
+        slot(&kernel, "drop_over_limit").packets > 0 && userspace.to_peer.packets <= 5,
+        "the kernel did not police the new limit: {kernel:?}, userspace {userspace}"
+    );
 }
 
 /// The agent started with `config` in the topology's edge, and `count` allocations from the
