@@ -1191,18 +1191,16 @@ fn a_bandwidth_policy_changes_live_allocations_by_user_and_their_channels_in_the
 
     // Alice at 64 kbit/s, Bob unlimited, the others at the default: both change at once, and
     // each one's channel goes to the kernel again with its new limit.
-    h.server.set_bandwidth_policy(
-        BandwidthPolicy {
-            default: Some(limit(2_000_000)),
-            users: [
-                ("alice".to_owned(), Some(limit(64_000))),
-                ("bob".to_owned(), None),
-            ]
-            .into_iter()
-            .collect(),
-        },
-        h.now,
-    );
+    let policy = BandwidthPolicy {
+        default: Some(limit(2_000_000)),
+        users: [
+            ("alice".to_owned(), Some(limit(64_000))),
+            ("bob".to_owned(), None),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    h.server.set_bandwidth_policy(policy.clone(), h.now);
     h.drain(&[]);
     assert_eq!(limit_of(&h, &alice), Some(limit(64_000)));
     assert_eq!(limit_of(&h, &bob), None);
@@ -1228,18 +1226,7 @@ fn a_bandwidth_policy_changes_live_allocations_by_user_and_their_channels_in_the
     );
 
     // The same policy again changes nothing; a new allocation takes its user's limit.
-    h.server.set_bandwidth_policy(
-        BandwidthPolicy {
-            default: Some(limit(2_000_000)),
-            users: [
-                ("alice".to_owned(), Some(limit(64_000))),
-                ("bob".to_owned(), None),
-            ]
-            .into_iter()
-            .collect(),
-        },
-        h.now,
-    );
+    h.server.set_bandwidth_policy(policy, h.now);
     h.drain(&[]);
     assert!(h.take_fast_path_events().is_empty());
     let mut alice_again = Client::new("192.0.2.3:5555", "alice", "wonderland");
